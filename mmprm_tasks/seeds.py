@@ -1,0 +1,375 @@
+"""Seed ingestion (SPEC §1): validate, store images content-addressed, index problems.
+
+Every record is judged on its own: a bad record is rejected with a message naming the record and
+the field and written to a quarantine report, while good records still land (one transaction per
+batch).  Re-ingesting the same file adds nothing: identical records are recognised as unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import warnings
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, field_validator
+
+from .db import get_engine, require_schema
+from .settings import Settings
+from .storage import ObjectStore, open_store, sha256_hex
+
+MAX_QUESTION_CHARS = 20_000
+MAX_ANSWER_CHARS = 1_000
+MAX_EXTRA_BYTES = 100_000
+MAX_IMAGE_BYTES = 50 * 1024 * 1024
+MAX_IMAGE_PIXELS = 40_000_000
+BATCH_SIZE = 500
+# Ids become object keys (trees/<run>/<id>.json) and Airflow-visible names.
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@+=-]{0,199}$"
+# The columns ingestion writes (the schema itself lives in sql/).
+_SEED_TABLE = sa.table(
+    "seed_problems", *(sa.column(name) for name in [
+        "problem_id", "question", "correct_answer", "image_key", "image_sha256", "content_hash", "source", "split"]),
+    sa.column("extra", JSONB),
+)
+_IMAGE_SUFFIX = {"PNG": ".png", "JPEG": ".jpg", "GIF": ".gif", "WEBP": ".webp", "BMP": ".bmp", "TIFF": ".tiff"}
+
+
+class SeedRecord(BaseModel):
+    """One SPEC §1 record; fields beyond the four are kept as ``extra``."""
+
+    model_config = ConfigDict(extra="allow", str_strip_whitespace=True)
+
+    id: StrictStr | int = Field(...)
+    question: StrictStr = Field(..., min_length=1, max_length=MAX_QUESTION_CHARS)
+    correct_answer: StrictStr | int | float = Field(...)
+    image_path: StrictStr = Field(..., min_length=1, max_length=4096)
+
+    @field_validator("id", "correct_answer", mode="before")
+    @classmethod
+    def _no_booleans(cls, value: Any) -> Any:
+        # JSON true/false would otherwise pass as the integers 1/0.
+        if isinstance(value, bool):
+            raise ValueError("must be a string or a number, not a boolean")
+        return value
+
+    @field_validator("id", mode="after")
+    @classmethod
+    def _id_text(cls, value: str | int) -> str:
+        text = str(value).strip()
+        if not re.match(ID_PATTERN, text):
+            raise ValueError(f"must match {ID_PATTERN} (letters, digits and ._:@+=-, at most 200)")
+        return text
+
+    @field_validator("correct_answer", mode="after")
+    @classmethod
+    def _answer_text(cls, value: str | int | float) -> str:
+        text = str(value).strip()
+        if not text:
+            raise ValueError("must not be empty")
+        if len(text) > MAX_ANSWER_CHARS:
+            raise ValueError(f"is {len(text)} characters, at most {MAX_ANSWER_CHARS}")
+        return text
+
+    @field_validator("question", "image_path", mode="after")
+    @classmethod
+    def _printable(cls, value: str) -> str:
+        if "\x00" in value:
+            raise ValueError("contains a NUL character")
+        return value
+
+    def extra_fields(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class RecordRejected(ValueError):
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+@dataclass
+class Rejection:
+    record_index: int  # 0-based position in the file (line number - 1 for JSONL)
+    record_id: str | None
+    field: str
+    message: str
+
+    def describe(self) -> str:
+        who = f"record {self.record_index}" + (f" (id {self.record_id!r})" if self.record_id else "")
+        return f"{who}: field {self.field!r}: {self.message}"
+
+
+@dataclass
+class IngestReport:
+    source: str
+    total: int = 0
+    inserted: int = 0
+    unchanged: int = 0
+    images_stored: int = 0
+    rejected: list[Rejection] = field(default_factory=list)
+    quarantine_uri: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.rejected
+
+    def reasons(self) -> Counter[str]:
+        return Counter(r.field for r in self.rejected)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["rejected"] = [asdict(r) | {"describe": r.describe()} for r in self.rejected]
+        return data
+
+
+@dataclass
+class _Accepted:
+    index: int
+    record: SeedRecord
+    image_bytes: bytes
+    image_sha: str
+    image_suffix: str
+    content_hash: str
+    split: str | None
+
+
+def read_records(path: Path) -> list[tuple[int, Any] | tuple[int, RecordRejected]]:
+    """The file's records with their index; undecodable/unparsable lines become rejections.
+
+    A JSON array is parsed whole (one syntax error fails the file); JSONL line by line.
+    Bytes that are not UTF-8 are carried as surrogates and rejected per record.
+    """
+    raw = path.read_bytes()
+    text = raw.decode("utf-8", errors="surrogateescape")
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            records = json.loads(stripped)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not a valid JSON array: {exc}") from None
+        return list(enumerate(records))
+    out: list[Any] = []
+    for index, line in enumerate(text.splitlines()):
+        if not line.strip():
+            continue
+        try:
+            out.append((index, json.loads(line)))
+        except json.JSONDecodeError as exc:
+            out.append((index, RecordRejected("<record>", f"invalid JSON: {exc.msg} at column {exc.colno}")))
+    return out
+
+
+def _non_utf8_field(obj: Any, path: str = "") -> str | None:
+    """The first field holding bytes that were not valid UTF-8 (decoded as lone surrogates)."""
+    if isinstance(obj, str):
+        return path or "<record>" if any(0xD800 <= ord(c) <= 0xDFFF for c in obj) else None
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            bad = _non_utf8_field(key, path or "<key>") or _non_utf8_field(value, f"{path}.{key}" if path else str(key))
+            if bad:
+                return bad
+    if isinstance(obj, list):
+        for i, value in enumerate(obj):
+            bad = _non_utf8_field(value, f"{path}[{i}]")
+            if bad:
+                return bad
+    return None
+
+
+class ImageResolver:
+    """Resolves ``image_path`` against allowed roots and proves the file is an image."""
+
+    def __init__(self, seed_file: Path, settings: Settings):
+        self.roots = [seed_file.resolve().parent]
+        if settings.image_root:
+            self.roots.append(settings.image_root.resolve())
+        self.settings = settings
+
+    def load(self, image_path: str) -> bytes:
+        if image_path.startswith("s3://"):
+            from .storage import open_uri
+
+            store, key = open_uri(image_path, self.settings)
+            return store.get_bytes(key)
+        if image_path.startswith("file://"):
+            image_path = image_path[len("file://"):]
+        candidate = Path(image_path)
+        bases = [candidate] if candidate.is_absolute() else [root / candidate for root in self.roots]
+        for base in bases:
+            resolved = base.resolve()
+            if not any(resolved.is_relative_to(root) for root in self.roots):
+                continue
+            if resolved.is_file():
+                size = resolved.stat().st_size
+                if size > MAX_IMAGE_BYTES:
+                    raise RecordRejected("image_path", f"{image_path}: file is {size} bytes, at most {MAX_IMAGE_BYTES}")
+                return resolved.read_bytes()
+        if not any(b.resolve().is_relative_to(r) for b in bases for r in self.roots):
+            raise RecordRejected("image_path", f"{image_path!r} resolves outside the allowed image roots {[str(r) for r in self.roots]}")
+        raise RecordRejected("image_path", f"{image_path!r}: no such file under {[str(r) for r in self.roots]}")
+
+
+def decode_image(data: bytes) -> str:
+    """The image's file suffix; rejects anything Pillow cannot fully decode."""
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                image.verify()
+            with Image.open(io.BytesIO(data)) as image:
+                image.load()
+                fmt = image.format or ""
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise RecordRejected("image_path", f"not a decodable image: {exc}") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise RecordRejected("image_path", f"image is corrupt: {exc}") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+    return _IMAGE_SUFFIX.get(fmt, ".img")
+
+
+def content_hash(question: str, answer: str, image_sha: str) -> str:
+    payload = json.dumps([question, answer, image_sha], ensure_ascii=False)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _validate(index: int, raw: Any, resolver: ImageResolver) -> _Accepted:
+    if isinstance(raw, RecordRejected):
+        raise raw
+    if not isinstance(raw, dict):
+        raise RecordRejected("<record>", f"must be a JSON object, got {type(raw).__name__}")
+    bad = _non_utf8_field(raw)
+    if bad:
+        raise RecordRejected(bad, "is not valid UTF-8")
+    try:
+        record = SeedRecord.model_validate(raw)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        loc = ".".join(map(str, error["loc"])) or "<record>"
+        field_name = str(error["loc"][0]) if error["loc"] else "<record>"
+        raise RecordRejected(field_name, f"{error['msg']} (at {loc})") from None
+    extra = record.extra_fields()
+    if len(json.dumps(extra, ensure_ascii=False).encode()) > MAX_EXTRA_BYTES:
+        raise RecordRejected("<extra>", f"extra fields exceed {MAX_EXTRA_BYTES} bytes")
+    if "\x00" in json.dumps(extra):
+        raise RecordRejected("<extra>", "contains a NUL character")
+    image_bytes = resolver.load(record.image_path)
+    suffix = decode_image(image_bytes)
+    image_sha = sha256_hex(image_bytes)
+    split = extra.get("split") if isinstance(extra.get("split"), str) else None
+    return _Accepted(
+        index=index, record=record, image_bytes=image_bytes, image_sha=image_sha, image_suffix=suffix,
+        content_hash=content_hash(record.question, str(record.correct_answer), image_sha), split=split,
+    )
+
+
+def ingest_file(path: str | Path, settings: Settings, *, store: ObjectStore | None = None,
+                progress: Any = None) -> IngestReport:
+    """Ingest a JSON array / JSONL seed file; never raises for a bad record (see the report)."""
+    path = Path(path)
+    engine = get_engine(settings)
+    require_schema(engine)
+    store = store or open_store(settings)
+    resolver = ImageResolver(path, settings)
+    report = IngestReport(source=str(path.resolve()))
+    records = read_records(path)
+    report.total = len(records)
+
+    seen_ids: dict[str, int] = {}
+    seen_hashes: dict[str, str] = {}
+    batch: list[_Accepted] = []
+
+    def reject(index: int, raw: Any, exc: RecordRejected) -> None:
+        rid = raw.get("id") if isinstance(raw, dict) else None
+        rid = str(rid)[:200] if isinstance(rid, (str, int)) and not isinstance(rid, bool) else None
+        report.rejected.append(Rejection(index, rid, exc.field, exc.message))
+
+    for index, raw in records:
+        try:
+            accepted = _validate(index, raw, resolver)
+            rid = accepted.record.id
+            if rid in seen_ids:
+                raise RecordRejected("id", f"duplicate id {rid!r}: already used by record {seen_ids[rid]} of this file")
+            if accepted.content_hash in seen_hashes:
+                raise RecordRejected("<record>", f"duplicate content: same question, answer and image as id {seen_hashes[accepted.content_hash]!r}")
+            seen_ids[rid] = index
+            seen_hashes[accepted.content_hash] = rid
+            batch.append(accepted)
+        except RecordRejected as exc:
+            reject(index, raw, exc)
+        if len(batch) >= BATCH_SIZE:
+            _land(batch, engine, store, report)
+            batch = []
+        if progress is not None:
+            progress()
+    if batch:
+        _land(batch, engine, store, report)
+    if report.rejected:
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+        key = f"quarantine/ingest/{path.stem}-{stamp}.json"
+        report.quarantine_uri = store.put_json(key, {
+            "source": report.source,
+            "rejected": [asdict(r) | {"raw": _raw_excerpt(dict(records)[r.record_index])} for r in report.rejected],
+        })
+    return report
+
+
+def _raw_excerpt(raw: Any, limit: int = 2000) -> str:
+    if isinstance(raw, RecordRejected):
+        return ""
+    text = json.dumps(raw, ensure_ascii=True, default=str)
+    return text if len(text) <= limit else text[:limit] + "...(truncated)"
+
+
+def _land(batch: list[_Accepted], engine: sa.Engine, store: ObjectStore, report: IngestReport) -> None:
+    """Insert one batch in one transaction; images are stored first (content-addressed, idempotent)."""
+    with engine.begin() as conn:
+        existing_ids = dict(conn.execute(
+            sa.text("SELECT problem_id, content_hash FROM seed_problems WHERE problem_id = ANY(:ids)"),
+            {"ids": [a.record.id for a in batch]},
+        ).all())
+        existing_hashes = dict(conn.execute(
+            sa.text("SELECT content_hash, problem_id FROM seed_problems WHERE content_hash = ANY(:h)"),
+            {"h": [a.content_hash for a in batch]},
+        ).all())
+        rows = []
+        for item in batch:
+            rid = item.record.id
+            if rid in existing_ids:
+                if existing_ids[rid] == item.content_hash:
+                    report.unchanged += 1
+                else:
+                    report.rejected.append(Rejection(item.index, rid, "id", f"id {rid!r} is already ingested with different content"))
+                continue
+            if item.content_hash in existing_hashes:
+                report.rejected.append(Rejection(item.index, rid, "<record>", f"duplicate content: already ingested as id {existing_hashes[item.content_hash]!r}"))
+                continue
+            image_key = f"images/{item.image_sha}{item.image_suffix}"
+            if not store.exists(image_key):
+                store.put_bytes(image_key, item.image_bytes, "image/" + item.image_suffix.lstrip("."))
+                report.images_stored += 1
+            rows.append({
+                "problem_id": rid, "question": item.record.question,
+                "correct_answer": str(item.record.correct_answer), "image_key": image_key,
+                "image_sha256": item.image_sha, "content_hash": item.content_hash, "source": report.source,
+                "split": item.split, "extra": item.record.extra_fields(),
+            })
+        if rows:
+            statement = pg_insert(_SEED_TABLE).values(rows).on_conflict_do_nothing().returning(_SEED_TABLE.c.problem_id)
+            report.inserted += len(conn.execute(statement).all())

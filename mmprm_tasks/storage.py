@@ -1,0 +1,253 @@
+"""Object store: one small interface, two implementations, one URI scheme.
+
+``LocalStore`` keeps objects under a directory (the embedded default); ``S3Store`` talks to MinIO
+or any S3 server through the ``minio`` SDK.  Objects are addressed by key inside the configured
+bucket/root, and by URI across stores: ``s3://bucket/key`` or ``file:///abs/path``.
+Content-addressed puts (images, datasets) make re-runs idempotent: the same bytes land once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from .settings import Settings
+
+
+class ObjectNotFound(KeyError):
+    """The key is not in the store."""
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class ObjectStore(ABC):
+    """Byte objects under string keys (``a/b/c.json``)."""
+
+    @abstractmethod
+    def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> str:
+        """Store ``data`` under ``key`` (overwriting) and return the object's URI."""
+
+    @abstractmethod
+    def get_bytes(self, key: str) -> bytes:
+        """The object's bytes; :class:`ObjectNotFound` when absent."""
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def iter_keys(self, prefix: str = "") -> Iterator[str]: ...
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove the object; absent keys are not an error (deletes are idempotent)."""
+
+    @abstractmethod
+    def uri(self, key: str) -> str: ...
+
+    # Everything below is built on the five primitives, so both stores behave identically.
+
+    def list_keys(self, prefix: str = "") -> list[str]:
+        return sorted(self.iter_keys(prefix))
+
+    def put_json(self, key: str, obj: Any) -> str:
+        data = json.dumps(obj, ensure_ascii=False, sort_keys=False).encode()
+        return self.put_bytes(key, data, "application/json")
+
+    def get_json(self, key: str) -> Any:
+        return json.loads(self.get_bytes(key))
+
+    def put_file(self, key: str, path: str | os.PathLike[str], content_type: str = "application/octet-stream") -> str:
+        return self.put_bytes(key, Path(path).read_bytes(), content_type)
+
+    def get_file(self, key: str, path: str | os.PathLike[str]) -> Path:
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(self.get_bytes(key))
+        return target
+
+    def put_dir(self, prefix: str, local_dir: str | os.PathLike[str]) -> str:
+        """Upload every file under ``local_dir`` to ``prefix/<relative path>``; returns the prefix URI."""
+        root = Path(local_dir)
+        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+            self.put_file(f"{prefix.rstrip('/')}/{path.relative_to(root).as_posix()}", path)
+        return self.uri(prefix.rstrip("/") + "/")
+
+    def get_dir(self, prefix: str, local_dir: str | os.PathLike[str]) -> Path:
+        """Download every object under ``prefix/`` into ``local_dir`` (inverse of :meth:`put_dir`)."""
+        root = Path(local_dir)
+        base = prefix.rstrip("/") + "/"
+        keys = self.list_keys(base)
+        if not keys:
+            raise ObjectNotFound(f"no objects under {self.uri(base)}")
+        for key in keys:
+            self.get_file(key, root / key[len(base):])
+        return root
+
+    def put_content_addressed(self, prefix: str, data: bytes, suffix: str = "", content_type: str = "application/octet-stream") -> str:
+        """Store ``data`` at ``prefix/<sha256><suffix>`` unless already there; return the key."""
+        key = f"{prefix.rstrip('/')}/{sha256_hex(data)}{suffix}"
+        if not self.exists(key):
+            self.put_bytes(key, data, content_type)
+        return key
+
+
+def _check_key(key: str) -> str:
+    if not key or key.startswith("/") or any(part in ("", ".", "..") for part in key.rstrip("/").split("/")):
+        raise ValueError(f"invalid object key {key!r}: use relative 'a/b/c' keys without '.' or '..'")
+    return key
+
+
+class LocalStore(ObjectStore):
+    """Objects as files under a root directory; writes are atomic (temp file + rename)."""
+
+    def __init__(self, root: str | os.PathLike[str]):
+        self.root = Path(root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> Path:
+        return self.root / _check_key(key)
+
+    def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> str:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+        return self.uri(key)
+
+    def get_bytes(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise ObjectNotFound(self.uri(key)) from None
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def iter_keys(self, prefix: str = "") -> Iterator[str]:
+        for path in self.root.rglob("*"):
+            if path.is_file() and not path.name.startswith(".tmp-"):
+                key = path.relative_to(self.root).as_posix()
+                if key.startswith(prefix):
+                    yield key
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def uri(self, key: str) -> str:
+        return (self.root / key).as_uri() if key else self.root.as_uri() + "/"
+
+
+class S3Store(ObjectStore):
+    """A bucket on MinIO or any S3-compatible server, through the ``minio`` SDK."""
+
+    def __init__(self, client: Any, bucket: str, *, create_bucket: bool = True):
+        self.client = client
+        self.bucket = bucket
+        if create_bucket and not client.bucket_exists(bucket_name=bucket):
+            client.make_bucket(bucket_name=bucket)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "S3Store":
+        from minio import Minio
+
+        cfg = settings.store
+        client = Minio(
+            endpoint=cfg.endpoint,
+            access_key=cfg.access_key,
+            secret_key=cfg.secret_key.get_secret_value(),
+            secure=cfg.secure,
+            region=cfg.region,
+        )
+        return cls(client, cfg.bucket)
+
+    def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> str:
+        self.client.put_object(
+            bucket_name=self.bucket, object_name=_check_key(key), data=io.BytesIO(data),
+            length=len(data), content_type=content_type,
+        )
+        return self.uri(key)
+
+    def get_bytes(self, key: str) -> bytes:
+        from minio.error import S3Error
+
+        try:
+            response = self.client.get_object(bucket_name=self.bucket, object_name=_check_key(key))
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchObject"):
+                raise ObjectNotFound(self.uri(key)) from None
+            raise
+        try:
+            return response.read()
+        finally:
+            response.close()
+            response.release_conn()
+
+    def exists(self, key: str) -> bool:
+        from minio.error import S3Error
+
+        try:
+            self.client.stat_object(bucket_name=self.bucket, object_name=_check_key(key))
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchObject", "NotFound"):
+                return False
+            raise
+        return True
+
+    def iter_keys(self, prefix: str = "") -> Iterator[str]:
+        for obj in self.client.list_objects(bucket_name=self.bucket, prefix=prefix or None, recursive=True):
+            if not obj.is_dir:
+                yield obj.object_name
+
+    def delete(self, key: str) -> None:
+        self.client.remove_object(bucket_name=self.bucket, object_name=_check_key(key))
+
+    def uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{key}"
+
+
+def open_store(settings: Settings) -> ObjectStore:
+    """The store the settings describe."""
+    if settings.store.kind == "s3":
+        return S3Store.from_settings(settings)
+    return LocalStore(settings.store_root)
+
+
+def open_uri(uri: str, settings: Settings) -> tuple[ObjectStore, str]:
+    """Resolve ``s3://bucket/key`` or ``file:///abs/path`` to a store and a key within it."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "s3":
+        if settings.store.kind != "s3":
+            raise ValueError(f"{uri}: s3:// URI but the configured store is {settings.store.kind!r}")
+        store = S3Store.from_settings(settings.with_overrides({"store.bucket": parsed.netloc}))
+        return store, parsed.path.lstrip("/")
+    if parsed.scheme == "file":
+        path = Path(parsed.path)
+        local = LocalStore(settings.store_root)
+        try:
+            return local, path.resolve().relative_to(local.root).as_posix()
+        except ValueError:
+            return LocalStore(path.parent), path.name
+    raise ValueError(f"unsupported object URI {uri!r}: expected s3://bucket/key or file:///path")
+
+
+def copy_tree_to_temp(store: ObjectStore, prefix: str) -> Path:
+    """Download a directory-like prefix (e.g. a checkpoint) into a fresh temporary directory."""
+    target = Path(tempfile.mkdtemp(prefix="mmprm-"))
+    try:
+        return store.get_dir(prefix, target)
+    except BaseException:
+        shutil.rmtree(target, ignore_errors=True)
+        raise

@@ -1,0 +1,220 @@
+"""Seed ingestion: good records land once, every bad record is named by record and field."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from PIL import Image
+from typer.testing import CliRunner
+
+from mmprm_tasks.db import get_engine
+from mmprm_tasks.seeds import ingest_file
+from mmprm_tasks.storage import open_store
+
+from helpers import write_png
+
+
+def make_seed_file(root: Path, n: int, *, jsonl: bool = False) -> Path:
+    records = []
+    for i in range(n):
+        write_png(root / "images" / f"p{i}.png", color=(i % 256, (i * 7) % 256, 99), text=str(i))
+        records.append({"id": f"p{i:04d}", "question": f"What is {i} + 1?", "correct_answer": str(i + 1),
+                        "image_path": f"images/p{i}.png", "split": "train"})
+    path = root / ("seeds.jsonl" if jsonl else "seeds.json")
+    if jsonl:
+        path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    else:
+        path.write_text(json.dumps(records))
+    return path
+
+
+def count(settings, table: str) -> int:
+    with get_engine(settings).connect() as conn:
+        return conn.execute(sa.text(f"SELECT count(*) FROM {table}")).scalar_one()
+
+
+def test_200_records_land_once(settings, tmp_path):
+    seed_file = make_seed_file(tmp_path / "data", 200)
+    report = ingest_file(seed_file, settings)
+    assert (report.total, report.inserted, report.unchanged, report.images_stored) == (200, 200, 0, 200)
+    assert report.ok and report.quarantine_uri is None
+    assert count(settings, "seed_problems") == 200
+    assert len(open_store(settings).list_keys("images/")) == 200
+
+    again = ingest_file(seed_file, settings)
+    assert (again.inserted, again.unchanged, again.images_stored, len(again.rejected)) == (0, 200, 0, 0)
+    assert count(settings, "seed_problems") == 200
+    assert len(open_store(settings).list_keys("images/")) == 200
+
+
+def test_ingest_into_real_s3(s3_settings, tmp_path):
+    seed_file = make_seed_file(tmp_path / "data", 5, jsonl=True)
+    report = ingest_file(seed_file, s3_settings)
+    assert report.inserted == 5
+    store = open_store(s3_settings)
+    keys = store.list_keys("images/")
+    assert len(keys) == 5
+    with get_engine(s3_settings).connect() as conn:
+        row = conn.execute(sa.text("SELECT image_key, image_sha256, split FROM seed_problems WHERE problem_id='p0003'")).one()
+    assert row.image_key in keys and row.image_key.startswith(f"images/{row.image_sha256}") and row.split == "train"
+
+
+def _bad_seed_file(root: Path) -> tuple[Path, dict[int, tuple[str, str]]]:
+    """A JSONL file with good records interleaved with many kinds of bad ones.
+
+    Returns the file and, for every bad record's line index, its kind and the field its
+    rejection must name.
+    """
+    images = root / "images"
+    for i in range(10):
+        write_png(images / f"good{i}.png", color=(10 * i, 20, 30), text=f"g{i}")
+    write_png(images / "shared.png", color=(1, 2, 3))
+    (images / "notes.txt").write_text("this is not an image")
+    good_png = (images / "good0.png").read_bytes()
+    (images / "truncated.png").write_bytes(good_png[: len(good_png) // 2])
+    Image.new("1", (8000, 8000)).save(images / "bomb.png")  # 64 Mpx: a decompression bomb
+    (images / "adir.png").mkdir()
+    outside = root.parent / "outside.png"
+    write_png(outside)
+    (images / "link.png").symlink_to(outside)
+
+    def rec(rid, **over):
+        base = {"id": rid, "question": f"question {rid}?", "correct_answer": "7", "image_path": "images/shared.png"}
+        base.update(over)
+        return {k: v for k, v in base.items() if v is not ...}
+
+    lines: list[bytes] = []
+    expected: dict[int, tuple[str, str]] = {}
+
+    def good(i):
+        lines.append(json.dumps(rec(f"good{i}", image_path=f"images/good{i}.png", question=f"good question {i}?")).encode())
+
+    def bad(tag, field, record=None, raw: bytes | None = None):
+        expected[len(lines)] = (tag, field)
+        lines.append(raw if raw is not None else json.dumps(record).encode())
+
+    good(0)
+    bad("no-id", "id", rec(..., question="no id here"))
+    bad("no-question", "question", rec("no-question", question=...))
+    good(1)
+    bad("no-answer", "correct_answer", rec("no-answer", correct_answer=...))
+    bad("no-image", "image_path", rec("no-image", image_path=...))
+    bad("id-list", "id", rec(["a", "b"]))
+    bad("question-int", "question", rec("question-int", question=12345))
+    good(2)
+    bad("question-empty", "question", rec("question-empty", question="   "))
+    bad("answer-empty", "correct_answer", rec("answer-empty", correct_answer=""))
+    bad("answer-bool", "correct_answer", rec("answer-bool", correct_answer=True))
+    bad("answer-null", "correct_answer", rec("answer-null", correct_answer=None))
+    good(3)
+    bad("image-missing", "image_path", rec("image-missing", image_path="images/nope.png"))
+    bad("image-text", "image_path", rec("image-text", image_path="images/notes.txt"))
+    bad("image-truncated", "image_path", rec("image-truncated", image_path="images/truncated.png"))
+    bad("image-bomb", "image_path", rec("image-bomb", image_path="images/bomb.png"))
+    bad("image-dir", "image_path", rec("image-dir", image_path="images/adir.png"))
+    good(4)
+    bad("escape-relative", "image_path", rec("escape-relative", image_path="../outside.png"))
+    bad("escape-absolute", "image_path", rec("escape-absolute", image_path=str(outside)))
+    bad("escape-symlink", "image_path", rec("escape-symlink", image_path="images/link.png"))
+    good(5)
+    bad("dup-id", "id", rec("good5", image_path="images/good6.png", question="other question"))
+    bad("dup-content", "<record>", rec("dup-content", image_path="images/good4.png", question="good question 4?"))
+    good(6)
+    bad("non-utf8", "question", raw=b'{"id": "non-utf8", "question": "caf\xe9 \xff?", "correct_answer": "1", "image_path": "images/shared.png"}')
+    bad("huge-question", "question", rec("huge-question", question="x" * 50_000))
+    bad("huge-answer", "correct_answer", rec("huge-answer", correct_answer="9" * 5_000))
+    bad("nul-question", "question", rec("nul-question", question="what\x00is this"))
+    good(7)
+    bad("not-object", "<record>", ["p9", "q", "a", "images/shared.png"])
+    bad("bad-json", "<record>", raw=b'{"id": "bad-json", "question": "unterminated')
+    bad("bad-id-chars", "id", rec("a/b/../c"))
+    bad("huge-extra", "<extra>", rec("huge-extra", notes="n" * 200_000))
+    good(8)
+    good(9)
+    path = root / "mixed.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path, expected
+
+
+def test_mixed_file_lands_every_good_record_and_names_every_bad_one(settings, tmp_path):
+    seed_file, expected = _bad_seed_file(tmp_path / "data")
+    assert len(expected) >= 20
+    report = ingest_file(seed_file, settings)
+
+    assert report.inserted == 10
+    with get_engine(settings).connect() as conn:
+        landed = set(conn.execute(sa.text("SELECT problem_id FROM seed_problems")).scalars())
+    assert landed == {f"good{i}" for i in range(10)}
+
+    by_tag = {expected[r.record_index][0]: r for r in report.rejected}
+    assert sorted(r.record_index for r in report.rejected) == sorted(expected)
+    for tag, field in expected.values():
+        assert by_tag[tag].field == field, (tag, by_tag[tag].describe())
+        assert f"record {by_tag[tag].record_index}" in by_tag[tag].describe()
+    assert "resolves outside" in by_tag["escape-relative"].message
+    assert "resolves outside" in by_tag["escape-symlink"].message
+    assert "good5" in by_tag["dup-id"].message
+    assert "UTF-8" in by_tag["non-utf8"].message
+
+    store = open_store(settings)
+    quarantine = store.get_json(report.quarantine_uri.split("/objects/", 1)[1])
+    assert len(quarantine["rejected"]) == len(expected)
+    assert all("field" in r and "message" in r for r in quarantine["rejected"])
+
+
+def test_same_id_with_new_content_is_rejected_later(settings, tmp_path):
+    root = tmp_path / "data"
+    seed_file = make_seed_file(root, 3)
+    ingest_file(seed_file, settings)
+    records = json.loads(seed_file.read_text())
+    records[1]["question"] = "changed question?"
+    seed_file.write_text(json.dumps(records))
+    report = ingest_file(seed_file, settings)
+    assert report.unchanged == 2 and report.inserted == 0
+    assert [(r.record_id, r.field) for r in report.rejected] == [("p0001", "id")]
+    assert "different content" in report.rejected[0].message
+
+
+def test_malformed_json_array_fails_the_file(settings, tmp_path):
+    bad = tmp_path / "broken.json"
+    bad.write_text('[{"id": "a", ')
+    with pytest.raises(ValueError, match="not a valid JSON array"):
+        ingest_file(bad, settings)
+
+
+def test_image_root_allows_images_elsewhere(settings, tmp_path):
+    images = tmp_path / "shared-images"
+    write_png(images / "x.png")
+    seed = tmp_path / "seeds" / "s.json"
+    seed.parent.mkdir()
+    seed.write_text(json.dumps([{"id": "x1", "question": "q?", "correct_answer": 3, "image_path": str(images / "x.png")}]))
+    assert ingest_file(seed, settings).rejected[0].field == "image_path"
+    report = ingest_file(seed, settings.with_overrides({"image_root": str(images)}))
+    assert report.inserted == 1
+
+
+def test_cli_ingest_exit_codes(settings, tmp_path, monkeypatch):
+    from mmprm_tasks import cli
+    from mmprm_tasks.settings import get_settings
+
+    monkeypatch.setenv("MMPRM_DATABASE_URL", settings.database_url)
+    monkeypatch.setenv("MMPRM_HOME", str(settings.home))
+    monkeypatch.setenv("MMPRM_STORE__ROOT", str(settings.store_root))
+    get_settings.cache_clear()
+    try:
+        runner = CliRunner()
+        good = make_seed_file(tmp_path / "data", 4)
+        result = runner.invoke(cli.app, ["ingest", str(good)])
+        assert result.exit_code == 0, result.output
+        assert "inserted" in result.output
+        mixed, _ = _bad_seed_file(tmp_path / "mixed")
+        result = runner.invoke(cli.app, ["ingest", str(mixed)])
+        assert result.exit_code == 1
+        assert "rejected records" in result.output and "quarantine report" in result.output
+        result = runner.invoke(cli.app, ["db", "status"])
+        assert result.exit_code == 0 and "seed_problems" in result.output
+    finally:
+        get_settings.cache_clear()

@@ -1,0 +1,127 @@
+"""One contract, two stores: the same suite runs on the local directory and on a real S3 server."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from minio import Minio
+from minio.error import S3Error
+
+from mmprm_tasks.settings import Settings, StoreConfig
+from mmprm_tasks.storage import LocalStore, ObjectNotFound, S3Store, open_store, open_uri, sha256_hex
+
+
+@pytest.fixture(params=["local", "s3"])
+def store_settings(request, tmp_path) -> Settings:
+    if request.param == "local":
+        return Settings(home=tmp_path, store=StoreConfig(kind="local", root=tmp_path / "objects"))
+    server = request.getfixturevalue("s3_server")
+    return Settings(home=tmp_path, store=StoreConfig(
+        kind="s3", endpoint=server.endpoint, bucket=f"contract-{uuid.uuid4().hex[:12]}",
+        access_key=server.access_key, secret_key=server.secret_key))
+
+
+@pytest.fixture
+def store(store_settings):
+    return open_store(store_settings)
+
+
+def test_put_get_round_trip(store):
+    uri = store.put_bytes("a/b/c.bin", b"\x00\x01payload")
+    assert store.get_bytes("a/b/c.bin") == b"\x00\x01payload"
+    assert uri == store.uri("a/b/c.bin")
+    assert uri.startswith("s3://" if isinstance(store, S3Store) else "file://")
+
+
+def test_overwrite_replaces(store):
+    store.put_bytes("k", b"one")
+    store.put_bytes("k", b"two")
+    assert store.get_bytes("k") == b"two"
+
+
+def test_missing_key_raises_object_not_found(store):
+    with pytest.raises(ObjectNotFound):
+        store.get_bytes("nope/missing.json")
+    assert not store.exists("nope/missing.json")
+
+
+def test_list_is_prefix_scoped_and_recursive(store):
+    for key in ["trees/r1/p1.json", "trees/r1/p2.json", "trees/r2/p1.json", "images/x.png"]:
+        store.put_bytes(key, b"x")
+    assert store.list_keys("trees/r1/") == ["trees/r1/p1.json", "trees/r1/p2.json"]
+    assert len(store.list_keys("trees/")) == 3
+    assert len(store.list_keys()) == 4
+
+
+def test_delete_is_idempotent(store):
+    store.put_bytes("d/x", b"1")
+    store.delete("d/x")
+    store.delete("d/x")
+    assert not store.exists("d/x")
+
+
+def test_json_round_trip_keeps_unicode(store):
+    obj = {"question": "Δ = 3² ?", "labels": [0.5, 1.0], "nested": {"a": [1, 2]}}
+    store.put_json("j/obj.json", obj)
+    assert store.get_json("j/obj.json") == obj
+
+
+def test_content_addressed_put_lands_once(store):
+    data = b"same bytes"
+    key1 = store.put_content_addressed("images", data, ".png")
+    key2 = store.put_content_addressed("images", data, ".png")
+    assert key1 == key2 == f"images/{sha256_hex(data)}.png"
+    assert store.list_keys("images/") == [key1]
+
+
+def test_dir_round_trip(store, tmp_path):
+    src = tmp_path / "ckpt"
+    (src / "sub").mkdir(parents=True)
+    (src / "config.json").write_text("{}")
+    (src / "sub" / "weights.bin").write_bytes(b"\x01" * 1000)
+    store.put_dir("checkpoints/c1", src)
+    out = store.get_dir("checkpoints/c1", tmp_path / "back")
+    assert (out / "config.json").read_text() == "{}"
+    assert (out / "sub" / "weights.bin").read_bytes() == b"\x01" * 1000
+    with pytest.raises(ObjectNotFound):
+        store.get_dir("checkpoints/none", tmp_path / "none")
+
+
+def test_large_object_multipart(store):
+    data = bytes(range(256)) * (6 * 1024 * 1024 // 256 + 1)  # > 5 MiB: multipart on S3
+    store.put_bytes("big/blob", data)
+    assert store.get_bytes("big/blob") == data
+
+
+@pytest.mark.parametrize("bad", ["", "/abs", "a/../b", "a//b", "./a"])
+def test_invalid_keys_are_refused(store, bad):
+    with pytest.raises(ValueError):
+        store.put_bytes(bad, b"x")
+
+
+def test_open_uri_resolves_both_schemes(store_settings, store):
+    uri = store.put_bytes("u/v.txt", b"via uri")
+    other, key = open_uri(uri, store_settings)
+    assert other.get_bytes(key) == b"via uri"
+
+
+def test_local_store_writes_atomically(tmp_path):
+    store = LocalStore(tmp_path)
+    store.put_bytes("x/y", b"1")
+    assert [p.name for p in (tmp_path / "x").iterdir()] == ["y"]
+
+
+def test_s3_rejects_wrong_credentials(s3_server):
+    client = Minio(s3_server.endpoint, access_key="intruder", secret_key="wrong-secret", secure=False,
+                   region="us-east-1")
+    with pytest.raises(S3Error) as info:
+        S3Store(client, "should-not-exist")
+    assert info.value.code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied")
+
+
+def test_s3_bucket_is_created_once(s3_server):
+    settings = Settings(store=StoreConfig(kind="s3", endpoint=s3_server.endpoint, bucket="created-once",
+                                          access_key=s3_server.access_key, secret_key=s3_server.secret_key))
+    open_store(settings).put_bytes("k", b"1")
+    assert open_store(settings).get_bytes("k") == b"1"
