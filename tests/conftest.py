@@ -116,3 +116,19 @@ def s3_settings(tmp_path, database_url, s3_server) -> Settings:
     store = StoreConfig(kind="s3", endpoint=s3_server.endpoint, bucket=f"t-{uuid.uuid4().hex[:12]}",
                         access_key=s3_server.access_key, secret_key=s3_server.secret_key)
     return Settings(home=tmp_path / "home", database_url=database_url, store=store)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow and GPU checks are skipped with a visible reason, never silently."""
+    run_slow = os.environ.get("MMPRM_RUN_SLOW") == "1"
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except Exception:
+        has_cuda = False
+    for item in items:
+        if "slow" in item.keywords and not run_slow:
+            item.add_marker(pytest.mark.skip(reason="slow (minutes on 2 cores): set MMPRM_RUN_SLOW=1 to run"))
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA device (none here)"))

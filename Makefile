@@ -1,0 +1,14 @@
+# The two entry points the README promises; both set everything up on a fresh machine.
+.PHONY: demo test setup bench lint
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	AIRFLOW__CORE__LOAD_EXAMPLES=False .venv/bin/mmprm demo
+
+test: setup
+	.venv/bin/python -m pytest
+
+bench: setup
+	.venv/bin/python bench/bench_search.py --out .mmprm/bench/search.json

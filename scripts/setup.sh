@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Create .venv and install the project with its test tools. Idempotent: re-runs are instant
+# unless pyproject.toml changed. Needs Python 3.11+ and PyPI.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+stamp="$VENV/.mmprm-installed"
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+"$VENV/bin/python" -m pip install -q --upgrade pip
+# torch first and pinned: an open range (as transformers/accelerate ask) would pull a CUDA build of
+# several GB. On machines with a local CPU wheel, pip takes it from there.
+"$VENV/bin/python" -m pip install -q "torch==2.13.0"
+"$VENV/bin/python" -m pip install -q -e ".[dev]"
+echo "$want" > "$stamp"
