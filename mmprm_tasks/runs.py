@@ -97,8 +97,7 @@ _CLAIM = """
 WITH picked AS (
     SELECT run_id, problem_id FROM chunk_problems
     WHERE run_id = :run AND {scope}
-      AND (status = 'pending'
-           OR (status = 'leased' AND (lease_owner = :owner OR lease_expires_at < now())))
+      AND (status = 'pending' OR (status = 'leased' AND lease_expires_at < now()))
     ORDER BY chunk_index, problem_id
     LIMIT :limit
     FOR UPDATE SKIP LOCKED
@@ -115,8 +114,8 @@ def claim_problems(settings: Settings, run_id: str, chunk_index: int, owner: str
                    *, steal: bool = True) -> list[tuple[str, int]]:
     """Lease up to ``limit`` problems: the chunk's own first, then (``steal``) other chunks'.
 
-    A problem is claimable when pending, already leased by ``owner`` (a retried task resumes its
-    own work), or leased by someone whose lease has expired (a dead worker).
+    A problem is claimable when pending or leased by someone whose lease has expired (a dead
+    worker).  A retried task first gives its own stale leases back with :func:`release_leases`.
     """
     engine = get_engine(settings)
     params = {"run": run_id, "chunk": chunk_index, "owner": owner, "limit": limit,

@@ -33,7 +33,8 @@ def test_claims_own_chunk_first_then_steals(settings, tmp_path):
     shard_run(settings, "r", chunk_size=3)
     own = claim_problems(settings, "r", 0, "w0", limit=10)
     assert {c for _, c in own} == {0} and len(own) == 3
-    # Same owner again (a retried task) gets its own leases back, nothing else.
+    # A retried task gives its stale leases back, then claims them again.
+    assert release_leases(settings, "r", "w0", "retry") == 3
     assert sorted(claim_problems(settings, "r", 0, "w0", limit=10)) == sorted(own)
     with get_engine(settings).begin() as conn:
         for pid, _ in own:

@@ -1,0 +1,235 @@
+"""Annotation stage: OmegaPRM trees for the problems of a chunk, persisted as they finish.
+
+Each finished tree is written as SPEC §4 JSON to ``trees/<run>/<problem>.json`` and its nodes
+indexed in Postgres in one transaction (upsert by run and problem) that also marks the problem
+done, so a chunk re-run after a crash skips finished problems and never duplicates rows.  A policy
+or verification failure fails the chunk: trees finished before it stay, in-flight work is handed
+back, and nothing is recorded as a label.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+from .db import get_engine, require_schema
+from .policy import GenerationRequest, PolicyBackend, load_policy
+from .runs import claim_problems, config_hash, finish_chunks, mark_done, release_leases, renew_leases
+from .search import SearchProblem, SearchResult, flatten_tree, run_search
+from .settings import Settings
+from .storage import ObjectStore, open_store
+from .verify import AnswerVerifier
+
+log = logging.getLogger(__name__)
+
+_STEP_NODES = sa.table(
+    "step_nodes", *(sa.column(c) for c in [
+        "tree_id", "node_index", "parent_index", "depth", "prefix_len", "mc_value", "visit_count",
+        "num_correct", "num_incorrect", "is_first_error"]),
+    sa.column("steps", JSONB),
+)
+
+
+@dataclass
+class EngineStats:
+    """What the policy engine was asked for: calls, prompts and rollouts."""
+
+    calls: int = 0
+    requests: int = 0
+    rollouts: int = 0
+    seconds: float = 0.0
+
+    @property
+    def mean_batch_size(self) -> float:
+        return self.requests / self.calls if self.calls else 0.0
+
+
+@dataclass
+class CountingPolicy:
+    """Wraps a backend to count engine calls and batch sizes (recorded as run stats)."""
+
+    inner: PolicyBackend
+    stats: EngineStats = field(default_factory=EngineStats)
+
+    def generate(self, requests: Sequence[GenerationRequest], *, seed: int | None = None) -> list[list[list[str]]]:
+        start = time.perf_counter()
+        out = self.inner.generate(requests, seed=seed)
+        self.stats.calls += 1
+        self.stats.requests += len(requests)
+        self.stats.rollouts += sum(r.n for r in requests)
+        self.stats.seconds += time.perf_counter() - start
+        return out
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def tree_key(run_id: str, problem_id: str) -> str:
+    return f"trees/{run_id}/{problem_id}.json"
+
+
+def persist_tree(engine: sa.Engine, store: ObjectStore, run_id: str, chash: str, result: SearchResult) -> int:
+    """Write the tree JSON and index its nodes; upsert by (run, problem). Returns the tree id."""
+    data = json.dumps(result.tree, ensure_ascii=False).encode()
+    key = tree_key(run_id, result.problem_id)
+    store.put_bytes(key, data, "application/json")
+    rows = flatten_tree(result.tree)
+    prefix_len: dict[int, int] = {}
+    node_rows = []
+    for row in rows:
+        parent = rows[row.parent_index] if row.parent_index is not None else None
+        prefix_len[row.node_index] = 0 if parent is None else prefix_len[parent.node_index] + len(parent.steps)
+        node_rows.append({
+            "node_index": row.node_index, "parent_index": row.parent_index, "depth": row.depth,
+            "prefix_len": prefix_len[row.node_index], "steps": list(row.steps), "mc_value": row.mc_value,
+            "visit_count": row.visit_count, "num_correct": row.num_correct, "num_incorrect": row.num_incorrect,
+            "is_first_error": parent is not None and row.mc_value == 0 and parent.mc_value > 0,
+        })
+    with engine.begin() as conn:
+        tree_id = conn.execute(sa.text(
+            "INSERT INTO trees (run_id, problem_id, root_mc_value, visit_count, num_nodes, num_rollouts,"
+            " num_searches, tree_key, tree_sha256, config_hash)"
+            " VALUES (:run, :pid, :mc, :visits, :nodes, :rollouts, :searches, :key, :sha, :chash)"
+            " ON CONFLICT (run_id, problem_id) DO UPDATE SET root_mc_value = EXCLUDED.root_mc_value,"
+            " visit_count = EXCLUDED.visit_count, num_nodes = EXCLUDED.num_nodes,"
+            " num_rollouts = EXCLUDED.num_rollouts, num_searches = EXCLUDED.num_searches,"
+            " tree_key = EXCLUDED.tree_key, tree_sha256 = EXCLUDED.tree_sha256,"
+            " config_hash = EXCLUDED.config_hash, created_at = now()"
+            " RETURNING tree_id"), {
+            "run": run_id, "pid": result.problem_id, "mc": result.tree["mc_value"],
+            "visits": result.tree["visit_count"], "nodes": len(rows), "rollouts": result.stats["rollouts"],
+            "searches": result.stats["searches"], "key": key, "sha": hashlib.sha256(data).hexdigest(),
+            "chash": chash}).scalar_one()
+        conn.execute(sa.text("DELETE FROM step_nodes WHERE tree_id = :t"), {"t": tree_id})
+        conn.execute(pg_insert(_STEP_NODES).values([{**r, "tree_id": tree_id} for r in node_rows]))
+        mark_done(conn, run_id, result.problem_id)
+    return tree_id
+
+
+def _load_problem(conn: sa.Connection, store: ObjectStore, problem_id: str) -> SearchProblem:
+    row = conn.execute(sa.text(
+        "SELECT problem_id, question, correct_answer, image_key FROM seed_problems WHERE problem_id = :p"),
+        {"p": problem_id}).one()
+    return SearchProblem(id=row.problem_id, question=row.question, answer=row.correct_answer,
+                         image=store.get_bytes(row.image_key), image_path=store.uri(row.image_key))
+
+
+def _check_run_config(engine: sa.Engine, settings: Settings, run_id: str) -> str:
+    chash = config_hash(settings)
+    with engine.connect() as conn:
+        recorded = conn.execute(sa.text("SELECT config_hash FROM annotation_runs WHERE run_id = :r"),
+                                {"r": run_id}).scalar_one_or_none()
+    if recorded is None:
+        raise LookupError(f"annotation run {run_id!r} does not exist: shard it first (`mmprm chunks`)")
+    if recorded != chash:
+        raise ValueError(f"run {run_id!r} was created with config {recorded}, these settings give {chash}: "
+                         "annotate a run with the settings it was sharded with")
+    return chash
+
+
+def _add_run_stats(conn: sa.Connection, run_id: str, delta: dict[str, float]) -> None:
+    current = conn.execute(sa.text("SELECT stats FROM annotation_runs WHERE run_id = :r FOR UPDATE"),
+                           {"r": run_id}).scalar_one()
+    merged = dict(current)
+    for name, value in delta.items():
+        merged[name] = merged.get(name, 0) + value
+    merged["mean_batch_size"] = merged["engine_requests"] / merged["engine_calls"] if merged.get("engine_calls") else 0.0
+    conn.execute(sa.text("UPDATE annotation_runs SET stats = CAST(:s AS JSONB) WHERE run_id = :r"),
+                 {"s": json.dumps(merged), "r": run_id})
+
+
+def annotate_chunk(settings: Settings, run_id: str, chunk_index: int, *, worker: str | None = None,
+                   policy: PolicyBackend | None = None, verifier: AnswerVerifier | None = None,
+                   steal: bool = True) -> dict[str, Any]:
+    """Annotate the chunk's problems (then, with ``steal``, unclaimed ones of other chunks).
+
+    Idempotent and resumable: finished problems are skipped, a retry continues where the last
+    attempt stopped.  Returns this call's stats.
+    """
+    engine = get_engine(settings)
+    require_schema(engine)
+    chash = _check_run_config(engine, settings, run_id)
+    store = open_store(settings)
+    owner = worker or f"{run_id}/chunk-{chunk_index}"
+    # A retry of this chunk (same owner) hands the dead attempt's leases back first.
+    resumed = release_leases(settings, run_id, owner, "resumed by a new attempt")
+    counting = CountingPolicy(policy or load_policy(settings))
+    own_verifier = verifier is None
+    verifier = verifier or AnswerVerifier(settings.verify)
+    done: list[str] = []
+    stolen: list[str] = []
+
+    def problems() -> Iterator[SearchProblem]:
+        # Claimed lazily, one at a time, so a fast worker keeps taking work while peers are busy.
+        while True:
+            claimed = claim_problems(settings, run_id, chunk_index, owner, limit=1, steal=steal)
+            if not claimed:
+                return
+            problem_id, from_chunk = claimed[0]
+            if from_chunk != chunk_index:
+                stolen.append(problem_id)
+            with engine.connect() as conn:
+                yield _load_problem(conn, store, problem_id)
+
+    rollouts = 0
+    mixed = 0
+    try:
+        for result in run_search(problems(), counting, verifier, settings.search, settings.seed):
+            persist_tree(engine, store, run_id, chash, result)
+            renew_leases(settings, run_id, owner)
+            done.append(result.problem_id)
+            rollouts += result.stats["rollouts"]
+            mixed += 0 < result.tree["mc_value"] < 1
+            log.info("tree %s: root mc %.3f, %d nodes", result.problem_id, result.tree["mc_value"],
+                     result.stats["nodes"])
+    except BaseException as exc:
+        release_leases(settings, run_id, owner, f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        if own_verifier:
+            verifier.close()
+        if policy is None:
+            counting.close()
+        stats = {"trees": len(done), "rollouts": rollouts, "trees_mixed_root": mixed,
+                 "engine_calls": counting.stats.calls, "engine_requests": counting.stats.requests,
+                 "engine_rollouts": counting.stats.rollouts, "engine_seconds": round(counting.stats.seconds, 3)}
+        with engine.begin() as conn:
+            _add_run_stats(conn, run_id, stats)
+    finish_chunks(settings, run_id)
+    return {**stats, "run_id": run_id, "chunk_index": chunk_index, "stolen": len(stolen),
+            "resumed_leases": resumed, "mean_batch_size": counting.stats.mean_batch_size}
+
+
+def run_summary(settings: Settings, run_id: str) -> dict[str, Any]:
+    """Index summary of a run: trees, step annotations, MC distribution, first errors, stats."""
+    engine = get_engine(settings)
+    with engine.connect() as conn:
+        run = conn.execute(sa.text("SELECT status, stats FROM annotation_runs WHERE run_id = :r"),
+                           {"r": run_id}).one()
+        counts = conn.execute(sa.text(
+            "SELECT count(DISTINCT t.tree_id) AS trees, count(n.*) AS nodes,"
+            " count(*) FILTER (WHERE n.node_index > 0) AS step_annotations,"
+            " count(*) FILTER (WHERE n.is_first_error) AS first_errors,"
+            " count(DISTINCT t.tree_id) FILTER (WHERE t.root_mc_value > 0 AND t.root_mc_value < 1) AS mixed_trees"
+            " FROM trees t JOIN step_nodes n USING (tree_id) WHERE t.run_id = :r"), {"r": run_id}).one()
+        histogram = conn.execute(sa.text(
+            "SELECT width_bucket(n.mc_value, 0, 1.0000001, 10) AS bucket, count(*) FROM trees t"
+            " JOIN step_nodes n USING (tree_id) WHERE t.run_id = :r GROUP BY 1 ORDER BY 1"), {"r": run_id}).all()
+        problems = conn.execute(sa.text("SELECT count(*) FROM chunk_problems WHERE run_id = :r"),
+                                {"r": run_id}).scalar_one()
+    return {
+        "run_id": run_id, "status": run.status, "problems": problems, "trees": counts.trees,
+        "nodes": counts.nodes, "step_annotations": counts.step_annotations,
+        "first_errors": counts.first_errors, "trees_mixed_root": counts.mixed_trees,
+        "mc_histogram": {f"{(b - 1) / 10:.1f}-{b / 10:.1f}": n for b, n in histogram},
+        "stats": run.stats,
+    }
