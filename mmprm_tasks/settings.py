@@ -126,6 +126,19 @@ class EvalConfig(BaseModel):
     prm_batch_size: int = Field(16, ge=1)
 
 
+class OrchestrationConfig(BaseModel):
+    """How Airflow runs the stages: retries, back-off, timeouts, and where GPU work goes."""
+
+    retries: int = Field(3, ge=0)
+    retry_delay_s: float = Field(30.0, ge=0)
+    max_retry_delay_s: float = Field(600.0, ge=0)
+    annotate_timeout_s: float = Field(6 * 3600.0, gt=0)
+    train_timeout_s: float = Field(24 * 3600.0, gt=0)
+    gpu_queue: str = "gpu"
+    gpu_pool: str = "gpu"
+    gpu_pool_slots: int = Field(4, ge=1)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="MMPRM_", env_nested_delimiter="__", extra="ignore", validate_default=True
@@ -150,6 +163,7 @@ class Settings(BaseSettings):
     traverse: TraverseConfig = Field(default_factory=TraverseConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
 
     @property
     def store_root(self) -> Path:

@@ -1,0 +1,324 @@
+"""The pipeline's stages as the orchestrator sees them: settings in, small JSON-able dicts out.
+
+Each function wires one library stage to the step index and the object store, so an Airflow task
+(or a CLI command) is a one-line call and only ids and object URIs travel through XCom.  Every
+stage is idempotent: outputs are keyed by content (dataset, checkpoint and evaluation ids are
+hashes of their inputs) and rows are upserted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+from .db import get_engine, require_schema
+from .runs import Selection, default_run_id, shard_run
+from .settings import Settings
+from .storage import ObjectStore, open_store, open_uri
+
+log = logging.getLogger(__name__)
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _jsonl(lines: list[str]) -> bytes:
+    return ("\n".join(lines) + "\n").encode() if lines else b""
+
+
+# ---------------------------------------------------------------------------------------------
+# Seeds and annotation
+
+
+def ingest_stage(settings: Settings, seed_source: str | None) -> dict[str, Any]:
+    """Ingest a seed file when given; bad records are quarantined, good ones land."""
+    from .seeds import ingest_file
+
+    engine = get_engine(settings)
+    require_schema(engine)
+    result: dict[str, Any] = {"source": seed_source}
+    if seed_source:
+        path = Path(seed_source[len("file://"):] if seed_source.startswith("file://") else seed_source)
+        report = ingest_file(path, settings)
+        result |= {"inserted": report.inserted, "unchanged": report.unchanged,
+                   "rejected": len(report.rejected), "quarantine_uri": report.quarantine_uri}
+        for rejection in report.rejected[:20]:
+            log.warning("rejected %s", rejection.describe())
+    with engine.connect() as conn:
+        result["problems_indexed"] = conn.execute(sa.text("SELECT count(*) FROM seed_problems")).scalar_one()
+    return result
+
+
+def shard_stage(settings: Settings, run_id: str | None, *, selection: Selection = "all",
+                split: str | None = None) -> dict[str, Any]:
+    result = shard_run(settings, run_id or default_run_id(settings), selection=selection, split=split)
+    return {"run_id": result.run_id, "chunks": result.chunk_indices, "problems": result.num_problems}
+
+
+def annotate_stage(settings: Settings, run_id: str, chunk_index: int) -> dict[str, Any]:
+    from .annotate import annotate_chunk
+
+    return annotate_chunk(settings, run_id, chunk_index)
+
+
+def summary_stage(settings: Settings, run_id: str) -> dict[str, Any]:
+    from .annotate import run_summary
+
+    return run_summary(settings, run_id)
+
+
+# ---------------------------------------------------------------------------------------------
+# Trees -> dataset
+
+
+def _run_trees(conn: sa.Connection, run_ids: list[str]) -> list[sa.Row]:
+    """The newest tree of each problem among the runs (a problem re-annotated counts once)."""
+    return conn.execute(sa.text(
+        "SELECT DISTINCT ON (problem_id) tree_id, run_id, problem_id, tree_key, tree_sha256 FROM trees"
+        " WHERE run_id = ANY(:runs) ORDER BY problem_id, created_at DESC, tree_id DESC"), {"runs": run_ids}).all()
+
+
+def current_runs(settings: Settings) -> list[str]:
+    """Runs made under the current policy and search config (what the nightly refresh publishes)."""
+    from .runs import config_hash
+
+    with get_engine(settings).connect() as conn:
+        return list(conn.execute(sa.text(
+            "SELECT run_id FROM annotation_runs WHERE config_hash = :h ORDER BY created_at"),
+            {"h": config_hash(settings)}).scalars())
+
+
+def traverse_stage(settings: Settings, run_ids: list[str]) -> dict[str, Any]:
+    """Trees of the runs -> training paths (SPEC §5), stored and registered as a dataset version."""
+    from .traverse import build_paths
+
+    engine = get_engine(settings)
+    store = open_store(settings)
+    with engine.connect() as conn:
+        rows = _run_trees(conn, run_ids)
+    params = {"traverse": settings.traverse.model_dump(), "seed": settings.seed}
+    dataset_id = "ds-" + _hash({"trees": [r.tree_sha256 for r in rows], **params})
+    with engine.connect() as conn:
+        existing = conn.execute(sa.text("SELECT counts FROM datasets WHERE dataset_id = :d"),
+                                {"d": dataset_id}).scalar_one_or_none()
+    if existing is not None:
+        return {"dataset_id": dataset_id, "counts": existing, "created": False}
+    trees = (store.get_json(row.tree_key) for row in rows)
+    paths = build_paths(trees, settings.traverse, settings.seed)
+    paths_key = f"datasets/{dataset_id}/paths.jsonl"
+    store.put_bytes(paths_key, _jsonl([json.dumps(p, ensure_ascii=False) for p in paths.paths]),
+                    "application/x-ndjson")
+    with engine.begin() as conn:
+        conn.execute(sa.text(
+            "INSERT INTO datasets (dataset_id, run_ids, params, counts, paths_key)"
+            " VALUES (:d, :runs, CAST(:p AS JSONB), CAST(:c AS JSONB), :k) ON CONFLICT (dataset_id) DO NOTHING"),
+            {"d": dataset_id, "runs": sorted(run_ids), "p": json.dumps(params), "c": json.dumps(paths.counts),
+             "k": paths_key})
+    return {"dataset_id": dataset_id, "counts": paths.counts, "created": True}
+
+
+def _dataset_paths(conn: sa.Connection, store: ObjectStore, dataset_id: str) -> list[dict[str, Any]]:
+    key = conn.execute(sa.text("SELECT paths_key FROM datasets WHERE dataset_id = :d"), {"d": dataset_id}).scalar_one()
+    return [json.loads(line) for line in store.get_bytes(key).decode().splitlines() if line.strip()]
+
+
+def format_stage(settings: Settings, dataset_id: str) -> dict[str, Any]:
+    """The dataset in the InternVL conversation format (+ description) and the generic chat format."""
+    from .formats import jsonl_text, to_chat, to_internvl
+
+    engine = get_engine(settings)
+    store = open_store(settings)
+    with engine.connect() as conn:
+        paths = _dataset_paths(conn, store, dataset_id)
+    prefix = f"datasets/{dataset_id}"
+    lines, description = to_internvl(paths, name=dataset_id, root="", annotation=store.uri(f"{prefix}/internvl.jsonl"))
+    keys = {
+        "internvl": f"{prefix}/internvl.jsonl",
+        "internvl_description": f"{prefix}/internvl_description.json",
+        "chat": f"{prefix}/chat.jsonl",
+    }
+    store.put_bytes(keys["internvl"], jsonl_text(lines).encode(), "application/x-ndjson")
+    store.put_json(keys["internvl_description"], description)
+    store.put_bytes(keys["chat"], jsonl_text(to_chat(paths)).encode(), "application/x-ndjson")
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE datasets SET formats = CAST(:f AS JSONB) WHERE dataset_id = :d"),
+                     {"f": json.dumps(keys), "d": dataset_id})
+    return {"dataset_id": dataset_id, "records": len(paths), "uris": {k: store.uri(v) for k, v in keys.items()}}
+
+
+def latest_dataset(settings: Settings) -> str:
+    with get_engine(settings).connect() as conn:
+        found = conn.execute(sa.text("SELECT dataset_id FROM datasets WHERE formats <> '{}'::jsonb"
+                                     " ORDER BY created_at DESC LIMIT 1")).scalar_one_or_none()
+    if found is None:
+        raise LookupError("no formatted dataset in the step index: run traverse and format first")
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# Training and evaluation
+
+
+def _local_model_dir(settings: Settings, model: str) -> tuple[Path, Path | None]:
+    """A local directory for a model given by path or object URI (downloaded to a temp dir)."""
+    if "://" not in model or model.startswith("file://"):
+        return Path(model.removeprefix("file://")), None
+    store, key = open_uri(model, settings)
+    tmp = Path(tempfile.mkdtemp(prefix="mmprm-model-"))
+    return store.get_dir(key, tmp), tmp
+
+
+def _image_loader(settings: Settings):
+    def load(uri: str) -> bytes:
+        store, key = open_uri(uri, settings)
+        return store.get_bytes(key)
+
+    return load
+
+
+def train_stage(settings: Settings, dataset_id: str | None = None) -> dict[str, Any]:
+    """Train a PRM on a dataset version; the checkpoint is uploaded and registered."""
+    from .formats import read_chat
+    from .prm import train_prm
+
+    dataset_id = dataset_id or latest_dataset(settings)
+    engine = get_engine(settings)
+    store = open_store(settings)
+    train_cfg = settings.train.model_dump()
+    checkpoint_id = "ckpt-" + _hash({"dataset": dataset_id, "train": train_cfg, "seed": settings.seed})
+    with engine.connect() as conn:
+        existing = conn.execute(sa.text("SELECT uri, metrics FROM checkpoints WHERE checkpoint_id = :c"),
+                                {"c": checkpoint_id}).one_or_none()
+        formats = conn.execute(sa.text("SELECT formats FROM datasets WHERE dataset_id = :d"),
+                               {"d": dataset_id}).scalar_one()
+    if existing is not None:
+        return {"checkpoint_id": checkpoint_id, "uri": existing.uri, "metrics": existing.metrics, "created": False}
+    records = read_chat(store.get_bytes(formats["chat"]).decode())
+    base_dir, base_tmp = _local_model_dir(settings, settings.train.base_model)
+    out_dir = Path(tempfile.mkdtemp(prefix="mmprm-prm-"))
+    try:
+        metrics = train_prm(base_dir, records, out_dir, settings.train, settings.seed,
+                            image_loader=_image_loader(settings))
+        uri = store.put_dir(f"checkpoints/{checkpoint_id}", out_dir)
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        if base_tmp:
+            shutil.rmtree(base_tmp, ignore_errors=True)
+    with engine.begin() as conn:
+        conn.execute(sa.text(
+            "INSERT INTO checkpoints (checkpoint_id, dataset_id, base_model, uri, config, metrics)"
+            " VALUES (:c, :d, :b, :u, CAST(:cfg AS JSONB), CAST(:m AS JSONB)) ON CONFLICT (checkpoint_id) DO NOTHING"),
+            {"c": checkpoint_id, "d": dataset_id, "b": settings.train.base_model, "u": uri,
+             "cfg": json.dumps(train_cfg), "m": json.dumps(metrics, default=str)})
+    return {"checkpoint_id": checkpoint_id, "uri": uri, "metrics": metrics, "created": True}
+
+
+def latest_checkpoint(settings: Settings) -> str:
+    with get_engine(settings).connect() as conn:
+        found = conn.execute(sa.text("SELECT checkpoint_id FROM checkpoints ORDER BY created_at DESC LIMIT 1")
+                             ).scalar_one_or_none()
+    if found is None:
+        raise LookupError("no PRM checkpoint in the step index: run training first")
+    return found
+
+
+def _eval_problems(conn: sa.Connection, store: ObjectStore, split: str, limit: int | None) -> list[dict[str, Any]]:
+    rows = conn.execute(sa.text(
+        "SELECT problem_id, question, correct_answer, image_key, extra FROM seed_problems WHERE split = :s"
+        " ORDER BY problem_id" + (" LIMIT :n" if limit else "")), {"s": split, "n": limit}).all()
+    if not rows:
+        raise LookupError(f"no seed problems of split {split!r} to evaluate on")
+    return [{"id": r.problem_id, "question": r.question, "answer": r.correct_answer,
+             "image": store.get_bytes(r.image_key), "extra": r.extra} for r in rows]
+
+
+def evaluate_stage(settings: Settings, checkpoint_id: str | None = None, *, split: str = "test",
+                   limit: int | None = None) -> dict[str, Any]:
+    """Best-of-N with the PRM on a split: report JSON + PNG in the store, rows in Postgres."""
+    from .evaluate import plot_report, run_best_of_n
+    from .policy import load_policy
+    from .prm import PRMScorer
+    from .verify import AnswerVerifier
+
+    checkpoint_id = checkpoint_id or latest_checkpoint(settings)
+    engine = get_engine(settings)
+    store = open_store(settings)
+    with engine.connect() as conn:
+        ckpt = conn.execute(sa.text("SELECT uri, dataset_id, config FROM checkpoints WHERE checkpoint_id = :c"),
+                            {"c": checkpoint_id}).one()
+        problems = _eval_problems(conn, store, split, limit)
+    evaluation_id = "eval-" + _hash({"checkpoint": checkpoint_id, "policy": settings.policy.model,
+                                     "problems": [p["id"] for p in problems], "eval": settings.eval.model_dump(),
+                                     "sampling": settings.sampling.model_dump(), "seed": settings.seed})
+    prefix = f"reports/{evaluation_id}"
+    ckpt_dir, ckpt_tmp = _local_model_dir(settings, ckpt.uri)
+    policy = load_policy(settings)
+    try:
+        with AnswerVerifier(settings.verify) as verifier:
+            scorer = PRMScorer(ckpt_dir, batch_size=settings.eval.prm_batch_size)
+            report, scored = run_best_of_n(problems, policy, verifier, scorer,
+                                           num_candidates=settings.eval.num_candidates,
+                                           ns=settings.eval.ns, seed=settings.seed)
+    finally:
+        policy.close()
+        if ckpt_tmp:
+            shutil.rmtree(ckpt_tmp, ignore_errors=True)
+    report = {**report, "evaluation_id": evaluation_id, "checkpoint_id": checkpoint_id,
+              "label_mode": ckpt.config.get("label_mode"), "policy_model": settings.policy.model,
+              "split": split, "num_problems": len(problems)}
+    first_error = _toy_first_error_report(problems, scored)
+    if first_error:
+        report["first_error"] = first_error
+    report_uri = store.put_json(f"{prefix}/report.json", report)
+    with tempfile.TemporaryDirectory() as tmp:
+        plot_path = plot_report(report, Path(tmp) / "bon.png", title=f"Best-of-N, {checkpoint_id}")
+        plot_uri = store.put_file(f"{prefix}/bon.png", plot_path, "image/png")
+    _record_evaluation(engine, evaluation_id, checkpoint_id, settings, len(problems), f"{prefix}/report.json",
+                       f"{prefix}/bon.png", report)
+    return {"evaluation_id": evaluation_id, "report_uri": report_uri, "plot_uri": plot_uri,
+            "checkpoint_id": checkpoint_id}
+
+
+def _toy_first_error_report(problems: list[dict[str, Any]], scored: list[list[dict[str, Any]]]) -> dict | None:
+    """Where the generator's ground truth is known, score the PRM's first-error calls against it."""
+    from .evaluate import first_error_metrics, prm_first_error
+    from .toy.world import first_error_index
+
+    predicted, truth = [], []
+    for problem, candidates in zip(problems, scored):
+        gt_steps = (problem.get("extra") or {}).get("gt_steps")
+        if not gt_steps:
+            continue
+        for candidate in candidates:
+            predicted.append(prm_first_error(candidate["step_scores"]))
+            truth.append(first_error_index(gt_steps, candidate["steps"]))
+    return {"prm": first_error_metrics(predicted, truth)} if predicted else None
+
+
+def _record_evaluation(engine: sa.Engine, evaluation_id: str, checkpoint_id: str, settings: Settings,
+                       num_problems: int, report_key: str, plot_key: str, report: dict[str, Any]) -> None:
+    rows = []
+    for row in report["rows"]:
+        methods = {**row["accuracy"], "random": row["random"], "majority_vote": row["majority_vote"],
+                   "oracle": row["oracle"], **{f"pass@{k}": v for k, v in row["pass_at_k"].items()}}
+        rows += [{"e": evaluation_id, "m": method, "n": row["n"], "a": float(acc)} for method, acc in methods.items()]
+    with engine.begin() as conn:
+        conn.execute(sa.text(
+            "INSERT INTO evaluations (evaluation_id, checkpoint_id, policy_model, num_problems, num_candidates,"
+            " report_key, plot_key) VALUES (:e, :c, :p, :np, :nc, :r, :pk) ON CONFLICT (evaluation_id) DO UPDATE"
+            " SET report_key = EXCLUDED.report_key, plot_key = EXCLUDED.plot_key"),
+            {"e": evaluation_id, "c": checkpoint_id, "p": settings.policy.model, "np": num_problems,
+             "nc": settings.eval.num_candidates, "r": report_key, "pk": plot_key})
+        conn.execute(sa.text("DELETE FROM evaluation_results WHERE evaluation_id = :e"), {"e": evaluation_id})
+        if rows:
+            conn.execute(sa.text("INSERT INTO evaluation_results (evaluation_id, method, n, accuracy)"
+                                 " VALUES (:e, :m, :n, :a)"), rows)
