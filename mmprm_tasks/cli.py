@@ -17,6 +17,15 @@ app = typer.Typer(help="MM-PRM platform: step-level annotation, PRM training and
                   no_args_is_help=True, pretty_exceptions_enable=False)
 db_app = typer.Typer(help="The Postgres step index.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+
+
+def _mount_toy() -> None:
+    from .toy.cli import toy_app
+
+    app.add_typer(toy_app, name="toy", help="The synthetic multimodal math world and its tiny models.")
+
+
+_mount_toy()
 console = Console()
 
 
@@ -109,6 +118,114 @@ def chunks(
     verb = "created" if result.created else "already had"
     console.print(f"run [bold]{result.run_id}[/]: {verb} {len(result.chunk_indices)} chunks over "
                   f"{result.num_problems} problems; progress {json.dumps(run_progress(settings, result.run_id))}")
+
+
+@app.command()
+def annotate(
+    run_id: Annotated[str, typer.Option("--run", help="Run id (sharded with `mmprm chunks`)")],
+    chunk: Annotated[Optional[int], typer.Option("--chunk", help="Annotate this chunk (then steal unclaimed work)")] = None,
+    all_chunks: Annotated[bool, typer.Option("--all", help="Annotate every chunk of the run")] = False,
+) -> None:
+    """Grow OmegaPRM trees for a chunk (or all chunks) of a run; resumable and idempotent."""
+    from .annotate import annotate_chunk, run_summary
+    from .runs import run_progress
+
+    if (chunk is None) == (not all_chunks):
+        raise typer.BadParameter("give exactly one of --chunk ID or --all")
+    settings = _settings()
+    if all_chunks:
+        stats = annotate_chunk(settings, run_id, 0, worker=f"{run_id}/cli-all")
+    else:
+        stats = annotate_chunk(settings, run_id, chunk)
+    console.print_json(data=stats)
+    console.print(f"progress {json.dumps(run_progress(settings, run_id))}")
+    console.print_json(data=run_summary(settings, run_id))
+
+
+@app.command()
+def traverse(run_ids: Annotated[list[str], typer.Argument(help="Runs whose trees become paths")]) -> None:
+    """Trees -> training paths (SPEC §5), registered as a dataset version."""
+    from .pipeline import traverse_stage
+
+    console.print_json(data=traverse_stage(_settings(), run_ids))
+
+
+@app.command("format")
+def format_cmd(dataset_id: Annotated[str, typer.Argument()]) -> None:
+    """Write a dataset in the InternVL conversation format and the generic chat format."""
+    from .pipeline import format_stage
+
+    console.print_json(data=format_stage(_settings(), dataset_id))
+
+
+@app.command()
+def train(
+    dataset_id: Annotated[Optional[str], typer.Argument(help="Dataset version (default: latest)")] = None,
+    label_mode: Annotated[Optional[str], typer.Option(help="soft | hard")] = None,
+    max_steps: Annotated[Optional[int], typer.Option()] = None,
+) -> None:
+    """Train a PRM on a dataset; the checkpoint is uploaded and registered."""
+    from .pipeline import train_stage
+
+    result = train_stage(_settings({"train.label_mode": label_mode, "train.max_steps": max_steps}), dataset_id)
+    console.print_json(data=result)
+
+
+@app.command()
+def evaluate(
+    checkpoint_id: Annotated[Optional[str], typer.Argument(help="PRM checkpoint (default: latest)")] = None,
+    split: Annotated[str, typer.Option()] = "test",
+    limit: Annotated[Optional[int], typer.Option(min=1)] = None,
+) -> None:
+    """Best-of-N evaluation of a PRM: report JSON + PNG in the store, rows in Postgres."""
+    from .evaluate import render_table
+    from .pipeline import evaluate_stage
+    from .storage import open_uri
+
+    settings = _settings()
+    result = evaluate_stage(settings, checkpoint_id, split=split, limit=limit)
+    store, key = open_uri(result["report_uri"], settings)
+    console.print(render_table(store.get_json(key)))
+    console.print_json(data=result)
+
+
+@app.command()
+def demo(
+    home: Annotated[Path, typer.Option(help="Where the embedded run keeps everything")] = Path(".mmprm/demo"),
+    train_problems: Annotated[int, typer.Option("--train", min=4)] = 64,
+    test_problems: Annotated[int, typer.Option("--test", min=4)] = 32,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """The embedded end-to-end run: toy seeds, Airflow DAGs in-process, PRM training, Best-of-N."""
+    from .demo import run_demo
+    from .evaluate import render_table
+
+    result = run_demo(home, n_train=train_problems, n_test=test_problems, seed=seed,
+                      log=lambda msg: console.print(f"[bold cyan]{msg}"))
+    s = result.summary
+    table = Table(title="MM-PRM embedded run")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    for label, value in [("problems annotated", s.get("problems")), ("trees", s.get("trees")),
+                         ("trees with 0 < root MC < 1", s.get("trees_mixed_root")),
+                         ("step annotations", s.get("step_annotations")), ("first-error steps", s.get("first_errors")),
+                         ("rollouts", (s.get("stats") or {}).get("rollouts")),
+                         ("mean engine batch", round((s.get("stats") or {}).get("mean_batch_size", 0), 1)),
+                         ("dataset", s.get("dataset", {}).get("dataset_id")),
+                         ("training paths", (s.get("dataset", {}).get("counts") or {}).get("paths")),
+                         ("wall time", f"{result.seconds:.0f} s")]:
+        table.add_row(label, str(value))
+    console.print(table)
+    for label_mode, report in result.reports.items():
+        console.print(render_table(report))
+        if "first_error" in report:
+            console.print(f"{label_mode} PRM first-error detection vs ground truth: {report['first_error']}")
+    outputs = Table(title="outputs")
+    outputs.add_column("what")
+    outputs.add_column("where", overflow="fold")
+    for name, where in result.outputs.items():
+        outputs.add_row(name, where)
+    console.print(outputs)
 
 
 def main() -> None:

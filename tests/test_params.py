@@ -1,0 +1,47 @@
+"""Trigger-time knobs map onto the one settings object, with the same validation."""
+
+from __future__ import annotations
+
+import pydantic
+import pytest
+
+from mmprm_tasks.params import TRIGGER_PARAMS, param_defaults, settings_from_params
+from mmprm_tasks.settings import Settings
+
+
+def test_params_override_settings_fields():
+    base = Settings()
+    s = settings_from_params({"num_rollouts": 4, "policy_backend": "openai", "learning_rate": 1e-4,
+                              "seed_source": "x.json", "chunk_size": None}, base)
+    assert s.search.num_rollouts == 4 and s.policy.backend == "openai" and s.train.learning_rate == 1e-4
+    assert s.chunk_size == base.chunk_size  # None keeps the configured value
+
+
+def test_defaults_mirror_settings():
+    defaults = param_defaults(Settings())
+    assert defaults["num_rollouts"] == 16 and defaults["max_search_count"] == 200
+    assert defaults["rollout_budget"] == 1000 and defaults["seed_source"] is None
+
+
+def test_unknown_and_invalid_params_are_refused():
+    with pytest.raises(KeyError, match="unknown"):
+        settings_from_params({"num_rolouts": 3}, Settings())
+    with pytest.raises(pydantic.ValidationError):
+        settings_from_params({"num_rollouts": 0}, Settings())
+
+
+def test_every_target_is_a_settings_field():
+    s = Settings()
+    for name, (target, schema) in TRIGGER_PARAMS.items():
+        assert "type" in schema, name
+        if target:
+            obj = s
+            for part in target.split("."):
+                obj = getattr(obj, part)
+
+
+def test_environment_nested_variables(monkeypatch):
+    monkeypatch.setenv("MMPRM_SEARCH__NUM_ROLLOUTS", "7")
+    monkeypatch.setenv("MMPRM_STORE__KIND", "s3")
+    s = Settings()
+    assert s.search.num_rollouts == 7 and s.store.kind == "s3"
