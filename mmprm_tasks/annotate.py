@@ -178,7 +178,8 @@ def annotate_chunk(settings: Settings, run_id: str, chunk_index: int, *, worker:
             if from_chunk != chunk_index:
                 stolen.append(problem_id)
             with engine.connect() as conn:
-                yield _load_problem(conn, store, problem_id)
+                problem = _load_problem(conn, store, problem_id)
+            yield problem  # outside the connection: the search may hold this generator for long
 
     rollouts = 0
     mixed = 0

@@ -1,0 +1,136 @@
+"""Annotation stage on a real Postgres and object store: persistence, resume, stealing, outages."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import sqlalchemy as sa
+
+from mmprm_tasks.annotate import annotate_chunk, run_summary, tree_key
+from mmprm_tasks.db import get_engine
+from mmprm_tasks.policy import PolicyError
+from mmprm_tasks.runs import claim_problems, run_progress, shard_run
+from mmprm_tasks.search import flatten_tree
+from mmprm_tasks.seeds import ingest_file
+from mmprm_tasks.storage import open_store
+from mmprm_tasks.verify import AnswerVerifier, VerificationError
+
+from test_search import ExactVerifier, ScriptedPolicy
+from test_seeds import make_seed_file
+
+SMALL = {"search.num_rollouts": 4, "search.max_search_count": 3, "search.rollout_budget": 40,
+         "search.concurrent_problems": 3}
+
+
+def arithmetic_script(question: str, prefix: tuple[str, ...], i: int) -> list[str]:
+    """Half the samples are right; the other half slip at the second step, and a continuation
+    of a slipped prefix stays wrong."""
+    n = int(re.search(r"What is (\d+) \+ 1", question).group(1))
+    good = [f"The number is {n}.", f"{n} + 1 = {n + 1}.", str(n + 1)]
+    bad = [f"The number is {n}.", f"{n} + 1 = {n + 2}.", str(n + 2)]
+    slipped = len(prefix) >= 2 and prefix[1] == bad[1]
+    steps = bad if slipped or i % 2 else good
+    return steps[len(prefix):]
+
+
+@pytest.fixture
+def annotated_settings(settings, tmp_path):
+    ingest_file(make_seed_file(tmp_path / "data", 7), settings)
+    s = settings.with_overrides(SMALL)
+    shard_run(s, "run-a", chunk_size=3)
+    return s
+
+
+def _trees(settings, run_id):
+    with get_engine(settings).connect() as conn:
+        return conn.execute(sa.text(
+            "SELECT t.problem_id, t.tree_id, t.num_nodes, count(n.*) AS nodes FROM trees t"
+            " JOIN step_nodes n USING (tree_id) WHERE t.run_id = :r GROUP BY 1, 2, 3 ORDER BY 1"), {"r": run_id}).all()
+
+
+def test_chunk_persists_trees_and_nodes_with_the_real_verifier(annotated_settings):
+    s = annotated_settings
+    with AnswerVerifier(s.verify) as verifier:
+        stats = annotate_chunk(s, "run-a", 0, policy=ScriptedPolicy(arithmetic_script), verifier=verifier, steal=False)
+    assert stats["trees"] == 3 and stats["stolen"] == 0
+    assert stats["engine_calls"] >= 1 and stats["mean_batch_size"] > 1  # three trees batched per call
+    rows = _trees(s, "run-a")
+    assert len(rows) == 3 and all(r.num_nodes == r.nodes for r in rows)
+    store = open_store(s)
+    tree = store.get_json(tree_key("run-a", rows[0].problem_id))
+    assert set(tree) == {"id", "question", "answer", "image_path", "mc_value", "visit_count",
+                         "correct_rollouts", "incorrect_rollouts", "children"}
+    assert tree["mc_value"] == 0.5 and len(flatten_tree(tree)) == rows[0].nodes
+    with get_engine(s).connect() as conn:
+        first_errors = conn.execute(sa.text(
+            "SELECT n.steps, n.prefix_len FROM step_nodes n JOIN trees t USING (tree_id)"
+            " WHERE t.run_id = 'run-a' AND n.is_first_error")).all()
+    # The slip is the second step: the first-error node ends at it.
+    assert first_errors and all(re.search(r"\+ 1 = ", steps[-1]) for steps, _ in first_errors)
+    assert run_progress(s, "run-a") == {"done": 3, "pending": 4}
+
+
+def test_rerun_skips_finished_work_and_never_duplicates(annotated_settings):
+    s = annotated_settings
+    policy = ScriptedPolicy(arithmetic_script)
+    first = annotate_chunk(s, "run-a", 0, policy=policy, verifier=ExactVerifier())
+    assert first["trees"] == 7 and first["stolen"] == 4  # it finished its chunk, then took the rest
+    calls = len(policy.calls)
+    again = annotate_chunk(s, "run-a", 0, policy=policy, verifier=ExactVerifier())
+    assert again["trees"] == 0 and len(policy.calls) == calls
+    assert annotate_chunk(s, "run-a", 2, policy=policy, verifier=ExactVerifier())["trees"] == 0
+    assert len(_trees(s, "run-a")) == 7
+    summary = run_summary(s, "run-a")
+    assert summary["status"] == "succeeded" and summary["trees"] == 7 and summary["trees_mixed_root"] == 7
+    assert summary["stats"]["rollouts"] == first["rollouts"]
+    assert len(open_store(s).list_keys("trees/run-a/")) == 7
+
+
+def test_retry_takes_back_the_dead_attempts_leases(annotated_settings):
+    s = annotated_settings
+    owner = "run-a/chunk-1"
+    held = claim_problems(s, "run-a", 1, owner, limit=3, steal=False)  # the attempt that was SIGKILLed
+    assert len(held) == 3 and claim_problems(s, "run-a", 1, "peer", limit=3, steal=False) == []
+    stats = annotate_chunk(s, "run-a", 1, policy=ScriptedPolicy(arithmetic_script), verifier=ExactVerifier(),
+                           steal=False)
+    assert stats["resumed_leases"] == 3 and stats["trees"] == 3
+
+
+def test_verification_outage_fails_the_chunk_and_writes_no_label(annotated_settings):
+    s = annotated_settings
+    # Three problems are searched at once; the outage hits in the middle of their searches.
+    with pytest.raises(VerificationError, match="judge unreachable"):
+        annotate_chunk(s, "run-a", 0, policy=ScriptedPolicy(arithmetic_script),
+                       verifier=ExactVerifier(fail_on_call=2), steal=False)
+    assert _trees(s, "run-a") == []
+    with get_engine(s).connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM step_nodes")).scalar_one() == 0
+        errors = conn.execute(sa.text("SELECT status, error FROM chunk_problems WHERE chunk_index = 0")).all()
+    assert all(status == "pending" and "judge unreachable" in error for status, error in errors)
+    assert open_store(s).list_keys("trees/") == []
+    # Once the verifier is back, the same chunk completes.
+    assert annotate_chunk(s, "run-a", 0, policy=ScriptedPolicy(arithmetic_script), verifier=ExactVerifier(),
+                          steal=False)["trees"] == 3
+
+
+def test_policy_outage_over_http_is_an_error_not_a_label(annotated_settings):
+    from mmprm_tasks.services import free_port
+
+    s = annotated_settings.with_overrides({"policy.backend": "openai", "policy.model": "policy",
+                                           "policy.base_url": f"http://127.0.0.1:{free_port()}/v1",
+                                           "policy.max_retries": 1, "policy.request_timeout_s": 2})
+    shard_run(s, "run-http", chunk_size=3)
+    with pytest.raises(PolicyError):
+        annotate_chunk(s, "run-http", 0, verifier=ExactVerifier(), steal=False)
+    assert _trees(s, "run-http") == []
+
+
+def test_run_config_must_match(annotated_settings):
+    other = annotated_settings.with_overrides({"search.num_rollouts": 8})
+    with pytest.raises(ValueError, match="was created with config"):
+        annotate_chunk(other, "run-a", 0, policy=ScriptedPolicy(arithmetic_script), verifier=ExactVerifier())
+    with pytest.raises(LookupError, match="does not exist"):
+        annotate_chunk(annotated_settings, "no-such-run", 0, policy=ScriptedPolicy(arithmetic_script),
+                       verifier=ExactVerifier())
