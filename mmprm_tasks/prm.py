@@ -1,0 +1,712 @@
+"""The process reward model: loss, batching, training and step scoring (SPEC §6).
+
+The PRM is the vision-language model itself with ``<prm>`` added as a special token.  A path's
+text ``"Question: {question}\\nProcess: {process}"`` (one ``<prm>`` after each step group) is the
+user turn, after the image.  At every ``<prm>`` position the logits of the two tokens ``Yes`` and
+``No`` are read (no shift: the logits *at* the separator, as the original release does) and
+
+    loss = mean over all <prm> positions of the batch of  CE(softmax([yes, no]), [mc, 1 - mc])
+
+(hard-label variant: target ``[1, 0]`` if ``mc > 0`` else ``[0, 1]``).  Other positions carry no
+loss.  At inference the step score is ``softmax([yes, no])[0]``, P(Yes).
+
+Differences from the original release (InternVL fine-tuning script), deliberate:
+
+* the text is the *user* turn after the image (the release puts it, oddly, in an assistant turn
+  after an empty user turn); training and :class:`PRMScorer` use the same layout, built by
+  :func:`mmprm_tasks.traverse.render_process` (the release scores with ``"<prm>".join(steps)``,
+  without the blank lines it trains with);
+* the number of ``<prm>`` tokens is checked against the number of labels (the release would
+  crash on a mismatch, or silently mislabel after truncation).
+
+GPU extras (DeepSpeed, flash-attn) are imported lazily and only when asked for / available.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import io
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer
+
+from mmprm_tasks.formats import chat_messages
+from mmprm_tasks.settings import PACKAGE_DIR, TrainConfig
+from mmprm_tasks.traverse import PRM_SEPARATOR, render_process
+
+log = logging.getLogger(__name__)
+
+PRM_TOKEN = PRM_SEPARATOR
+YES_TOKEN = "Yes"
+NO_TOKEN = "No"
+IGNORE_LABEL = -100.0
+PRM_CONFIG_FILE = "prm_config.json"
+DEEPSPEED_CONFIG_DIR = PACKAGE_DIR / "deepspeed_configs"
+# Sequence-aligned processor outputs, truncated together with input_ids.
+_SEQUENCE_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
+# Module path components of vision encoders in Hugging Face VLMs (LLaVA, Gemma3, PaliGemma,
+# InternVL-HF: vision_tower; Qwen2/2.5-VL: visual; Idefics3/SmolVLM/mllama: vision_model).
+_VISION_MODULE_NAMES = ("vision_tower", "visual", "vision_model")
+
+
+class PRMDataError(ValueError):
+    """A training/scoring record that cannot be turned into PRM inputs as labelled."""
+
+
+# --------------------------------------------------------------------------------------- loss
+
+
+def _labels_at_prm(
+    mask: torch.Tensor, labels_per_prm: Any, device: torch.device
+) -> torch.Tensor:
+    """The label of every ``<prm>`` position, flattened in row-major order.
+
+    ``labels_per_prm`` is one of: a tensor shaped like ``input_ids`` (read at the ``<prm>``
+    positions), a 1-D tensor/sequence with one value per ``<prm>`` position of the batch
+    (row-major), or a sequence of per-row sequences.
+    """
+    count = int(mask.sum())
+    if isinstance(labels_per_prm, torch.Tensor):
+        labels = labels_per_prm.to(device)
+        if labels.shape == mask.shape:
+            return labels[mask].float()
+        if labels.dim() == 1:
+            if labels.numel() != count:
+                raise PRMDataError(f"{labels.numel()} labels for {count} <prm> positions")
+            return labels.float()
+        raise PRMDataError(f"labels of shape {tuple(labels.shape)} for input {tuple(mask.shape)}")
+    labels_list = list(labels_per_prm)
+    if labels_list and isinstance(labels_list[0], Sequence | torch.Tensor):
+        per_row = mask.sum(dim=1).tolist()
+        if len(labels_list) != len(per_row):
+            raise PRMDataError(f"{len(labels_list)} label rows for a batch of {len(per_row)}")
+        for row, (row_labels, n) in enumerate(zip(labels_list, per_row, strict=True)):
+            if len(row_labels) != n:
+                raise PRMDataError(f"row {row}: {len(row_labels)} labels for {n} <prm> positions")
+        flat = [float(v) for row_labels in labels_list for v in row_labels]
+    else:
+        flat = [float(v) for v in labels_list]
+        if len(flat) != count:
+            raise PRMDataError(f"{len(flat)} labels for {count} <prm> positions")
+    return torch.tensor(flat, dtype=torch.float32, device=device)
+
+
+def prm_loss(
+    logits: torch.Tensor,
+    input_ids: torch.Tensor,
+    labels_per_prm: Any,
+    prm_token_id: int,
+    yes_id: int,
+    no_id: int,
+    hard: bool = False,
+) -> torch.Tensor:
+    """Mean cross-entropy at the ``<prm>`` positions between ``softmax([yes, no])`` and the target.
+
+    ``logits``: ``[batch, seq, vocab]`` aligned with ``input_ids`` ``[batch, seq]`` (no shift).
+    Soft target ``[mc, 1 - mc]`` (``mc`` must lie in [0, 1]); ``hard=True``: ``[1, 0]`` if
+    ``mc > 0`` else ``[0, 1]``.  A batch without any ``<prm>`` gives a zero loss that still
+    depends on ``logits`` (so distributed backward passes stay in step).
+    """
+    if logits.shape[:2] != input_ids.shape:
+        raise ValueError(
+            f"logits {tuple(logits.shape)} do not align with input_ids {tuple(input_ids.shape)}"
+        )
+    mask = input_ids == prm_token_id
+    targets = _labels_at_prm(mask, labels_per_prm, logits.device)
+    if targets.numel() == 0:
+        return logits.sum() * 0.0
+    if hard:
+        positive = (targets > 0).float()
+    else:
+        if bool(((targets < 0) | (targets > 1)).any()):
+            raise PRMDataError(f"soft labels must lie in [0, 1], got {targets.tolist()}")
+        positive = targets
+    pair = logits[mask][:, [yes_id, no_id]].float()  # [M, 2]
+    target = torch.stack([positive, 1.0 - positive], dim=-1)
+    return -(target * F.log_softmax(pair, dim=-1)).sum(dim=-1).mean()
+
+
+# ------------------------------------------------------------------------------ tokens/images
+
+
+@dataclass(frozen=True)
+class PRMTokens:
+    prm_token_id: int
+    yes_id: int
+    no_id: int
+
+
+def _single_token_id(tokenizer: Any, text: str) -> int:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise ValueError(
+            f"the PRM reads the logits of {text!r}, which must be a single token; this tokenizer "
+            f"splits it into {len(ids)} tokens {ids}. Use a checkpoint whose tokenizer has "
+            f"{YES_TOKEN!r} and {NO_TOKEN!r} as single tokens."
+        )
+    return int(ids[0])
+
+
+def ensure_prm_tokens(processor: Any, model: Any | None = None) -> PRMTokens:
+    """Add ``<prm>`` as a special token when missing (resizing ``model``'s embeddings when the
+    new id does not fit) and return the ids of ``<prm>``, ``Yes`` and ``No``.
+
+    Fails clearly when ``Yes``/``No`` are not single tokens or ``<prm>`` does not tokenize as one.
+    """
+    from tokenizers import AddedToken
+
+    tokenizer = getattr(processor, "tokenizer", processor)
+    probe = f"a{PRM_TOKEN}\n\nb"
+    prm_id = tokenizer.convert_tokens_to_ids(PRM_TOKEN)
+    encoded = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    if prm_id is None or prm_id == tokenizer.unk_token_id or encoded.count(prm_id) != 1:
+        tokenizer.add_tokens(
+            [AddedToken(PRM_TOKEN, special=True, normalized=False, lstrip=False, rstrip=False)],
+            special_tokens=True,
+        )
+        prm_id = tokenizer.convert_tokens_to_ids(PRM_TOKEN)
+        encoded = tokenizer(probe, add_special_tokens=False)["input_ids"]
+        if encoded.count(prm_id) != 1:
+            raise ValueError(f"{PRM_TOKEN!r} does not tokenize as one token after adding it")
+    if model is not None:
+        embeddings = model.get_input_embeddings()
+        if prm_id >= embeddings.num_embeddings:
+            model.resize_token_embeddings(len(tokenizer))
+    tokens = PRMTokens(
+        prm_token_id=int(prm_id),
+        yes_id=_single_token_id(tokenizer, YES_TOKEN),
+        no_id=_single_token_id(tokenizer, NO_TOKEN),
+    )
+    if model is not None:
+        model.config.prm_token_id = tokens.prm_token_id
+        model.config.prm_reward_token_ids = [tokens.yes_id, tokens.no_id]
+    return tokens
+
+
+def load_image(image: Any, loader: Callable[[str], Any] | None = None):
+    """A PIL RGB image from bytes, a PIL image, or a path (through ``loader`` when given)."""
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, bytes | bytearray | memoryview):
+        return Image.open(io.BytesIO(bytes(image))).convert("RGB")
+    if isinstance(image, str | os.PathLike):
+        if loader is not None:
+            return load_image(loader(str(image)))
+        with Image.open(image) as img:
+            return img.convert("RGB")
+    raise TypeError(f"cannot read an image from {type(image).__name__}")
+
+
+# --------------------------------------------------------------------------------- collator
+
+
+@dataclass
+class PRMCollator:
+    """Builds model inputs for path records ``{question, process, labels, image | image_path}``.
+
+    The user turn is ``[image, "Question: ...\\nProcess: ..."]`` rendered by the processor's chat
+    template; batches are right-padded.  ``prm_labels`` (same shape as ``input_ids``) holds each
+    path's label at its ``<prm>`` positions and :data:`IGNORE_LABEL` elsewhere.
+
+    Checks, failing loudly (:class:`PRMDataError`): the process holds exactly one ``<prm>`` per
+    label; the tokenized text holds exactly one ``<prm>`` token per label; truncation to
+    ``max_length`` never cuts image tokens.  When truncation cuts trailing ``<prm>`` tokens, the
+    labels of the cut steps are dropped with them (``truncation="drop"``, counted in
+    ``truncated_examples``/``dropped_labels``) or the batch fails (``truncation="error"``); after
+    truncation the count of ``<prm>`` tokens equals the count of kept labels, always.
+    """
+
+    processor: Any
+    tokens: PRMTokens
+    max_length: int | None = None
+    truncation: Literal["drop", "error"] = "drop"
+    image_loader: Callable[[str], Any] | None = None
+    truncated_examples: int = field(default=0, init=False)
+    dropped_labels: int = field(default=0, init=False)
+
+    def _image(self, record: dict[str, Any]):
+        image = record.get("image")
+        if image is None:
+            image = record.get("image_path")
+        if image is None:
+            raise PRMDataError(f"record {record.get('id')}: no image or image_path")
+        return load_image(image, self.image_loader)
+
+    def text(self, record: dict[str, Any]) -> str:
+        messages = chat_messages(record["question"], record["process"])
+        if getattr(self.processor, "chat_template", None) is None:
+            raise ValueError("the processor has no chat template; the PRM needs one")
+        return self.processor.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=False
+        )
+
+    def __call__(self, records: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        texts, images, labels = [], [], []
+        for record in records:
+            row_labels = [float(v) for v in record["labels"]]
+            separators = record["process"].count(PRM_TOKEN)
+            if separators != len(row_labels):
+                raise PRMDataError(
+                    f"record {record.get('id')}: {separators} {PRM_TOKEN} in the process for "
+                    f"{len(row_labels)} labels"
+                )
+            texts.append(self.text(record))
+            images.append(self._image(record))
+            labels.append(row_labels)
+        batch = dict(
+            self.processor(
+                text=texts, images=images, padding=True, padding_side="right", return_tensors="pt"
+            )
+        )
+        input_ids = batch["input_ids"]
+        full_counts = (input_ids == self.tokens.prm_token_id).sum(dim=1).tolist()
+        for row, (n, row_labels) in enumerate(zip(full_counts, labels, strict=True)):
+            if n != len(row_labels):
+                raise PRMDataError(
+                    f"record {records[row].get('id')}: the tokenized text has {n} {PRM_TOKEN} "
+                    f"tokens for {len(row_labels)} labels (does a step contain '{PRM_TOKEN}'?)"
+                )
+        if self.max_length is not None and input_ids.shape[1] > self.max_length:
+            image_token_id = getattr(self.processor, "image_token_id", None)
+            if image_token_id is not None:
+                before = (input_ids == image_token_id).sum(dim=1)
+                after = (input_ids[:, : self.max_length] == image_token_id).sum(dim=1)
+                if bool((before != after).any()):
+                    raise PRMDataError(
+                        f"max_length {self.max_length} cuts into the image tokens; raise it"
+                    )
+            for key in _SEQUENCE_KEYS:
+                if key in batch and isinstance(batch[key], torch.Tensor):
+                    batch[key] = batch[key][:, : self.max_length]
+            input_ids = batch["input_ids"]
+        mask = input_ids == self.tokens.prm_token_id
+        prm_labels = torch.full(input_ids.shape, IGNORE_LABEL, dtype=torch.float32)
+        for row, row_labels in enumerate(labels):
+            n = int(mask[row].sum())
+            if n < len(row_labels):
+                if self.truncation == "error":
+                    raise PRMDataError(
+                        f"record {records[row].get('id')}: max_length {self.max_length} keeps "
+                        f"{n} of {len(row_labels)} {PRM_TOKEN} tokens"
+                    )
+                self.truncated_examples += 1
+                self.dropped_labels += len(row_labels) - n
+            kept = row_labels[:n]
+            prm_labels[row, mask[row]] = torch.tensor(kept, dtype=torch.float32)
+            if int((prm_labels[row] != IGNORE_LABEL).sum()) != n:  # invariant
+                raise PRMDataError(f"row {row}: labels do not cover the {PRM_TOKEN} tokens")
+        batch["prm_labels"] = prm_labels
+        return batch
+
+
+# ---------------------------------------------------------------------------------- trainer
+
+
+def _accepts_logits_to_keep(model: Any) -> bool:
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def prm_forward(model: Any, inputs: dict[str, Any], prm_token_id: int):
+    """Run ``model`` and return ``(outputs, input_ids, extra)`` where ``outputs.logits``,
+    ``input_ids`` and ``extra`` (``prm_labels`` when present, popped from ``inputs``) are
+    restricted to the columns of the batch holding a ``<prm>`` when the model supports
+    ``logits_to_keep`` (the vocabulary is then projected only there), else full length."""
+    inputs = dict(inputs)
+    extra = {k: inputs.pop(k) for k in ("prm_labels",) if k in inputs}
+    input_ids = inputs["input_ids"]
+    base = model
+    while hasattr(base, "module"):  # DDP / DeepSpeed engine wrappers
+        base = base.module
+    columns = (input_ids == prm_token_id).any(dim=0).nonzero().squeeze(-1)
+    # DataParallel would scatter the index tensor along with the batch: full logits there.
+    if _accepts_logits_to_keep(base) and not isinstance(model, torch.nn.DataParallel):
+        keep = columns if columns.numel() else 1
+        outputs = model(**inputs, use_cache=False, logits_to_keep=keep)
+        if columns.numel():
+            input_ids = input_ids[:, columns]
+            extra = {k: v[:, columns] for k, v in extra.items()}
+        else:
+            input_ids = input_ids[:, -1:]
+            extra = {k: v[:, -1:] for k, v in extra.items()}
+    else:
+        outputs = model(**inputs, use_cache=False)
+    return outputs, input_ids, extra
+
+
+class PRMTrainer(Trainer):
+    """``transformers.Trainer`` with the PRM loss (:func:`prm_loss`); only ``compute_loss`` is
+    overridden.  Token ids come from the model config (``prm_token_id``,
+    ``prm_reward_token_ids`` set by :func:`ensure_prm_tokens`), the label mode from
+    ``prm_label_mode`` ("soft"/"hard").  The loss is a per-batch mean, so the Trainer divides it
+    by the gradient-accumulation steps (``loss_is_scaled_for_ga = False``)."""
+
+    loss_is_scaled_for_ga = False
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        config = self.accelerator.unwrap_model(model).config
+        prm_token_id = int(config.prm_token_id)
+        yes_id, no_id = (int(i) for i in config.prm_reward_token_ids)
+        hard = getattr(config, "prm_label_mode", "soft") == "hard"
+        if "prm_labels" not in inputs:
+            raise PRMDataError("the batch has no prm_labels (use PRMCollator)")
+        outputs, input_ids, extra = prm_forward(model, inputs, prm_token_id)
+        loss = prm_loss(
+            outputs.logits, input_ids, extra["prm_labels"], prm_token_id, yes_id, no_id, hard
+        )
+        return (loss, outputs) if return_outputs else loss
+
+
+# ----------------------------------------------------------------------------------- config
+
+
+def flash_attn_available() -> bool:
+    return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+
+
+def resolve_deepspeed_config(name_or_path: str | None) -> str | None:
+    """``"zero1"``/``"zero2"``/``"zero3"`` (shipped configs) or a path to a JSON config."""
+    if not name_or_path:
+        return None
+    shipped = DEEPSPEED_CONFIG_DIR / f"{name_or_path}.json"
+    if shipped.is_file():
+        return str(shipped)
+    path = Path(name_or_path)
+    if path.is_file():
+        return str(path)
+    raise FileNotFoundError(
+        f"DeepSpeed config {name_or_path!r}: neither one of zero1/zero2/zero3 nor a file"
+    )
+
+
+@dataclass
+class PRMTrainingConfig:
+    """PRM training settings (defaults: the released script, SPEC §6).
+
+    ``bf16=None``: on when CUDA supports bf16.  ``deepspeed``: ``zero1``/``zero2``/``zero3`` or a
+    JSON path (DeepSpeed is imported only then, and must be installed: the ``gpu`` extra).
+    ``attn_implementation=None``: ``flash_attention_2`` when flash-attn is installed and CUDA is
+    present, else the model's default.
+    """
+
+    learning_rate: float = 2e-6
+    lr_scheduler_type: str = "cosine"
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.05
+    num_train_epochs: float = 3.0
+    per_device_train_batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    max_steps: int = -1
+    max_length: int | None = 4096
+    freeze_vision_tower: bool = True
+    label_mode: Literal["soft", "hard"] = "soft"
+    bf16: bool | None = None
+    deepspeed: str | None = None
+    attn_implementation: str | None = None
+    gradient_checkpointing: bool = False
+    truncation: Literal["drop", "error"] = "drop"
+    logging_steps: int = 1
+    dataloader_num_workers: int = 0
+    max_grad_norm: float = 1.0
+
+    @classmethod
+    def from_train_config(cls, cfg: TrainConfig, **overrides: Any) -> PRMTrainingConfig:
+        names = {f for f in cls.__dataclass_fields__}
+        values = {k: v for k, v in cfg.model_dump().items() if k in names}
+        values.update(overrides)
+        return cls(**values)
+
+    def use_bf16(self) -> bool:
+        if self.bf16 is not None:
+            return self.bf16
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+    def resolved_attn_implementation(self) -> str | None:
+        if self.attn_implementation is not None:
+            return self.attn_implementation
+        return "flash_attention_2" if flash_attn_available() and self.use_bf16() else None
+
+    def resolved_deepspeed(self) -> str | None:
+        path = resolve_deepspeed_config(self.deepspeed)
+        if path is not None and importlib.util.find_spec("deepspeed") is None:
+            raise RuntimeError(
+                f"deepspeed={self.deepspeed!r} but DeepSpeed is not installed (the gpu extra)"
+            )
+        return path
+
+    def training_arguments(self, output_dir: str | os.PathLike, seed: int):
+        from transformers import TrainingArguments
+
+        warmup = min(self.warmup_ratio, 0.9999)  # a float < 1 is a ratio of the total steps
+        # transformers 5.x renamed gradient_checkpointing to activation_checkpointing.
+        prefix = (
+            "activation_checkpointing"
+            if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+            else "gradient_checkpointing"
+        )
+        checkpointing: dict[str, Any] = {prefix: self.gradient_checkpointing}
+        if self.gradient_checkpointing:
+            checkpointing[f"{prefix}_kwargs"] = {"use_reentrant": False}
+        return TrainingArguments(
+            output_dir=str(output_dir),
+            learning_rate=self.learning_rate,
+            lr_scheduler_type=self.lr_scheduler_type,
+            warmup_steps=warmup,
+            weight_decay=self.weight_decay,
+            num_train_epochs=self.num_train_epochs,
+            max_steps=self.max_steps,
+            per_device_train_batch_size=self.per_device_train_batch_size,
+            gradient_accumulation_steps=self.gradient_accumulation_steps,
+            max_grad_norm=self.max_grad_norm,
+            bf16=self.use_bf16(),
+            deepspeed=self.resolved_deepspeed(),
+            **checkpointing,
+            logging_steps=self.logging_steps,
+            save_strategy="no",
+            report_to="none",
+            remove_unused_columns=False,
+            label_names=["prm_labels"],
+            prediction_loss_only=True,
+            dataloader_num_workers=self.dataloader_num_workers,
+            seed=seed,
+            data_seed=seed,
+            use_cpu=not torch.cuda.is_available(),
+            disable_tqdm=True,
+        )
+
+
+def freeze_vision_tower(model: torch.nn.Module) -> int:
+    """Freeze the vision encoder's parameters (not the projector); returns how many were frozen."""
+    frozen = 0
+    for name, param in model.named_parameters():
+        if any(part in _VISION_MODULE_NAMES for part in name.split(".")):
+            param.requires_grad_(False)
+            frozen += param.numel()
+    if frozen == 0:
+        log.warning("freeze_vision_tower: no vision encoder parameters found; nothing frozen")
+    return frozen
+
+
+# ---------------------------------------------------------------------------------- training
+
+
+def train_prm(
+    base_model_dir: str | os.PathLike,
+    train_records: Iterable[dict[str, Any]],
+    out_dir: str | os.PathLike,
+    cfg: TrainConfig | PRMTrainingConfig,
+    seed: int,
+    *,
+    image_loader: Callable[[str], Any] | None = None,
+    eval_records: Iterable[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Train a PRM from any ``AutoModelForImageTextToText`` checkpoint and save it to ``out_dir``.
+
+    ``train_records`` are path records (``{question, process, labels, image | image_path}``, as
+    :func:`mmprm_tasks.traverse.build_paths`, :func:`mmprm_tasks.formats.read_chat` or
+    :func:`~mmprm_tasks.formats.read_internvl` give them); ``image_path`` values are read with
+    ``image_loader`` (path -> bytes/PIL) when given, else as local files.  ``<prm>`` is added as
+    a special token when missing (embeddings resized); ``Yes``/``No`` must be single tokens.
+    Saves model + processor with ``save_pretrained`` and ``prm_config.json``.  Returns metrics.
+    """
+    from transformers import AutoModelForImageTextToText, AutoProcessor, set_seed
+
+    if isinstance(cfg, TrainConfig):
+        cfg = PRMTrainingConfig.from_train_config(cfg)
+    records = list(train_records)
+    if not records:
+        raise ValueError("no training records")
+    set_seed(seed)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    bf16 = cfg.use_bf16()
+    deepspeed_config = cfg.resolved_deepspeed()
+    attn = cfg.resolved_attn_implementation()
+    load_kwargs: dict[str, Any] = {
+        # DeepSpeed keeps fp32 master weights itself; without it, fp32 weights + autocast.
+        "dtype": torch.bfloat16 if (deepspeed_config and bf16) else torch.float32,
+    }
+    if attn is not None:
+        load_kwargs["attn_implementation"] = attn
+    processor = AutoProcessor.from_pretrained(base_model_dir)
+    model = AutoModelForImageTextToText.from_pretrained(base_model_dir, **load_kwargs)
+    tokens = ensure_prm_tokens(processor, model)
+    model.config.prm_label_mode = cfg.label_mode
+    frozen = freeze_vision_tower(model) if cfg.freeze_vision_tower else 0
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    collator = PRMCollator(
+        processor,
+        tokens,
+        max_length=cfg.max_length,
+        truncation=cfg.truncation,
+        image_loader=image_loader,
+    )
+    trainer = PRMTrainer(
+        model=model,
+        args=cfg.training_arguments(out_dir, seed),
+        train_dataset=records,
+        eval_dataset=list(eval_records) if eval_records is not None else None,
+        data_collator=collator,
+        processing_class=processor,
+    )
+    result = trainer.train()
+    metrics: dict[str, Any] = dict(result.metrics)
+    if eval_records is not None:
+        metrics.update(trainer.evaluate())
+    trainer.save_model(str(out_dir))
+    if trainer.is_world_process_zero():
+        processor.save_pretrained(str(out_dir))
+        prm_config = {
+            "prm_token": PRM_TOKEN,
+            "yes_token": YES_TOKEN,
+            "no_token": NO_TOKEN,
+            **asdict(tokens),
+            "label_mode": cfg.label_mode,
+            "base_model": str(base_model_dir),
+            "seed": seed,
+            "training": asdict(cfg),
+        }
+        (out_dir / PRM_CONFIG_FILE).write_text(json.dumps(prm_config, indent=2))
+        stray = out_dir / "training_args.bin"
+        if stray.exists():
+            stray.unlink()
+    losses = [
+        {"step": e["step"], "loss": e["loss"]} for e in trainer.state.log_history if "loss" in e
+    ]
+    metrics.update(
+        {
+            "global_step": trainer.state.global_step,
+            "num_examples": len(records),
+            "loss_history": losses,
+            "first_loss": losses[0]["loss"] if losses else math.nan,
+            "last_loss": losses[-1]["loss"] if losses else math.nan,
+            # counted where batches are collated: in this process when dataloader_num_workers=0
+            "truncated_examples": collator.truncated_examples,
+            "dropped_labels": collator.dropped_labels,
+            "trainable_params": trainable,
+            "frozen_params": frozen,
+            "bf16": bf16,
+            "deepspeed": deepspeed_config,
+            "attn_implementation": attn,
+            "label_mode": cfg.label_mode,
+            **asdict(tokens),
+        }
+    )
+    return metrics
+
+
+# ---------------------------------------------------------------------------------- scoring
+
+
+class PRMScorer:
+    """Step scores of a trained PRM: P(Yes) = ``softmax([yes, no])[0]`` at each ``<prm>``.
+
+    Candidates are laid out exactly as in training: each step its own group, rendered by
+    :func:`mmprm_tasks.traverse.render_process` (a literal ``<prm>`` or image token inside a step
+    is removed).  Loads on CUDA in bf16 when available (flash-attn when installed), else CPU fp32.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | os.PathLike,
+        *,
+        device: str | None = None,
+        dtype: torch.dtype | None = None,
+        batch_size: int = 16,
+        max_length: int | None = None,
+    ) -> None:
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if dtype is None:
+            cuda_bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+            dtype = torch.bfloat16 if cuda_bf16 else torch.float32
+        kwargs: dict[str, Any] = {"dtype": dtype}
+        if self.device.type == "cuda" and dtype != torch.float32 and flash_attn_available():
+            kwargs["attn_implementation"] = "flash_attention_2"
+        self.processor = AutoProcessor.from_pretrained(model_dir)
+        self.model = AutoModelForImageTextToText.from_pretrained(model_dir, **kwargs)
+        self.model.to(self.device).eval()
+        self.tokens = ensure_prm_tokens(self.processor)  # no resize: a trained PRM has <prm>
+        if self.tokens.prm_token_id >= self.model.get_input_embeddings().num_embeddings:
+            raise ValueError(f"{model_dir}: the model has no embedding for {PRM_TOKEN}")
+        self.batch_size = batch_size
+        self.collator = PRMCollator(
+            self.processor, self.tokens, max_length=max_length, truncation="error"
+        )
+
+    def process_text(self, steps: Sequence[str]) -> str:
+        """The process of a candidate (literal ``<prm>``/image tokens in a step are removed)."""
+        image_token = getattr(self.processor, "image_token", None) or "<image>"
+        return render_process(
+            [[s.replace(PRM_TOKEN, "").replace(image_token, "")] for s in steps]
+        )
+
+    @torch.no_grad()
+    def _score_batch(self, records: list[dict[str, Any]]) -> list[list[float]]:
+        batch = self.collator(records)
+        batch.pop("prm_labels")
+        batch = {
+            k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()
+        }
+        if "pixel_values" in batch and batch["pixel_values"].is_floating_point():
+            batch["pixel_values"] = batch["pixel_values"].to(self.model.dtype)
+        outputs, input_ids, _ = prm_forward(self.model, batch, self.tokens.prm_token_id)
+        mask = input_ids == self.tokens.prm_token_id
+        pair = outputs.logits[..., [self.tokens.yes_id, self.tokens.no_id]].float()
+        probs = pair.softmax(dim=-1)[..., 0]
+        return [probs[row][mask[row]].tolist() for row in range(input_ids.shape[0])]
+
+    def score_many(self, items: Sequence[tuple[str, Any, Sequence[str]]]) -> list[list[float]]:
+        """Scores for ``(question, image, steps)`` items (image: bytes, PIL or path), batched."""
+        results: list[list[float] | None] = [None] * len(items)
+        pending = []
+        for index, (question, image, steps) in enumerate(items):
+            if not steps:
+                results[index] = []
+                continue
+            pending.append(
+                (
+                    index,
+                    {
+                        "id": index,
+                        "question": question,
+                        "process": self.process_text(steps),
+                        "labels": [0.0] * len(steps),
+                        "image": image,
+                    },
+                )
+            )
+        for start in range(0, len(pending), self.batch_size):
+            chunk = pending[start : start + self.batch_size]
+            scores = self._score_batch([record for _, record in chunk])
+            for (index, record), row in zip(chunk, scores, strict=True):
+                if len(row) != len(record["labels"]):
+                    raise PRMDataError(
+                        f"item {index}: {len(row)} scores for {len(record['labels'])} steps"
+                    )
+                results[index] = row
+        return [r if r is not None else [] for r in results]
+
+    def score(
+        self, question: str, image_bytes: Any, steps_batch: Sequence[Sequence[str]]
+    ) -> list[list[float]]:
+        """One list of step scores per candidate in ``steps_batch`` (same question and image)."""
+        image = load_image(image_bytes)  # decode once for the whole batch
+        return self.score_many([(question, image, steps) for steps in steps_batch])

@@ -1,0 +1,286 @@
+"""Best-of-N evaluation (SPEC §7): aggregators, baselines and report on hand-made candidates,
+first-error metrics, plot and table; sampling with the real verifier and a real tiny model."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+
+from mmprm_tasks.evaluate import (
+    AGGREGATORS,
+    EPSILON,
+    aggregate,
+    best_of_n,
+    first_error_metrics,
+    mc_first_error,
+    pass_at_k,
+    plot_report,
+    prm_first_error,
+    render_table,
+    sample_candidates,
+    score_candidates,
+)
+
+# ------------------------------------------------------------------------------ aggregators
+
+
+def test_aggregators_hand_values():
+    s = [0.9, 0.5, 0.8]
+    assert aggregate("min", s) == 0.5
+    assert aggregate("last", s) == 0.8
+    assert aggregate("product", s) == pytest.approx(0.36)
+    assert aggregate("average", s) == pytest.approx(2.2 / 3)
+    assert aggregate("sum_logprob", s) == pytest.approx(math.log(0.9) + math.log(0.5) + math.log(0.8))
+    assert aggregate("max", s) == 0.9
+    assert aggregate("sum_logit", s) == pytest.approx(math.log(36.0))  # log 9 + log 1 + log 4
+    assert aggregate("mean_odd", s) == pytest.approx(14.0 / 3)  # (9 + 1 + 4) / 3
+    assert set(AGGREGATORS) == {
+        "min", "last", "product", "average", "sum_logprob", "max", "sum_logit", "mean_odd"
+    }
+
+
+def test_aggregators_guard_zero_and_one():
+    assert aggregate("sum_logprob", [0.0, 1.0]) == pytest.approx(math.log(EPSILON))
+    assert aggregate("sum_logit", [1.0]) == pytest.approx(math.log((1 - EPSILON) / EPSILON))
+    assert aggregate("sum_logit", [0.0]) == pytest.approx(-math.log((1 - EPSILON) / EPSILON))
+    assert math.isfinite(aggregate("mean_odd", [1.0, 1.0]))
+    # the guard keeps the order of scores inside (eps, 1 - eps)
+    assert aggregate("sum_logit", [0.999]) < aggregate("sum_logit", [0.9999])
+    for name in AGGREGATORS:
+        assert aggregate(name, []) == -math.inf
+    with pytest.raises(KeyError):
+        aggregate("median", [0.5])
+
+
+# -------------------------------------------------------------------------------- best-of-N
+
+# (step_scores, correct, final_answer)
+P1 = [
+    ([0.9, 0.2], False, "7"),
+    ([0.6, 0.7], True, "8"),
+    ([0.3], False, "7"),
+    ([0.95, 0.9], True, "8"),
+]
+P2 = [
+    ([0.4], True, "5"),
+    ([0.8], False, "6"),
+    ([0.7, 0.1], False, " 6 "),
+    ([], False, None),
+]
+
+
+def _row(report, n):
+    return next(r for r in report["rows"] if r["n"] == n)
+
+
+def test_best_of_n_hand_set():
+    report = best_of_n([P1, P2], ns=[1, 2, 4], seed=0)
+    assert report["num_problems"] == 2 and report["ns"] == [1, 2, 4]
+
+    r1 = _row(report, 1)
+    assert all(v == 0.5 for v in r1["accuracy"].values())
+    assert r1["random"] == 0.5 and r1["majority_vote"] == 0.5 and r1["oracle"] == 0.5
+    assert r1["pass_at_k"] == {}
+
+    r2 = _row(report, 2)
+    # P1: min/last/average/product pick candidate 1 (right), max picks candidate 0 (wrong);
+    # P2: every aggregator picks the single-step 0.8 candidate (wrong)
+    assert r2["accuracy"]["min"] == 0.5 and r2["accuracy"]["last"] == 0.5
+    assert r2["accuracy"]["average"] == 0.5 and r2["accuracy"]["product"] == 0.5
+    assert r2["accuracy"]["max"] == 0.0
+    assert r2["random"] == 0.5
+    assert r2["pass_at_k"] == {"2": 1.0}
+    # ties ("7" vs "8", "5" vs "6") go to the earliest answer: P1 wrong, P2 right
+    assert r2["majority_vote"] == 0.5
+    assert r2["oracle"] == 1.0
+
+    r4 = _row(report, 4)
+    assert r4["accuracy"]["min"] == 0.5 and r4["accuracy"]["max"] == 0.5
+    assert r4["random"] == pytest.approx((2 / 4 + 1 / 4) / 2)
+    # pass@2 of 4: P1 (2 right) 1 - C(2,2)/C(4,2) = 5/6; P2 (1 right) 1 - C(3,2)/C(4,2) = 1/2
+    assert r4["pass_at_k"]["2"] == pytest.approx((5 / 6 + 1 / 2) / 2)
+    assert r4["pass_at_k"]["4"] == 1.0
+    assert "8" not in r4["pass_at_k"]
+    # P1: "7" x2 vs "8" x2 -> "7" (first) wrong; P2: "6" x2 (whitespace normalized) wrong
+    assert r4["majority_vote"] == 0.0
+    assert report["best"]["n"] == 4
+
+
+def test_best_of_n_accepts_dicts_and_answer_key():
+    dicts = [[{"step_scores": s, "correct": c, "final_answer": a} for s, c, a in P1]]
+    assert best_of_n(dicts, ns=[4])["rows"] == best_of_n([P1], ns=[4])["rows"]
+    # with an answer key that merges "7" and "8", the first answer's correctness decides
+    report = best_of_n([P1], ns=[4], answer_key=lambda a: "same")
+    assert _row(report, 4)["majority_vote"] == 0.0
+
+
+def test_ties_are_broken_at_random_not_by_position():
+    problems = [[([0.5], True, "a"), ([0.5], False, "b")] for _ in range(400)]
+    report = best_of_n(problems, ns=[2], seed=7)
+    row = _row(report, 2)
+    assert all(row["prm_ties"][name] == 400 for name in AGGREGATORS)
+    assert 0.4 < row["accuracy"]["min"] < 0.6  # first-index picking would give 1.0
+    assert best_of_n(problems, ns=[2], seed=7)["rows"] == report["rows"]  # seeded
+
+
+def test_pass_at_k_formula():
+    assert pass_at_k(4, 0, 2) == 0.0
+    assert pass_at_k(4, 4, 2) == 1.0
+    assert pass_at_k(4, 1, 2) == pytest.approx(0.5)
+    assert pass_at_k(2, 1, 16) == 1.0  # k capped at n
+    assert pass_at_k(0, 0, 2) == 0.0
+
+
+def test_problem_without_candidates_counts_as_wrong():
+    report = best_of_n([P1, []], ns=[4])
+    assert report["num_problems"] == 2
+    assert _row(report, 4)["random"] == pytest.approx(0.25)
+
+
+# ------------------------------------------------------------------------ first-error metrics
+
+
+def test_first_error_metrics_hand_set():
+    predicted = [None, 2, 1, 0, None]
+    true = [None, 2, 3, None, 1]
+    m = first_error_metrics(predicted, true)
+    assert (m["tp"], m["fp"], m["fn"]) == (1, 2, 2)
+    assert m["precision"] == pytest.approx(1 / 3)
+    assert m["recall"] == pytest.approx(1 / 3)
+    assert m["f1"] == pytest.approx(1 / 3)
+    assert m["accuracy"] == pytest.approx(2 / 5)
+    assert m["with_error"] == 3
+    perfect = first_error_metrics([None, 1], [None, 1])
+    assert perfect["precision"] == perfect["recall"] == perfect["f1"] == 1.0
+    with pytest.raises(ValueError):
+        first_error_metrics([None], [])
+
+
+def test_first_error_predictors():
+    assert prm_first_error([0.9, 0.4, 0.2]) == 1
+    assert prm_first_error([0.9, 0.5]) is None
+    assert prm_first_error([0.9, 0.6], threshold=0.7) == 1
+    assert mc_first_error([1.0, 0.5, 0.0, 0.0]) == 2
+    assert mc_first_error([1.0, 0.25]) is None
+
+
+# ------------------------------------------------------------------------------ presentation
+
+
+def test_plot_is_a_png(tmp_path):
+    from PIL import Image
+
+    path = plot_report(best_of_n([P1, P2], ns=[1, 2, 4]), tmp_path / "plots" / "bon.png")
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(io.BytesIO(data)) as image:
+        image.verify()
+        assert image.format == "PNG" and image.size == (750, 500)
+
+
+def test_render_table():
+    from rich.console import Console
+    from rich.table import Table
+
+    report = best_of_n([P1, P2], ns=[1, 2, 4])
+    table = render_table(report)
+    assert isinstance(table, Table)
+    assert table.row_count == len(AGGREGATORS) + 3 + 4
+    console = Console(record=True, width=160)
+    console.print(table)
+    text = console.export_text()
+    assert "PRM min" in text and "N=4" in text and "majority vote" in text and "pass@2" in text
+    assert "37.50" in text  # random pick at N=4
+
+
+# ------------------------------------------------------------------------ sampling, scoring
+
+
+class ScriptedPolicy:
+    """A deterministic policy backend (the PolicyBackend protocol) answering from a table."""
+
+    def __init__(self, table):
+        self.table = table
+        self.calls = []
+
+    def generate(self, requests, *, seed=None):
+        self.calls.append((len(requests), seed))
+        return [[list(r) for r in self.table[req.question][: req.n]] for req in requests]
+
+    def close(self):
+        pass
+
+
+def test_sample_candidates_with_real_verifier():
+    from mmprm_tasks.settings import VerifyConfig
+    from mmprm_tasks.verify import AnswerVerifier
+
+    table = {
+        "q1": [["3 + 4 = 7", "7"], [], ["3 + 4 = 8", "8"]],
+        "q2": [["\\boxed{10}"], ["2 * 5 = 10", "$10$"], ["11"]],
+    }
+    problems = [
+        {"id": "p1", "question": "q1", "image": b"img1", "answer": "7"},
+        {"id": "p2", "question": "q2", "image": b"img2", "correct_answer": "10"},
+    ]
+    policy = ScriptedPolicy(table)
+    verifier = AnswerVerifier(VerifyConfig(workers=1))
+    try:
+        candidates = sample_candidates(problems, policy, verifier, n=3, seed=5, batch_size=1)
+    finally:
+        verifier.close()
+    assert policy.calls == [(1, 5), (1, 6)]
+    assert [[c["correct"] for c in cands] for cands in candidates] == [
+        [True, False, False],
+        [True, True, False],
+    ]
+    assert candidates[0][1] == {"steps": [], "final_answer": None, "correct": False}
+    assert candidates[1][1]["final_answer"] == "$10$"
+
+
+def test_score_and_report_with_a_real_tiny_prm(tmp_path):
+    """The real pieces end to end: a transformers policy and a PRMScorer on a random tiny LLaVA."""
+    from mmprm_tasks.policy.hf import TransformersPolicy
+    from mmprm_tasks.prm import PRMScorer
+    from mmprm_tasks.settings import PolicyConfig, SamplingConfig, TOY_POLICY_DIR, VerifyConfig
+    from mmprm_tasks.toy.model import build_tiny_vlm
+    from mmprm_tasks.toy.tokenizer import build_tokenizer
+    from mmprm_tasks.verify import AnswerVerifier
+
+    if (TOY_POLICY_DIR / "config.json").exists():
+        model_dir = TOY_POLICY_DIR
+    else:
+        model_dir = tmp_path / "tiny"
+        model, processor = build_tiny_vlm(
+            build_tokenizer(), vision_hidden=32, vision_layers=1, text_hidden=64, text_layers=2
+        )
+        model.save_pretrained(model_dir)
+        processor.save_pretrained(model_dir)
+
+    buf = io.BytesIO()
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (10, 200, 10)).save(buf, format="PNG")
+    problems = [{"question": "What is 3 + 4?", "image": buf.getvalue(), "answer": "7"}]
+    policy = TransformersPolicy(
+        model_dir,
+        policy=PolicyConfig(model=str(model_dir), device="cpu"),
+        sampling=SamplingConfig(max_new_tokens=24),
+    )
+    verifier = AnswerVerifier(VerifyConfig(workers=1))
+    try:
+        candidates = sample_candidates(problems, policy, verifier, n=3, seed=0)
+    finally:
+        verifier.close()
+        policy.close()
+    assert len(candidates) == 1 and len(candidates[0]) == 3
+    # add one known candidate so the scorer is exercised whatever the random model wrote
+    candidates[0].append({"steps": ["3 + 4 = 7", "7"], "final_answer": "7", "correct": True})
+    scorer = PRMScorer(model_dir)
+    scored = score_candidates(scorer, problems, candidates)
+    assert [len(c["step_scores"]) for c in scored[0]] == [len(c["steps"]) for c in candidates[0]]
+    assert all(0 < p < 1 for c in scored[0] for p in c["step_scores"])
+    report = best_of_n(scored, ns=[1, 4], seed=0)
+    assert _row(report, 4)["oracle"] == 1.0
