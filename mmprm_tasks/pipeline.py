@@ -256,6 +256,7 @@ def evaluate_stage(settings: Settings, checkpoint_id: str | None = None, *, spli
         ckpt = conn.execute(sa.text("SELECT uri, dataset_id, config FROM checkpoints WHERE checkpoint_id = :c"),
                             {"c": checkpoint_id}).one()
         problems = _eval_problems(conn, store, split, limit)
+        toy_trees = _toy_trees(conn, store, ckpt.dataset_id)
     evaluation_id = "eval-" + _hash({"checkpoint": checkpoint_id, "policy": settings.policy.model,
                                      "problems": [p["id"] for p in problems], "eval": settings.eval.model_dump(),
                                      "sampling": settings.sampling.model_dump(), "seed": settings.seed})
@@ -275,7 +276,7 @@ def evaluate_stage(settings: Settings, checkpoint_id: str | None = None, *, spli
     report = {**report, "evaluation_id": evaluation_id, "checkpoint_id": checkpoint_id,
               "label_mode": ckpt.config.get("label_mode"), "policy_model": settings.policy.model,
               "split": split, "num_problems": len(problems)}
-    first_error = _toy_first_error_report(problems, scored)
+    first_error = _toy_first_error_report(problems, scored, toy_trees)
     if first_error:
         report["first_error"] = first_error
     report_uri = store.put_json(f"{prefix}/report.json", report)
@@ -288,20 +289,42 @@ def evaluate_stage(settings: Settings, checkpoint_id: str | None = None, *, spli
             "checkpoint_id": checkpoint_id}
 
 
-def _toy_first_error_report(problems: list[dict[str, Any]], scored: list[list[dict[str, Any]]]) -> dict | None:
-    """Where the generator's ground truth is known, score the PRM's first-error calls against it."""
+def _toy_first_error_report(problems: list[dict[str, Any]], scored: list[list[dict[str, Any]]],
+                            trees: list[tuple[dict[str, Any], list[str]]]) -> dict | None:
+    """Where the generator's ground truth is known, score first-error calls against it: the PRM's
+    on the sampled candidates, and the MC labels' on the annotated trees the PRM learnt from."""
     from .evaluate import first_error_metrics, prm_first_error
-    from .toy.world import first_error_index
+    from .toy.labels import mc_first_error_pairs, prefix_first_error
 
+    report: dict[str, Any] = {}
     predicted, truth = [], []
     for problem, candidates in zip(problems, scored):
         gt_steps = (problem.get("extra") or {}).get("gt_steps")
         if not gt_steps:
             continue
         for candidate in candidates:
-            predicted.append(prm_first_error(candidate["step_scores"]))
-            truth.append(first_error_index(gt_steps, candidate["steps"]))
-    return {"prm": first_error_metrics(predicted, truth)} if predicted else None
+            if candidate["steps"]:
+                predicted.append(prm_first_error(candidate["step_scores"]))
+                truth.append(prefix_first_error(gt_steps, candidate["steps"]))
+    if predicted:
+        report["prm"] = first_error_metrics(predicted, truth) | {"solutions": len(predicted)}
+    predicted, truth = [], []
+    for tree, gt_steps in trees:
+        p, t = mc_first_error_pairs(tree, gt_steps)
+        predicted += p
+        truth += t
+    if predicted:
+        report["mc_labels"] = first_error_metrics(predicted, truth) | {"paths": len(predicted)}
+    return report or None
+
+
+def _toy_trees(conn: sa.Connection, store: ObjectStore, dataset_id: str) -> list[tuple[dict[str, Any], list[str]]]:
+    """Annotated trees behind a dataset, for problems whose ground-truth steps are known."""
+    run_ids = conn.execute(sa.text("SELECT run_ids FROM datasets WHERE dataset_id = :d"), {"d": dataset_id}).scalar_one()
+    rows = conn.execute(sa.text(
+        "SELECT t.tree_key, p.extra -> 'gt_steps' AS gt FROM trees t JOIN seed_problems p USING (problem_id)"
+        " WHERE t.run_id = ANY(:runs) AND p.extra ? 'gt_steps'"), {"runs": list(run_ids)}).all()
+    return [(store.get_json(r.tree_key), r.gt) for r in rows]
 
 
 def _record_evaluation(engine: sa.Engine, evaluation_id: str, checkpoint_id: str, settings: Settings,
