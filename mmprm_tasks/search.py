@@ -1,0 +1,543 @@
+"""OmegaPRM-style Monte Carlo tree search for step-level labels (SPEC §4).
+
+One tree per problem.  A node holds the steps it adds to its parent's prefix, a Monte Carlo
+estimate ``mc_value`` of the chance that continuing from its full prefix ends correct, a visit
+count, its distinct correct and incorrect rollouts, and children.  The search:
+
+1. estimates the root from the question alone (``num_rollouts`` samples, each verified against
+   the gold answer); every distinct correct rollout becomes a child with ``mc_value = 1.0``;
+2. while the stop conditions allow, pops the (state, incorrect rollout) with the highest
+   ``Q + U`` from the candidate pool and binary-searches the rollout for its first error,
+   creating and estimating one child per probe;
+3. after each selection increments the selected state's visit count (maintenance).
+
+Differences from the original release (``data_pipeline/omegaprm.py`` of MM-PRM), all of which
+keep its output format and its selection order:
+
+* **Many trees at once.**  Each problem's search is a generator that *yields* what it needs
+  (an MC estimate of a prefix, or one answer check) and is resumed with the answer.  The driver
+  (:func:`run_search`) keeps ``cfg.concurrent_problems`` searches alive, gathers one pending
+  request from each, makes ONE ``policy.generate`` call and ONE ``verifier.check_many`` call
+  per round, and resumes them.  A search's own sequence of decisions does not depend on what
+  else is in the batch, so with a policy whose output depends only on the request the trees
+  are identical to a one-at-a-time run (tested).
+* **Exact budgets.**  The release checked ``rollout_budget`` only between selections, so a
+  binary search could overshoot it.  Here a problem never samples more than ``rollout_budget``
+  rollouts (see :meth:`_Tree.estimate`).
+* **No whole-tree walks.**  ``N_total`` (the sum of visit counts) equals the number of
+  maintenance steps made, so it is a counter; priorities are recomputed lazily (see
+  :meth:`_Tree.pop`) in an order identical to the release's full recompute.
+* **Failures are errors.**  ``PolicyError`` / ``VerificationError`` propagate out of
+  :func:`run_search`; a check that could not be made never becomes an "incorrect" label, and
+  a tree that was cut short by an error is never yielded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Generator, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from .policy import GenerationRequest, PolicyError
+from .rollouts import rollout_words
+from .settings import SearchConfig
+from .verify import VerificationError
+
+__all__ = [
+    "NodeRow",
+    "SearchProblem",
+    "SearchResult",
+    "StopReason",
+    "flatten_tree",
+    "q_value",
+    "run_search",
+    "u_value",
+]
+
+Steps = tuple[str, ...]
+
+
+class StopReason:
+    """Why a tree's search ended (``SearchResult.stats["stop_reason"]``)."""
+
+    MAX_SEARCH_COUNT = "max_search_count"
+    ROLLOUT_BUDGET = "rollout_budget"
+    POOL_EMPTY = "pool_empty"
+
+
+@dataclass(frozen=True)
+class SearchProblem:
+    """One seed problem to search (SPEC §1); ``image`` is what the policy sees."""
+
+    id: str
+    question: str
+    answer: str
+    image: bytes
+    image_path: str
+
+
+@dataclass
+class SearchResult:
+    """A finished tree.
+
+    ``tree`` is the SPEC §4 record (``json.dumps``-able as is).  ``stats`` has ``rollouts``
+    (policy samples spent), ``mc_estimations`` (prefixes estimated, root included),
+    ``searches`` (selections made), ``verifications`` (answer checks asked of the verifier),
+    ``nodes`` (nodes in the tree, root included) and ``stop_reason`` (a :class:`StopReason`).
+    """
+
+    problem_id: str
+    tree: dict[str, Any]
+    stats: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class NodeRow:
+    """One node of a tree, flattened in pre-order (root = 0)."""
+
+    node_index: int
+    parent_index: int | None
+    depth: int
+    steps: Steps  # the partial_solution added at this node; () for the root
+    mc_value: float
+    visit_count: int
+    num_correct: int  # distinct correct rollouts kept at this node
+    num_incorrect: int  # distinct incorrect rollouts kept at this node
+
+
+class _Policy(Protocol):
+    def generate(
+        self, requests: Sequence["GenerationRequest"], *, seed: int | None = None
+    ) -> list[list[list[str]]]: ...
+
+
+class _Verifier(Protocol):
+    def check_many(self, pairs: Sequence[tuple[str, str]]) -> list[bool]: ...
+
+
+# ---------------------------------------------------------------------------------------------
+# Selection score (SPEC §4)
+
+
+def q_value(mc_value: float, steps: Sequence[str], cfg: SearchConfig) -> float:
+    """``alpha ** (1 - mc) * beta ** (words / length_scale)``: favours confidently wrong,
+    short rollouts from states that are usually right."""
+    return cfg.alpha ** (1.0 - mc_value) * cfg.beta ** (rollout_words(steps) / cfg.length_scale)
+
+
+def u_value(n_total: int, visit_count: int, cfg: SearchConfig) -> float:
+    """``c_puct * sqrt(N_total) / (1 + visit_count)``: exploration bonus of rarely chosen states."""
+    return cfg.c_puct * math.sqrt(n_total) / (1 + visit_count)
+
+
+# ---------------------------------------------------------------------------------------------
+# What a search asks the driver for
+
+
+@dataclass(frozen=True)
+class _Estimate:
+    """Sample ``n`` continuations of ``prefix``; answered with ``[(rollout, correct), ...]``."""
+
+    prefix: Steps
+    n: int
+
+
+@dataclass(frozen=True)
+class _Verify:
+    """Check one final answer; answered with a bool."""
+
+    candidate: str
+
+
+_Op = _Estimate | _Verify
+
+
+# ---------------------------------------------------------------------------------------------
+# The tree
+
+
+@dataclass(eq=False)
+class _Node:
+    steps: Steps
+    parent: "_Node | None"
+    order: int  # creation index within the tree (a deterministic tie-break)
+    prefix: Steps  # full solution prefix: the parent's prefix + steps (root: ())
+    mc_value: float | None = None
+    visit_count: int = 0
+    correct: list[Steps] = field(default_factory=list)  # distinct, first-seen order
+    incorrect: list[Steps] = field(default_factory=list)  # distinct, first-seen order; all kept
+    # Candidate pool entries of this node still unselected: (-Q, rollout), sorted ascending,
+    # i.e. highest Q first and, among equal Q, the lexicographically smaller rollout first.
+    pool: list[tuple[float, Steps]] = field(default_factory=list)
+    children: list["_Node"] = field(default_factory=list)
+
+
+class _Tree:
+    """One problem's search state; :meth:`search` is the coroutine the driver steps."""
+
+    def __init__(self, problem: SearchProblem, cfg: SearchConfig) -> None:
+        self.problem = problem
+        self.cfg = cfg
+        self.nodes = 0
+        self.root = self._new_node((), None)
+        # Nodes with unselected candidates.  A node enters once, when its estimate has mc > 0
+        # and at least one incorrect rollout, and leaves when its pool is exhausted.
+        self.pool_nodes: list[_Node] = []
+        self.n_total = 0  # sum of visit counts over the tree == maintenance steps made
+        self.rollouts = 0
+        self.mc_estimations = 0
+        self.searches = 0
+        self.verifications = 0
+        self.stop_reason: str | None = None
+
+    def _new_node(self, steps: Steps, parent: _Node | None) -> _Node:
+        prefix = parent.prefix + steps if parent is not None else ()
+        node = _Node(steps=steps, parent=parent, order=self.nodes, prefix=prefix)
+        self.nodes += 1
+        if parent is not None:
+            parent.children.append(node)
+        return node
+
+    # -- the search ----------------------------------------------------------------------------
+
+    def search(self) -> Generator[_Op, Any, None]:
+        cfg = self.cfg
+        yield from self.estimate(self.root)
+        while True:
+            # Checked in the release's order, so the reported reason matches it.
+            if self.searches >= cfg.max_search_count:
+                self.stop_reason = StopReason.MAX_SEARCH_COUNT
+                break
+            if self.rollouts >= cfg.rollout_budget:
+                self.stop_reason = StopReason.ROLLOUT_BUDGET
+                break
+            selected = self.pop()
+            if selected is None:
+                self.stop_reason = StopReason.POOL_EMPTY
+                break
+            state, rollout = selected
+            yield from self.binary_search(state, rollout)
+            self.maintain(state)
+            self.searches += 1
+
+    def estimate(self, node: _Node) -> Generator[_Op, Any, bool]:
+        """Monte Carlo estimation of ``node`` from its full prefix; False when no budget is left.
+
+        Normally ``num_rollouts`` samples.  When fewer than that remain of the problem's
+        ``rollout_budget``, only the remaining ``k`` are sampled and ``mc_value = correct / k``
+        (the same estimator over the samples actually drawn), so the budget is never exceeded.
+        """
+        k = min(self.cfg.num_rollouts, self.cfg.rollout_budget - self.rollouts)
+        if k <= 0:
+            return False
+        results: list[tuple[Steps, bool]] = yield _Estimate(node.prefix, k)
+        self.rollouts += len(results)
+        self.mc_estimations += 1
+        self.verifications += sum(1 for rollout, _ in results if rollout)
+        n_correct = 0
+        seen: set[tuple[Steps, bool]] = set()  # a node is estimated once: its lists start empty
+        for rollout, ok in results:
+            n_correct += ok
+            if (rollout, ok) in seen:
+                continue
+            seen.add((rollout, ok))
+            if ok:
+                node.correct.append(rollout)
+                child = self._new_node(rollout, node)
+                child.mc_value = 1.0
+            else:
+                node.incorrect.append(rollout)
+        # Duplicates count towards the estimate (they are samples) but are kept once.
+        node.mc_value = n_correct / len(results)
+        if node.mc_value > 0 and node.incorrect:
+            node.pool = sorted((-q_value(node.mc_value, r, self.cfg), r) for r in node.incorrect)
+            self.pool_nodes.append(node)
+        return True
+
+    def binary_search(self, state: _Node, rollout: Steps) -> Generator[_Op, Any, None]:
+        """Locate the first error of ``rollout`` (an incorrect continuation of ``state``).
+
+        Probe ``mid = (left + right) // 2``: a child of the current node holding steps
+        ``left..mid``.  If its estimate is 0 the error is at or before ``mid``: continue on
+        ``left..mid-1`` from the same node (the next probe is another, shorter child of it).
+        Otherwise continue on ``mid+1..right`` from the new child.  The final step alone is
+        only verified (1.0 / 0.0), costing no rollouts.  An empty rollout has nothing to
+        search.  As in the release, probes are never merged with existing children holding the
+        same steps: every probe is its own node.
+        """
+        length = len(rollout)
+        left, right = 0, length - 1
+        current = state
+        while left <= right:
+            mid = (left + right) // 2
+            if left == right == length - 1:
+                child = self._new_node(rollout[left : mid + 1], current)
+                self.verifications += 1
+                ok: bool = yield _Verify(rollout[-1])
+                child.mc_value = 1.0 if ok else 0.0
+                return
+            if self.rollouts >= self.cfg.rollout_budget:
+                # SPEC is silent (the release overshoots the budget here).  A probe that cannot
+                # be estimated is not created (a node without mc_value would break the
+                # record's consumers); the search stops after this selection's maintenance.
+                return
+            child = self._new_node(rollout[left : mid + 1], current)
+            yield from self.estimate(child)
+            if child.mc_value == 0.0:
+                right = mid - 1
+            else:
+                current = child
+                left = mid + 1
+
+    def pop(self) -> tuple[_Node, Steps] | None:
+        """Take the pool entry with the highest ``Q + U`` (None when the pool is empty).
+
+        Equivalent to the release's max heap after a full recompute of every priority:
+        ``Q`` of an entry never changes once its node is estimated, and ``U`` is shared by all
+        entries of a node and changes only through ``N_total`` and the node's visit count.  So
+        each node keeps its entries sorted by ``Q`` (exhausted entries simply leave it) and the
+        pop scans the nodes that still have entries, computing each priority afresh as
+        ``Q + U`` exactly as a full recompute would.  Ties (equal floating-point priority) go
+        to the earlier-created node, then to the lexicographically smaller rollout (the
+        release's heap compares rollout tuples for entries of one node; across nodes its
+        order is arbitrary).  The popped rollout leaves the pool; it stays in the node's
+        ``incorrect_rollouts`` of the record, as the release's serialised list does.
+        """
+        sqrt_n = math.sqrt(self.n_total)
+        best: tuple[float, _Node, int] | None = None
+        for node in self.pool_nodes:
+            u = self.cfg.c_puct * sqrt_n / (1 + node.visit_count)
+            pool = node.pool
+            # Entries are in decreasing Q, and fl(q + u) is monotone in q, so the entries
+            # reaching this node's best priority form a prefix; take the smallest rollout of it.
+            top = -pool[0][0] + u
+            pick = 0
+            i = 1
+            while i < len(pool) and -pool[i][0] + u == top:
+                if pool[i][1] < pool[pick][1]:
+                    pick = i
+                i += 1
+            if best is None or top > best[0] or (top == best[0] and node.order < best[1].order):
+                best = (top, node, pick)
+        if best is None:
+            return None
+        _, node, pick = best
+        _, rollout = node.pool.pop(pick)
+        if not node.pool:
+            self.pool_nodes.remove(node)
+        return node, rollout
+
+    def maintain(self, state: _Node) -> None:
+        """Visit the selected state.  Every priority depends on ``N_total`` and visit counts
+        only through ``U``, which :meth:`pop` recomputes, so nothing else is stored."""
+        state.visit_count += 1
+        self.n_total += 1
+
+    # -- output --------------------------------------------------------------------------------
+
+    def to_record(self) -> dict[str, Any]:
+        """The SPEC §4 tree record (the release's format: its root has no partial_solution)."""
+        p = self.problem
+        root = self.root
+        record: dict[str, Any] = {
+            "id": p.id,
+            "question": p.question,
+            "answer": p.answer,
+            "image_path": p.image_path,
+            "mc_value": root.mc_value,
+            "visit_count": root.visit_count,
+            "correct_rollouts": [list(r) for r in root.correct],
+            "incorrect_rollouts": [list(r) for r in root.incorrect],
+            "children": [],
+        }
+        # Iterative, so deep trees cannot hit the recursion limit.
+        stack: list[tuple[_Node, list[dict[str, Any]]]] = [
+            (c, record["children"]) for c in reversed(root.children)
+        ]
+        while stack:
+            node, siblings = stack.pop()
+            out: dict[str, Any] = {
+                "partial_solution": list(node.steps),
+                "mc_value": node.mc_value,
+                "visit_count": node.visit_count,
+                "correct_rollouts": [list(r) for r in node.correct],
+                "incorrect_rollouts": [list(r) for r in node.incorrect],
+                "children": [],
+            }
+            siblings.append(out)
+            stack.extend((c, out["children"]) for c in reversed(node.children))
+        return record
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "rollouts": self.rollouts,
+            "mc_estimations": self.mc_estimations,
+            "searches": self.searches,
+            "verifications": self.verifications,
+            "nodes": self.nodes,
+            "stop_reason": self.stop_reason,
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver
+
+
+def _call_seed(seed: int, call_index: int) -> int:
+    """The seed of the ``call_index``-th generate call of a run: a stable hash, below 2**31 so
+    every backend's RNG accepts it."""
+    digest = hashlib.blake2b(f"mmprm-search:{seed}:{call_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") & 0x7FFFFFFF
+
+
+@dataclass(eq=False)
+class _Active:
+    tree: _Tree
+    coroutine: Generator[_Op, Any, None]
+    pending: _Op
+
+
+def run_search(
+    problems: Iterable[SearchProblem],
+    policy: _Policy,
+    verifier: _Verifier,
+    cfg: SearchConfig,
+    seed: int,
+) -> Iterator[SearchResult]:
+    """Search every problem; yield each tree as soon as it is finished.
+
+    ``cfg.concurrent_problems`` searches run at once; each round makes one ``policy.generate``
+    call with every pending MC estimate of every active search (seeded with a value derived
+    from ``seed`` and the call's index) and one ``verifier.check_many`` call with every answer
+    to check.  Finished searches are replaced from ``problems`` (read lazily, in order).  Trees
+    come out in the order they finish (the input order when ``concurrent_problems == 1``).
+
+    An empty rollout (the policy emitted no tags) is a real, incorrect output: it is counted
+    as incorrect without asking the verifier.  ``PolicyError`` and ``VerificationError`` (also
+    raised for a malformed answer from either) propagate; searches then in flight are dropped.
+    """
+    source = iter(problems)
+    active: list[_Active] = []
+    call_index = 0
+
+    def admit() -> Iterator[SearchResult]:
+        # Fill free slots; a search that needs nothing (cannot happen with rollout_budget >= 1,
+        # but costs nothing to handle) finishes at once.
+        while len(active) < cfg.concurrent_problems:
+            problem = next(source, None)
+            if problem is None:
+                return
+            tree = _Tree(problem, cfg)
+            coroutine = tree.search()
+            try:
+                op = next(coroutine)
+            except StopIteration:
+                yield SearchResult(problem.id, tree.to_record(), tree.stats())
+                continue
+            active.append(_Active(tree, coroutine, op))
+
+    yield from admit()
+    while active:
+        # One generate call for every pending MC estimate.
+        estimates = [a for a in active if isinstance(a.pending, _Estimate)]
+        sampled: list[list[Steps]] = []
+        if estimates:
+            requests = [
+                GenerationRequest(
+                    question=a.tree.problem.question,
+                    image=a.tree.problem.image,
+                    prefix_steps=a.pending.prefix,
+                    n=a.pending.n,
+                )
+                for a in estimates
+            ]
+            outputs = policy.generate(requests, seed=_call_seed(seed, call_index))
+            call_index += 1
+            if len(outputs) != len(requests):
+                raise PolicyError(
+                    f"policy returned {len(outputs)} results for {len(requests)} requests"
+                )
+            for a, rollouts in zip(estimates, outputs):
+                if len(rollouts) != a.pending.n:
+                    raise PolicyError(
+                        f"policy returned {len(rollouts)} rollouts where {a.pending.n} were asked"
+                    )
+                steps = [tuple(r) for r in rollouts]
+                if not all(isinstance(s, str) for r in steps for s in r):
+                    raise PolicyError("policy returned a rollout step that is not a string")
+                sampled.append(steps)
+
+        # One check_many call for every answer to check.
+        pairs: list[tuple[str, str]] = []
+        for a, rollouts in zip(estimates, sampled):
+            gold = a.tree.problem.answer
+            pairs.extend((r[-1], gold) for r in rollouts if r)
+        for a in active:
+            if isinstance(a.pending, _Verify):
+                pairs.append((a.pending.candidate, a.tree.problem.answer))
+        verdicts = list(verifier.check_many(pairs)) if pairs else []
+        if len(verdicts) != len(pairs):
+            raise VerificationError(
+                f"verifier returned {len(verdicts)} verdicts for {len(pairs)} checks"
+            )
+        if any(type(v) is not bool for v in verdicts):
+            raise VerificationError("verifier returned a verdict that is not a bool")
+
+        # Hand every search its answer, in the order the pairs were built.
+        answers: dict[int, Any] = {}
+        cursor = 0
+        for a, rollouts in zip(estimates, sampled):
+            labelled: list[tuple[Steps, bool]] = []
+            for r in rollouts:
+                if r:
+                    labelled.append((r, verdicts[cursor]))
+                    cursor += 1
+                else:
+                    labelled.append((r, False))
+            answers[id(a)] = labelled
+        for a in active:
+            if isinstance(a.pending, _Verify):
+                answers[id(a)] = verdicts[cursor]
+                cursor += 1
+
+        still: list[_Active] = []
+        finished: list[_Active] = []
+        for a in active:
+            try:
+                a.pending = a.coroutine.send(answers[id(a)])
+                still.append(a)
+            except StopIteration:
+                finished.append(a)
+        active[:] = still
+        for a in finished:
+            yield SearchResult(a.tree.problem.id, a.tree.to_record(), a.tree.stats())
+        yield from admit()
+
+
+# ---------------------------------------------------------------------------------------------
+# Flattening a record
+
+
+def flatten_tree(tree: dict[str, Any]) -> list[NodeRow]:
+    """The nodes of a SPEC §4 record in pre-order (root = 0, children in record order)."""
+    rows: list[NodeRow] = []
+    stack: list[tuple[dict[str, Any], int | None, int]] = [(tree, None, 0)]
+    while stack:
+        node, parent, depth = stack.pop()
+        index = len(rows)
+        rows.append(
+            NodeRow(
+                node_index=index,
+                parent_index=parent,
+                depth=depth,
+                steps=tuple(node.get("partial_solution", ())) if parent is not None else (),
+                mc_value=float(node["mc_value"]),
+                visit_count=int(node["visit_count"]),
+                num_correct=len(node["correct_rollouts"]),
+                num_incorrect=len(node["incorrect_rollouts"]),
+            )
+        )
+        stack.extend((c, index, depth + 1) for c in reversed(node["children"]))
+    return rows
