@@ -1,0 +1,187 @@
+"""Policy backends: a vision-language model that writes tagged rollouts (SPEC §2).
+
+Every backend answers the same call: ``generate(requests, seed=...)`` returns, for each
+:class:`GenerationRequest`, exactly ``request.n`` rollouts (``parse_rollout`` of a completion; a
+completion without tags is an empty rollout), in request order.  One call carries many prompts so
+the search can batch the Monte Carlo estimates of many trees into one engine call.
+
+Backends (``settings.policy.backend``):
+
+* ``transformers`` — :class:`~mmprm_tasks.policy.hf.TransformersPolicy`, any
+  ``AutoModelForImageTextToText`` checkpoint on CPU or GPU;
+* ``vllm`` — :class:`~mmprm_tasks.policy.vllm_engine.VLLMPolicy`, vLLM's offline engine (GPU);
+* ``openai`` — :class:`~mmprm_tasks.policy.openai_compat.OpenAIChatPolicy`, any
+  OpenAI-compatible chat-completions server (``vllm serve``, SGLang, or
+  :mod:`mmprm_tasks.policy.server`).
+
+Failures of the machinery (a server down, a CUDA error) raise :class:`PolicyError`; they are never
+turned into empty or wrong rollouts.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from mmprm_tasks.rollouts import Rollout, build_prompt
+
+if TYPE_CHECKING:
+    from mmprm_tasks.settings import Settings
+
+
+class PolicyError(RuntimeError):
+    """The policy could not produce rollouts (infrastructure failure). Never a label."""
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """Sample ``n`` continuations of ``prefix_steps`` for ``question`` about ``image``.
+
+    ``image`` holds the encoded image file (PNG/JPEG bytes), not pixels.
+    """
+
+    question: str
+    image: bytes
+    prefix_steps: tuple[str, ...] = ()
+    n: int = 1
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+        if not isinstance(self.prefix_steps, tuple):
+            object.__setattr__(self, "prefix_steps", tuple(self.prefix_steps))
+
+    @property
+    def prompt(self) -> str:
+        """The user text (SPEC §2 prompt)."""
+        return build_prompt(self.question, self.prefix_steps)
+
+
+@runtime_checkable
+class PolicyBackend(Protocol):
+    def generate(
+        self, requests: Sequence[GenerationRequest], *, seed: int | None = None
+    ) -> list[list[Rollout]]:
+        """``request.n`` rollouts per request, in request order."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def chat_messages(prompt: str) -> list[dict[str, Any]]:
+    """The transformers chat messages of one rollout prompt (the format the policy is trained on)."""
+    return [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}
+    ]
+
+
+def image_mime(data: bytes) -> str:
+    """MIME type of an encoded image, sniffed from its magic bytes (PNG when unknown)."""
+    if data.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if data.startswith(b"GIF8"):
+        return "image/gif"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    if data.startswith(b"BM"):
+        return "image/bmp"
+    return "image/png"
+
+
+def image_data_url(data: bytes) -> str:
+    return f"data:{image_mime(data)};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def request_seed(seed: int | None, index: int) -> int | None:
+    """A per-request seed derived from a call's seed (stable, independent across requests)."""
+    if seed is None:
+        return None
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "big") & 0x7FFFFFFF
+
+
+def load_image(data: bytes) -> Any:
+    """Decode image bytes to an RGB PIL image (a bad image is the caller's error: ValueError)."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"not a decodable image ({len(data)} bytes): {exc}") from exc
+    return image.convert("RGB")
+
+
+def resolve_model_path(model: str, settings: Settings | None = None) -> str:
+    """A local directory for ``model``: a path, ``file://`` URI, or ``s3://bucket/prefix``.
+
+    Object-store checkpoints are copied once into ``<home>/models/<hash>``.
+    """
+    if model.startswith("file://"):
+        return model[len("file://") :]
+    if model.startswith("s3://"):
+        if settings is None:
+            raise ValueError(f"resolving {model} needs settings (object store credentials)")
+        from pathlib import Path
+
+        from mmprm_tasks.storage import open_uri
+
+        local = Path(settings.home) / "models" / hashlib.sha256(model.encode()).hexdigest()[:16]
+        if not (local / "config.json").exists():
+            import os
+            import shutil
+
+            store, key = open_uri(model, settings)
+            partial = local.with_name(f"{local.name}.part-{os.getpid()}")
+            shutil.rmtree(partial, ignore_errors=True)
+            store.get_dir(key, partial)
+            try:
+                partial.rename(local)  # atomic: a half-downloaded copy is never used
+            except OSError:
+                if not (local / "config.json").exists():
+                    raise
+                shutil.rmtree(partial, ignore_errors=True)  # another process won the race
+        return str(local)
+    return model
+
+
+def load_policy(settings: Settings) -> PolicyBackend:
+    """The backend named by ``settings.policy.backend``, sampling with ``settings.sampling``."""
+    cfg = settings.policy
+    if cfg.backend == "transformers":
+        from mmprm_tasks.policy.hf import TransformersPolicy
+
+        return TransformersPolicy(
+            resolve_model_path(cfg.model, settings), policy=cfg, sampling=settings.sampling
+        )
+    if cfg.backend == "vllm":
+        from mmprm_tasks.policy.vllm_engine import VLLMPolicy
+
+        return VLLMPolicy(
+            resolve_model_path(cfg.model, settings), policy=cfg, sampling=settings.sampling
+        )
+    if cfg.backend == "openai":
+        from mmprm_tasks.policy.openai_compat import OpenAIChatPolicy
+
+        if not cfg.base_url:
+            raise ValueError("policy.backend=openai needs policy.base_url")
+        return OpenAIChatPolicy(
+            cfg.base_url, cfg.model, policy=cfg, sampling=settings.sampling
+        )
+    raise ValueError(f"unknown policy backend {cfg.backend!r}")
+
+
+__all__ = [
+    "GenerationRequest",
+    "PolicyBackend",
+    "PolicyError",
+    "Rollout",
+    "chat_messages",
+    "image_data_url",
+    "load_policy",
+]

@@ -1,0 +1,251 @@
+"""The transformers backend: any ``AutoModelForImageTextToText`` checkpoint, CPU or GPU.
+
+One :meth:`TransformersPolicy.generate` call expands every request ``n`` times and runs the
+sequences in batches of ``policy.batch_size`` with left padding.  Sampling follows
+:class:`~mmprm_tasks.settings.SamplingConfig`; with a seed the whole call is reproducible (the
+global RNG is forked, so callers' random state is untouched).
+
+:meth:`TransformersPolicy.complete` is the lower-level entry point (chat messages and images
+in, completion texts out) that :mod:`mmprm_tasks.policy.server` serves over HTTP.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mmprm_tasks.policy import GenerationRequest, PolicyError, chat_messages, load_image
+from mmprm_tasks.rollouts import Rollout, parse_rollout
+from mmprm_tasks.settings import PolicyConfig, SamplingConfig
+
+log = logging.getLogger(__name__)
+
+# Tags that must survive decoding even if a checkpoint registered them as special tokens.
+KEEP_TOKENS = ("<step>", "</step>", "<answer>", "</answer>")
+
+
+@dataclass
+class ChatPrompt:
+    """One conversation to continue: transformers-style messages and the images they reference.
+
+    ``messages`` use content parts ``{"type": "image"}`` / ``{"type": "text", "text": ...}``;
+    ``images`` are encoded image files, one per image part, in order.
+    """
+
+    messages: list[dict[str, Any]]
+    images: list[bytes] = field(default_factory=list)
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str  # "stop" (eos) or "length"
+    completion_tokens: int
+    prompt_tokens: int
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> Any:
+    """``auto``: bfloat16 on a GPU that supports it, else float32 (CPU kernels are fp32)."""
+    import torch
+
+    if dtype == "auto":
+        if device.startswith("cuda") and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        if device.startswith("cuda"):
+            return torch.float16
+        return torch.float32
+    try:
+        value = getattr(torch, dtype)
+    except AttributeError:
+        value = None
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}")
+    return value
+
+
+class TransformersPolicy:
+    """Rollouts from a transformers vision-language checkpoint directory."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        policy: PolicyConfig | None = None,
+        sampling: SamplingConfig | None = None,
+    ) -> None:
+        import torch
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        self.policy_cfg = policy or PolicyConfig(model=str(model_dir))
+        self.sampling = sampling or SamplingConfig()
+        self.model_dir = str(model_dir)
+        self.device = resolve_device(self.policy_cfg.device)
+        dtype = resolve_dtype(self.policy_cfg.dtype, self.device)
+        if not (Path(self.model_dir) / "config.json").is_file():
+            # Never a hub id: nothing is downloaded at run time.
+            raise PolicyError(f"cannot load policy checkpoint {self.model_dir}: no config.json there")
+        try:
+            self.processor = AutoProcessor.from_pretrained(self.model_dir)
+            self.model = AutoModelForImageTextToText.from_pretrained(self.model_dir, dtype=dtype)
+        except OSError as exc:
+            raise PolicyError(f"cannot load policy checkpoint {self.model_dir}: {exc}") from exc
+        self.model.to(self.device).eval()
+        self.tokenizer = self.processor.tokenizer
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.eos_token_ids = self._eos_ids()
+        keep = {self.tokenizer.convert_tokens_to_ids(t) for t in KEEP_TOKENS}
+        self._drop_ids = set(self.tokenizer.all_special_ids) - keep
+        text_config = getattr(self.model.config, "text_config", self.model.config)
+        self.max_positions: int | None = getattr(text_config, "max_position_embeddings", None)
+        self._lock = threading.Lock()
+        self._torch = torch
+
+    def _eos_ids(self) -> list[int]:
+        ids: list[int] = []
+        configured = getattr(self.model.generation_config, "eos_token_id", None)
+        for value in (configured, self.tokenizer.eos_token_id):
+            if isinstance(value, int):
+                ids.append(value)
+            elif isinstance(value, list | tuple):
+                ids.extend(v for v in value if isinstance(v, int))
+        # ChatML checkpoints end an assistant turn with <|im_end|> whatever their eos is.
+        im_end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        if isinstance(im_end, int) and im_end != self.tokenizer.unk_token_id:
+            ids.append(im_end)
+        return list(dict.fromkeys(ids))
+
+    # ---------------------------------------------------------------------------- public API
+
+    def generate(
+        self, requests: Sequence[GenerationRequest], *, seed: int | None = None
+    ) -> list[list[Rollout]]:
+        prompts = [ChatPrompt(chat_messages(r.prompt), [r.image]) for r in requests]
+        completions = self.complete(prompts, [r.n for r in requests], seed=seed)
+        return [[parse_rollout(c.text) for c in per_request] for per_request in completions]
+
+    def render(self, prompt: ChatPrompt) -> str:
+        """The exact text fed to the model for ``prompt`` (chat template + generation prompt)."""
+        return self.processor.apply_chat_template(
+            prompt.messages, add_generation_prompt=True, tokenize=False
+        )
+
+    def complete(
+        self,
+        prompts: Sequence[ChatPrompt],
+        ns: Sequence[int],
+        *,
+        sampling: SamplingConfig | None = None,
+        seed: int | None = None,
+    ) -> list[list[Completion]]:
+        """``ns[i]`` sampled completions of ``prompts[i]`` (texts keep step/answer tags)."""
+        if len(prompts) != len(ns):
+            raise ValueError("one n per prompt")
+        sampling = sampling or self.sampling
+        texts = [self.render(p) for p in prompts]
+        images = [[load_image(b) for b in p.images] for p in prompts]
+        # Every sequence to sample, identical prompts adjacent; longest prompts first so a batch
+        # holds prompts of similar length (less padding).
+        rows = [i for i, n in enumerate(ns) for _ in range(n)]
+        order = sorted(range(len(rows)), key=lambda r: -len(texts[rows[r]]))
+        results: list[Completion | None] = [None] * len(rows)
+        torch = self._torch
+        devices = [self._torch.device(self.device).index or 0] if self.device.startswith("cuda") else []
+        with self._lock, torch.random.fork_rng(devices=devices, enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            bs = self.policy_cfg.batch_size
+            for start in range(0, len(order), bs):
+                batch = order[start : start + bs]
+                batch_texts = [texts[rows[r]] for r in batch]
+                batch_images = [img for r in batch for img in images[rows[r]]]
+                for r, completion in zip(
+                    batch, self._generate_batch(batch_texts, batch_images, sampling)
+                ):
+                    results[r] = completion
+        out: list[list[Completion]] = [[] for _ in prompts]
+        for r, i in enumerate(rows):
+            completion = results[r]
+            assert completion is not None
+            out[i].append(completion)
+        return out
+
+    def close(self) -> None:
+        self.model = None  # type: ignore[assignment]
+        if self.device.startswith("cuda"):
+            self._torch.cuda.empty_cache()
+
+    # ---------------------------------------------------------------------------- internals
+
+    def _generate_batch(
+        self, texts: list[str], images: list[Any], sampling: SamplingConfig
+    ) -> list[Completion]:
+        torch = self._torch
+        if self.model is None:
+            raise PolicyError("policy is closed")
+        inputs = self.processor(
+            text=texts, images=images or None, padding=True, return_tensors="pt"
+        )
+        inputs = inputs.to(self.device)
+        if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        prompt_len = inputs["input_ids"].shape[1]
+        max_new = sampling.max_new_tokens
+        if self.max_positions:
+            room = self.max_positions - prompt_len
+            if room <= 0:
+                raise PolicyError(
+                    f"prompt of {prompt_len} tokens leaves no room in the model's "
+                    f"{self.max_positions} positions"
+                )
+            max_new = min(max_new, room)
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": max_new,
+            "eos_token_id": self.eos_token_ids,
+            "pad_token_id": self.tokenizer.pad_token_id,
+            "repetition_penalty": sampling.repetition_penalty,
+        }
+        if sampling.temperature > 0:
+            kwargs.update(
+                do_sample=True,
+                temperature=sampling.temperature,
+                top_k=sampling.top_k,
+                top_p=sampling.top_p,
+            )
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
+        try:
+            with torch.inference_mode():
+                sequences = self.model.generate(**inputs, **kwargs)
+        except torch.OutOfMemoryError as exc:  # pragma: no cover - GPU only
+            raise PolicyError(f"out of memory generating {len(texts)} sequences: {exc}") from exc
+        except RuntimeError as exc:
+            raise PolicyError(f"generation failed: {exc}") from exc
+        attention = inputs["attention_mask"]
+        completions = []
+        eos = set(self.eos_token_ids)
+        for row, prompt_tokens in zip(sequences[:, prompt_len:].tolist(), attention.sum(1).tolist()):
+            ids: list[int] = []
+            finish = "length"
+            for token in row:
+                if token in eos:
+                    finish = "stop"
+                    break
+                ids.append(token)
+            kept = [t for t in ids if t not in self._drop_ids]
+            text = self.tokenizer.decode(kept, skip_special_tokens=False)
+            completions.append(Completion(text, finish, len(ids) + (finish == "stop"), int(prompt_tokens)))
+        return completions
