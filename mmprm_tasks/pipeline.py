@@ -9,7 +9,6 @@ hashes of their inputs) and rows are upserted.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import shutil

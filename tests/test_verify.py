@@ -4,14 +4,13 @@ HTTP as fallback, and never a False for a check that could not be made."""
 from __future__ import annotations
 
 import functools
-import json
 import re
 import socket
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+
+from helpers import HTTPPeer
 
 from mmprm_tasks.settings import VerifyConfig
 from mmprm_tasks.verify import AnswerVerifier, VerificationError, rule_check, slow_rule_check
@@ -31,28 +30,12 @@ class JudgePeer:
 
     def __init__(self, mode: str = "ok") -> None:
         self.mode = mode
-        self.requests: list[dict] = []
-        peer = self
+        self.http = HTTPPeer(lambda path, body: self.answer(body))
+        self.base_url = self.http.base_url
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                peer.requests.append({"path": self.path, **body})
-                status, payload = peer.answer(body)
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    @property
+    def requests(self) -> list[dict]:
+        return [{"path": path, **body} for path, body in self.http.requests]
 
     def answer(self, body: dict) -> tuple[int, dict]:
         if self.mode == "down":
@@ -68,8 +51,7 @@ class JudgePeer:
                                   "message": {"role": "assistant", "content": verdict}}]}
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.http.close()
 
 
 @pytest.fixture

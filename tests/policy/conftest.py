@@ -8,13 +8,12 @@ the random one (its completions carry no step tags, which some tests rely on).
 from __future__ import annotations
 
 import io
-import json
-import threading
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+
+from helpers import HTTPPeer
 
 from mmprm_tasks.settings import TOY_POLICY_DIR
 
@@ -67,45 +66,6 @@ def png_bytes(color: tuple[int, int, int] = (255, 255, 255), text: str = "") -> 
 @pytest.fixture(scope="session")
 def images() -> list[bytes]:
     return [png_bytes(text="3 4"), png_bytes((230, 230, 255), "5 1 2"), png_bytes(text="9")]
-
-
-class HTTPPeer:
-    """A real HTTP server on loopback whose answers come from ``handler(path, body) ->
-    (status, json_body)``; it records every request it received."""
-
-    def __init__(self, handler: Callable[[str, dict], tuple[int, dict]]) -> None:
-        self.requests: list[tuple[str, dict]] = []
-        peer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server API
-                length = int(self.headers.get("Content-Length", 0))
-                raw = self.rfile.read(length)
-                try:
-                    body = json.loads(raw or b"{}")
-                except ValueError:
-                    body = {"_raw": raw.decode("latin-1")}
-                peer.requests.append((self.path, body))
-                status, payload = handler(self.path, body)
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self.base_url = f"http://127.0.0.1:{self._server.server_address[1]}/v1"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
 
 
 @pytest.fixture
