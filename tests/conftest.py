@@ -11,7 +11,6 @@ from __future__ import annotations
 import itertools
 import os
 import uuid
-from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
