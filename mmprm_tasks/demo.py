@@ -37,6 +37,8 @@ DEMO_SETTINGS = {
     "MMPRM_EVAL__NUM_CANDIDATES": "8",
     "MMPRM_EVAL__NS": "[1,2,4,8]",
     "MMPRM_ORCHESTRATION__RETRY_DELAY_S": "1",
+    # Airflow's per-task INFO lines would bury the demo's own progress; export INFO to see them.
+    "AIRFLOW__LOGGING__LOGGING_LEVEL": "WARNING",
 }
 
 
