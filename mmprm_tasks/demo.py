@@ -24,13 +24,16 @@ DAGS_DIR = PACKAGE_DIR.parent / "dags"
 # Small budgets so the whole run fits in minutes on 2 CPU cores; every one is a normal setting.
 DEMO_SETTINGS = {
     "MMPRM_SEARCH__NUM_ROLLOUTS": "8",
-    "MMPRM_SEARCH__MAX_SEARCH_COUNT": "6",
-    "MMPRM_SEARCH__ROLLOUT_BUDGET": "96",
+    "MMPRM_SEARCH__MAX_SEARCH_COUNT": "12",
+    "MMPRM_SEARCH__ROLLOUT_BUDGET": "160",
     "MMPRM_SEARCH__CONCURRENT_PROBLEMS": "32",
     "MMPRM_SAMPLING__MAX_NEW_TOKENS": "96",
     "MMPRM_CHUNK_SIZE": "16",
-    "MMPRM_TRAIN__LEARNING_RATE": "5e-4",
-    "MMPRM_TRAIN__NUM_TRAIN_EPOCHS": "3",
+    # Toy steps are a few words each ("3 + 5 = 8."): SPEC's 10-word floor would drop most paths.
+    "MMPRM_TRAVERSE__MIN_WORDS": "3",
+    # A tiny model from a few hundred paths needs far larger steps than the paper's 2e-6.
+    "MMPRM_TRAIN__LEARNING_RATE": "1e-3",
+    "MMPRM_TRAIN__NUM_TRAIN_EPOCHS": "8",
     "MMPRM_TRAIN__PER_DEVICE_TRAIN_BATCH_SIZE": "16",
     "MMPRM_TRAIN__MAX_LENGTH": "512",
     "MMPRM_TRAIN__WARMUP_RATIO": "0.03",
