@@ -1,0 +1,152 @@
+"""Distributed run, part 1: ``mmprm_pipeline`` on real Airflow services (LocalExecutor, Postgres),
+driven only through the REST API, survives an annotation task killed with SIGKILL mid-run.
+
+The killed chunk is retried by Airflow, the retry resumes the dead attempt's leases, and the step
+index ends with exactly one tree per problem of the run.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from typing import Any
+
+import psutil
+import pytest
+
+from af_helpers import DAG_ID, step_index_check, task_instances, trigger, unpause, wait_for_run, xcom
+
+pytestmark = pytest.mark.airflow_services
+
+
+@pytest.fixture(scope="module")
+def stack(stack_factory):
+    return stack_factory(executor="LocalExecutor")
+
+
+@pytest.fixture(scope="module")
+def client(stack):
+    with stack.client() as client:
+        stack.wait_for_dag(client, DAG_ID)
+        unpause(client)
+        yield client
+
+
+def test_auth_and_trigger_validation(stack, client, toy_seeds):
+    import httpx
+
+    api = stack.api_url
+    assert httpx.post(f"{api}/auth/token", json={"username": "admin", "password": "wrong"}).status_code == 401
+    assert httpx.get(f"{api}/api/v2/dags/{DAG_ID}").status_code == 401
+    conf = {"seed_source": str(toy_seeds["train"]), "run_id": "never-created", "split": "train"}
+    with stack.client("ops", "ops-pw") as viewer:
+        assert viewer.get(f"/api/v2/dags/{DAG_ID}").status_code == 200
+        assert viewer.post(f"/api/v2/dags/{DAG_ID}/dagRuns",
+                           json={"logical_date": None, "conf": conf}).status_code == 403
+    # Out-of-bounds Params are refused at trigger time; no run is created.
+    response = client.post(f"/api/v2/dags/{DAG_ID}/dagRuns",
+                           json={"logical_date": None, "conf": {**conf, "num_rollouts": 0}})
+    assert response.status_code == 400, response.text
+    assert "num_rollouts" in response.text
+    assert client.post(f"/api/v2/dags/{DAG_ID}/dagRuns", json={"conf": conf}).status_code == 422
+    runs = client.get(f"/api/v2/dags/{DAG_ID}/dagRuns").json()
+    assert runs["total_entries"] == 0
+
+
+def _task_process(stack, ti_id: str) -> psutil.Process | None:
+    """The process running task instance ``ti_id``: a descendant of the scheduler (the
+    LocalExecutor's supervisor forks it) whose title the task runner set to ``airflow worker -- <id>``."""
+    service_pids = {s.pid for s in stack.services.values()}
+    for proc in stack.services["scheduler"].descendants():
+        try:
+            title = " ".join(proc.cmdline())
+        except psutil.Error:
+            continue
+        if f"airflow worker -- {ti_id}" in title and proc.pid not in service_pids:
+            return proc
+    return None
+
+
+def _leases(settings, run_id: str) -> dict[int, int]:
+    """chunk index -> problems it holds a lease on right now (the task is mid-annotation)."""
+    import sqlalchemy as sa
+
+    from mmprm_tasks.db import get_engine
+
+    with get_engine(settings).connect() as conn:
+        rows = conn.execute(sa.text(
+            "SELECT lease_owner, count(*) FROM chunk_problems WHERE run_id = :r AND status = 'leased'"
+            " GROUP BY lease_owner"), {"r": run_id}).all()
+    return {int(owner.rsplit("/chunk-", 1)[1]): n for owner, n in rows}
+
+
+def _kill_an_annotating_task(stack, client, task_settings, airflow_run: str, run_id: str,
+                             timeout: float) -> dict[str, Any]:
+    """SIGKILL the task process of an annotate_chunk instance while it holds problem leases."""
+    deadline = time.monotonic() + timeout
+    scheduler = stack.services["scheduler"]
+    while time.monotonic() < deadline:
+        for chunk in _leases(task_settings, run_id):
+            response = client.get(f"/api/v2/dags/{DAG_ID}/dagRuns/{airflow_run}/taskInstances/annotate_chunk/listMapped")
+            response.raise_for_status()
+            ti = next((t for t in response.json()["task_instances"] if t["rendered_map_index"] == f"chunk {chunk}"
+                       and t["state"] == "running"), None)
+            proc = ti and _task_process(stack, ti["id"])
+            if not proc:
+                continue
+            # The task's own process (the api-server has it as the instance's pid), under the
+            # scheduler's LocalExecutor, and not a service.
+            assert ti["pid"] == proc.pid
+            assert proc.pid != scheduler.pid and scheduler.pid in {p.pid for p in proc.parents()}
+            title = " ".join(proc.cmdline())
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=10)
+            assert scheduler.alive()
+            return {"map_index": ti["map_index"], "chunk": chunk, "ti_id": ti["id"], "pid": proc.pid,
+                    "ti_pid": ti["pid"], "title": title,
+                    "leases_after_kill": _leases(task_settings, run_id).get(chunk, 0)}
+        state = client.get(f"/api/v2/dags/{DAG_ID}/dagRuns/{airflow_run}").json()["state"]
+        assert state in ("queued", "running"), f"run ended ({state}) before an annotation task could be killed"
+        time.sleep(0.1)
+    raise TimeoutError(f"no annotate_chunk task seen holding leases within {timeout}s")
+
+
+def test_pipeline_survives_a_killed_annotation_task(stack, client, toy_seeds, task_settings):
+    start = time.monotonic()
+    run_id = "af-rest-kill"
+    dag_run = trigger(client, {"seed_source": str(toy_seeds["train"]), "run_id": run_id, "split": "train"})
+    airflow_run = dag_run["dag_run_id"]
+
+    killed = _kill_an_annotating_task(stack, client, task_settings, airflow_run, run_id, timeout=180)
+    print(f"killed {killed} after {time.monotonic() - start:.1f}s")
+
+    state = wait_for_run(client, airflow_run, timeout=300)
+    print(f"run {airflow_run} {state} after {time.monotonic() - start:.1f}s")
+    assert state == "success"
+
+    response = client.get(f"/api/v2/dags/{DAG_ID}/dagRuns/{airflow_run}/taskInstances/annotate_chunk/"
+                          f"{killed['map_index']}/tries")
+    assert response.status_code == 200, response.text
+    tries = sorted(response.json()["task_instances"], key=lambda t: t["try_number"])
+    assert len(tries) >= 2, tries
+    assert tries[0]["try_number"] == 1
+    assert tries[0]["state"] == "failed", tries[0]
+    assert tries[-1]["state"] == "success", tries[-1]
+
+    # Every other task succeeded on its first try.
+    for ti in task_instances(client, airflow_run):
+        assert ti["state"] == "success", ti
+        if not (ti["task_id"] == "annotate_chunk" and ti["map_index"] == killed["map_index"]):
+            assert ti["try_number"] == 1, ti
+
+    counts = step_index_check(task_settings, run_id)
+    assert xcom(client, airflow_run, "shard")["problems"] == counts["problems"] == 9
+    summary = xcom(client, airflow_run, "index_summary")
+    print("index summary:", {k: summary[k] for k in ("status", "problems", "trees", "nodes", "step_annotations")})
+    assert summary["status"] == "succeeded" and summary["trees"] == 9
+
+    # The retry took back the leases the killed attempt died holding (no wait for their expiry).
+    retry = xcom(client, airflow_run, "annotate_chunk", killed["map_index"])
+    print("retry of the killed chunk:", retry)
+    if killed["leases_after_kill"]:
+        assert retry["resumed_leases"] == killed["leases_after_kill"]
