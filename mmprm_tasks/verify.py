@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import multiprocessing.connection
 import re
 import threading
@@ -22,6 +23,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from multiprocessing import process as mp_process
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -196,6 +198,22 @@ class _Worker:
             pass
 
 
+def _allow_child_processes() -> None:
+    """Let this process start the pool's worker processes, whatever host forked it.
+
+    Airflow forks each task process from the worker that runs it.  On a Celery prefork worker that
+    is a billiard pool process, which registers itself as multiprocessing's current process: the
+    fork inherits it, daemonic and with billiard's authkey, so ``Process.start()`` fails
+    ("daemonic processes are not allowed to have children", then "Pickling an
+    AuthenticationString object is disallowed").  The task process is the root of its own
+    processes: it drops the inherited daemon flag and takes an authkey of its own.
+    """
+    config = mp_process.current_process()._config  # noqa: SLF001
+    config.pop("daemon", None)
+    if type(config.get("authkey")) is not mp_process.AuthenticationString:
+        config["authkey"] = mp_process.AuthenticationString(os.urandom(32))
+
+
 class RulePool:
     """``workers`` processes running ``rule_fn``; each check gets ``timeout_s`` of wall time.
 
@@ -213,6 +231,7 @@ class RulePool:
         self.restarts = 0
 
     def _fill(self) -> None:
+        _allow_child_processes()
         while len(self._workers) < self.size:
             self._workers.append(_Worker(self._ctx, self.rule_fn))
 

@@ -20,28 +20,8 @@ from .assets import CHECKPOINT, DATASET, REPORT, SEEDS, TREES
 _ORCH = get_settings().orchestration
 
 
-def _allow_child_processes() -> None:
-    """Let the task start child processes (the answer verifier's worker pool).
-
-    Airflow forks each task process from the worker that runs it.  On a Celery prefork worker that
-    is a billiard pool process, which registers itself as multiprocessing's current process: the
-    fork inherits it, daemonic and with billiard's authkey, so ``Process.start()`` fails
-    ("daemonic processes are not allowed to have children", then "Pickling an
-    AuthenticationString object is disallowed").  The task process is the root of its own
-    processes: it drops the inherited daemon flag and takes an authkey of its own.
-    """
-    import os
-    from multiprocessing import process as mp_process
-
-    config = mp_process.current_process()._config  # noqa: SLF001
-    config.pop("daemon", None)
-    if type(config.get("authkey")) is not mp_process.AuthenticationString:
-        config["authkey"] = mp_process.AuthenticationString(os.urandom(32))
-
-
 def run_settings():
-    """The settings of this DAG run: environment + the run's Params (every stage task starts here)."""
-    _allow_child_processes()
+    """The settings of this DAG run: environment + the run's Params."""
     params = get_current_context()["params"]
     return settings_from_params({k: v for k, v in params.items() if k in TRIGGER_PARAMS})
 
