@@ -188,3 +188,15 @@ def redis_url(tmp_path_factory) -> Iterator[str]:
         yield f"{shared}/{int(uuid.uuid4().int % 15) + 1}"
         return
     pytest.skip("no Redis: redis-server is not installed and none answers on 127.0.0.1:6379")
+
+
+@pytest.fixture(scope="module")
+def client(stack):
+    """A REST client on the module's stack (each test module defines its own ``stack``), with the
+    pipeline DAG parsed and unpaused."""
+    from af_helpers import DAG_ID, unpause
+
+    with stack.client() as client:
+        stack.wait_for_dag(client, DAG_ID)
+        unpause(client)
+        yield client

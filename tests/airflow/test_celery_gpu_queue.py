@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from af_helpers import DAG_ID, step_index_check, task_instances, trigger, unpause, wait_for_run, xcom
+from af_helpers import step_index_check, task_instances, trigger, wait_for_run, xcom
 
 pytestmark = pytest.mark.airflow_services
 
@@ -32,14 +32,6 @@ def stack(stack_factory, redis_url):
         stack.wait_for_log(worker, " ready.", timeout=180)
     print(f"Celery workers ready in {time.monotonic() - start:.1f}s (broker {redis_url})")
     return stack
-
-
-@pytest.fixture(scope="module")
-def client(stack):
-    with stack.client() as client:
-        stack.wait_for_dag(client, DAG_ID)
-        unpause(client)
-        yield client
 
 
 def test_annotation_runs_on_the_gpu_worker_and_the_rest_on_the_default_worker(stack, client, toy_seeds,

@@ -14,7 +14,7 @@ from typing import Any
 import psutil
 import pytest
 
-from af_helpers import DAG_ID, step_index_check, task_instances, trigger, unpause, wait_for_run, xcom
+from af_helpers import DAG_ID, step_index_check, task_instances, trigger, wait_for_run, xcom
 
 pytestmark = pytest.mark.airflow_services
 
@@ -22,14 +22,6 @@ pytestmark = pytest.mark.airflow_services
 @pytest.fixture(scope="module")
 def stack(stack_factory):
     return stack_factory(executor="LocalExecutor")
-
-
-@pytest.fixture(scope="module")
-def client(stack):
-    with stack.client() as client:
-        stack.wait_for_dag(client, DAG_ID)
-        unpause(client)
-        yield client
 
 
 def test_auth_and_trigger_validation(stack, client, toy_seeds):
