@@ -19,6 +19,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from .db import get_engine, require_schema
+from .policy import resolve_model_path
 from .runs import Selection, default_run_id, shard_run
 from .settings import Settings
 from .storage import ObjectStore, open_store, open_uri
@@ -167,15 +168,6 @@ def latest_dataset(settings: Settings) -> str:
 # Training and evaluation
 
 
-def _local_model_dir(settings: Settings, model: str) -> tuple[Path, Path | None]:
-    """A local directory for a model given by path or object URI (downloaded to a temp dir)."""
-    if "://" not in model or model.startswith("file://"):
-        return Path(model.removeprefix("file://")), None
-    store, key = open_uri(model, settings)
-    tmp = Path(tempfile.mkdtemp(prefix="mmprm-model-"))
-    return store.get_dir(key, tmp), tmp
-
-
 def _image_loader(settings: Settings):
     def load(uri: str) -> bytes:
         store, key = open_uri(uri, settings)
@@ -202,7 +194,7 @@ def train_stage(settings: Settings, dataset_id: str | None = None) -> dict[str, 
     if existing is not None:
         return {"checkpoint_id": checkpoint_id, "uri": existing.uri, "metrics": existing.metrics, "created": False}
     records = read_chat(store.get_bytes(formats["chat"]).decode())
-    base_dir, base_tmp = _local_model_dir(settings, settings.train.base_model)
+    base_dir = resolve_model_path(settings.train.base_model, settings)
     out_dir = Path(tempfile.mkdtemp(prefix="mmprm-prm-"))
     try:
         metrics = train_prm(base_dir, records, out_dir, settings.train, settings.seed,
@@ -210,8 +202,6 @@ def train_stage(settings: Settings, dataset_id: str | None = None) -> dict[str, 
         uri = store.put_dir(f"checkpoints/{checkpoint_id}", out_dir)
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
-        if base_tmp:
-            shutil.rmtree(base_tmp, ignore_errors=True)
     with engine.begin() as conn:
         conn.execute(sa.text(
             "INSERT INTO checkpoints (checkpoint_id, dataset_id, base_model, uri, config, metrics)"
@@ -260,7 +250,7 @@ def evaluate_stage(settings: Settings, checkpoint_id: str | None = None, *, spli
                                      "problems": [p["id"] for p in problems], "eval": settings.eval.model_dump(),
                                      "sampling": settings.sampling.model_dump(), "seed": settings.seed})
     prefix = f"reports/{evaluation_id}"
-    ckpt_dir, ckpt_tmp = _local_model_dir(settings, ckpt.uri)
+    ckpt_dir = resolve_model_path(ckpt.uri, settings)
     policy = load_policy(settings)
     try:
         with AnswerVerifier(settings.verify) as verifier:
@@ -270,8 +260,6 @@ def evaluate_stage(settings: Settings, checkpoint_id: str | None = None, *, spli
                                            ns=settings.eval.ns, seed=settings.seed)
     finally:
         policy.close()
-        if ckpt_tmp:
-            shutil.rmtree(ckpt_tmp, ignore_errors=True)
     report = {**report, "evaluation_id": evaluation_id, "checkpoint_id": checkpoint_id,
               "label_mode": ckpt.config.get("label_mode"), "policy_model": settings.policy.model,
               "split": split, "num_problems": len(problems)}

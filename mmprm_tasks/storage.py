@@ -12,7 +12,6 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -241,13 +240,3 @@ def open_uri(uri: str, settings: Settings) -> tuple[ObjectStore, str]:
         except ValueError:
             return LocalStore(path.parent), path.name
     raise ValueError(f"unsupported object URI {uri!r}: expected s3://bucket/key or file:///path")
-
-
-def copy_tree_to_temp(store: ObjectStore, prefix: str) -> Path:
-    """Download a directory-like prefix (e.g. a checkpoint) into a fresh temporary directory."""
-    target = Path(tempfile.mkdtemp(prefix="mmprm-"))
-    try:
-        return store.get_dir(prefix, target)
-    except BaseException:
-        shutil.rmtree(target, ignore_errors=True)
-        raise
