@@ -78,13 +78,13 @@ def ingest(
     image_root: Annotated[Optional[Path], typer.Option(help="Extra directory images may resolve into")] = None,
 ) -> None:
     """Validate and index seed problems; images are stored content-addressed once."""
-    from .seeds import ingest_file, read_records
+    from .seeds import ingest_file
 
     settings = _settings({"image_root": str(image_root) if image_root else None})
-    total = len(read_records(seed_file))
     with _progress() as progress:
-        task = progress.add_task(f"ingest {seed_file.name}", total=total)
-        report = ingest_file(seed_file, settings, progress=lambda: progress.advance(task))
+        task = progress.add_task(f"ingest {seed_file.name}", total=None)
+        report = ingest_file(seed_file, settings,
+                             progress=lambda done, total: progress.update(task, completed=done, total=total))
     summary = Table(title=f"ingest {seed_file}")
     for col in ["records", "inserted", "unchanged", "rejected", "images stored"]:
         summary.add_column(col, justify="right")

@@ -13,6 +13,7 @@ import json
 import re
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -280,8 +281,11 @@ def _validate(index: int, raw: Any, resolver: ImageResolver) -> _Accepted:
 
 
 def ingest_file(path: str | Path, settings: Settings, *, store: ObjectStore | None = None,
-                progress: Any = None) -> IngestReport:
-    """Ingest a JSON array / JSONL seed file; never raises for a bad record (see the report)."""
+                progress: Callable[[int, int], None] | None = None) -> IngestReport:
+    """Ingest a JSON array / JSONL seed file; never raises for a bad record (see the report).
+
+    ``progress(done, total)`` is called after each record.
+    """
     path = Path(path)
     engine = get_engine(settings)
     require_schema(engine)
@@ -300,7 +304,7 @@ def ingest_file(path: str | Path, settings: Settings, *, store: ObjectStore | No
         rid = str(rid)[:200] if isinstance(rid, (str, int)) and not isinstance(rid, bool) else None
         report.rejected.append(Rejection(index, rid, exc.field, exc.message))
 
-    for index, raw in records:
+    for done, (index, raw) in enumerate(records, start=1):
         try:
             accepted = _validate(index, raw, resolver)
             rid = accepted.record.id
@@ -317,15 +321,16 @@ def ingest_file(path: str | Path, settings: Settings, *, store: ObjectStore | No
             _land(batch, engine, store, report)
             batch = []
         if progress is not None:
-            progress()
+            progress(done, report.total)
     if batch:
         _land(batch, engine, store, report)
     if report.rejected:
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
         key = f"quarantine/ingest/{path.stem}-{stamp}.json"
+        raw_by_index = dict(records)
         report.quarantine_uri = store.put_json(key, {
             "source": report.source,
-            "rejected": [asdict(r) | {"raw": _raw_excerpt(dict(records)[r.record_index])} for r in report.rejected],
+            "rejected": [asdict(r) | {"raw": _raw_excerpt(raw_by_index[r.record_index])} for r in report.rejected],
         })
     return report
 
