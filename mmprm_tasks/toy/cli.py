@@ -47,6 +47,11 @@ def train_policy_cmd(
     threads: int = typer.Option(2, "--threads", min=1),
     eval_problems: int = typer.Option(100, "--eval-problems", min=1,
                                       help="Held-out test problems for the greedy accuracy."),
+    process_layout_rate: float = typer.Option(
+        0.0, "--process-layout-rate", min=0.0, max=1.0,
+        help="Share of examples laid out as the PRM reads a solution (a PRM base model's training)."),
+    init_from: Path | None = typer.Option(None, "--init-from",
+                                          help="Continue from this checkpoint instead of a fresh model."),
 ) -> None:
     """Train the toy policy for a fixed number of steps and save it with metrics.json."""
     from mmprm_tasks.toy.train_policy import DEFAULT_STEPS, DEFAULT_WRONG_STEP_RATE, train_policy
@@ -66,6 +71,7 @@ def train_policy_cmd(
         metrics = train_policy(
             out, steps=steps, seed=seed, wrong_step_rate=wrong_step_rate, batch_size=batch_size,
             lr=lr, eval_every=eval_every, threads=threads, eval_problems=eval_problems, progress=progress, command=command,
+            init_from=init_from, process_layout_rate=process_layout_rate,
         )
     metrics.pop("history", None)
     typer.echo(json.dumps(metrics))

@@ -29,9 +29,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from mmprm_tasks.formats import chat_messages
 from mmprm_tasks.rollouts import Rollout, build_prompt, format_rollout, parse_rollout
 from mmprm_tasks.toy.model import NUM_IMAGE_TOKENS, build_tiny_vlm
 from mmprm_tasks.toy.tokenizer import IMAGE_TOKEN, IM_END, build_tokenizer
+from mmprm_tasks.traverse import STEP_JOINER
 from mmprm_tasks.toy.world import (
     Problem,
     is_correct_answer,
@@ -88,6 +90,27 @@ def _encode_example(processor, question: str, prefix: Sequence[str], target: Seq
     full_ids = full_ids[:end]  # drop the trailing newline after <|im_end|>
     labels = [-100] * len(prompt_ids) + full_ids[len(prompt_ids) :]
     return full_ids, labels
+
+
+def _encode_process_example(processor, question: str, steps: Sequence[str]):
+    """A solution laid out as the PRM reads it: the user turn ``Question: ...\\nProcess: ...``
+    with the steps joined by blank lines (no ``<prm>``, no labels); the loss is on the process.
+
+    This is how a base model "has seen math written out" in more than the policy's own tagged
+    layout, so that a PRM fine-tuned from it reads a process with the arithmetic it knows.
+    """
+    tok = processor.tokenizer
+    process = STEP_JOINER.join(s.strip() for s in steps)
+    messages = chat_messages(question, process)
+    full = processor.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
+    head = full[: full.index(process)].rstrip(" ")  # the space belongs to the first word's token
+    head_ids = tok(_expand_image(head), add_special_tokens=False)["input_ids"]
+    full_ids = tok(_expand_image(full), add_special_tokens=False)["input_ids"]
+    if full_ids[: len(head_ids)] != head_ids:
+        raise RuntimeError("tokenization of the process layout's head changes in the full text")
+    end = full_ids.index(tok.convert_tokens_to_ids(IM_END), len(head_ids)) + 1
+    full_ids = full_ids[:end]
+    return full_ids, [-100] * len(head_ids) + full_ids[len(head_ids) :]
 
 
 def make_example(problem: Problem, rng: random.Random, wrong_step_rate: float, continuation_rate: float):
@@ -157,6 +180,7 @@ def train_policy(
     warmup_steps: int = 50,
     weight_decay: float = 0.0,
     continuation_rate: float = 0.3,
+    process_layout_rate: float = 0.0,
     eval_problems: int = EVAL_PROBLEMS,
     eval_seed: int = EVAL_SEED,
     eval_every: int = 0,
@@ -164,6 +188,7 @@ def train_policy(
     save_intermediate: bool = False,
     progress: Callable[[int, float], None] | None = None,
     command: str | None = None,
+    init_from: str | Path | None = None,
 ) -> dict:
     """Train the toy policy for exactly ``steps`` optimizer steps and save it to ``out_dir``.
 
@@ -173,7 +198,8 @@ def train_policy(
     ``progress(step, loss)`` is called after every step. With ``save_intermediate`` (and
     ``eval_every``) the model at every evaluation is also saved to ``out_dir/step-N``; since the
     learning rate is constant after warm-up and evaluation uses no randomness, that model equals
-    the one a run of exactly ``N`` steps would save.
+    the one a run of exactly ``N`` steps would save. ``init_from`` continues from a saved
+    checkpoint (its weights, tokenizer and processor) instead of a freshly initialised model.
     """
     if threads:
         torch.set_num_threads(threads)
@@ -181,8 +207,15 @@ def train_policy(
     rng = random.Random(seed)
     t0 = time.time()
 
-    tokenizer = build_tokenizer()
-    model, processor = build_tiny_vlm(tokenizer, seed=seed)
+    if init_from is not None:
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(init_from)
+        model = AutoModelForImageTextToText.from_pretrained(init_from)
+        tokenizer = processor.tokenizer
+    else:
+        tokenizer = build_tokenizer()
+        model, processor = build_tiny_vlm(tokenizer, seed=seed)
     pad_id = tokenizer.pad_token_id
 
     train = problems_for_split("train")
@@ -213,6 +246,7 @@ def train_policy(
             "seed": seed,
             "wrong_step_rate": wrong_step_rate,
             "continuation_rate": continuation_rate,
+            "process_layout_rate": process_layout_rate,
             "batch_size": batch_size,
             "lr": lr,
             "warmup_steps": warmup_steps,
@@ -221,10 +255,13 @@ def train_policy(
             "final_loss_ema": round(loss_ema, 4),
             "wall_s": round(time.time() - t0, 1),  # setup + training (+ any evaluations)
             "threads": torch.get_num_threads(),
+            "init_from": str(init_from) if init_from is not None else None,
             "parameters": sum(p.numel() for p in model.parameters()),
             "command": command
             or f"mmprm toy train-policy --out {out_dir} --steps {at_step} --seed {seed} "
-            f"--wrong-step-rate {wrong_step_rate}",
+            f"--wrong-step-rate {wrong_step_rate}"
+            + (f" --process-layout-rate {process_layout_rate}" if process_layout_rate else "")
+            + (f" --init-from {init_from}" if init_from is not None else ""),
         }
 
     history: list[dict] = []
@@ -234,6 +271,10 @@ def train_policy(
         idx = [rng.randrange(len(train)) for _ in range(batch_size)]
         seqs = []
         for i in idx:
+            if process_layout_rate and rng.random() < process_layout_rate:
+                steps_i = solve(train[i], rng, wrong_step_rate)
+                seqs.append(_encode_process_example(processor, train[i].question, steps_i))
+                continue
             prefix, target = make_example(train[i], rng, wrong_step_rate, continuation_rate)
             seqs.append(_encode_example(processor, train[i].question, prefix, target))
         width = max(len(ids) for ids, _ in seqs)

@@ -47,3 +47,27 @@ def test_training_recipe_reaches_the_target_range(tmp_path):
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert 0.4 <= metrics["greedy_test_accuracy"] <= 0.8
+
+
+def test_train_policy_continues_from_a_checkpoint_with_process_layout_examples(tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    args = ["--steps", "1", "--seed", "1", "--eval-problems", "2"]
+    assert runner.invoke(toy_app, ["train-policy", "--out", str(first), *args]).exit_code == 0
+    result = runner.invoke(
+        toy_app,
+        ["train-policy", "--out", str(second), *args, "--init-from", str(first),
+         "--wrong-step-rate", "0", "--process-layout-rate", "1"],
+    )
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((second / "metrics.json").read_text())
+    assert metrics["init_from"] == str(first) and metrics["process_layout_rate"] == 1.0
+    assert "--init-from" in metrics["command"] and "--process-layout-rate" in metrics["command"]
+
+    from safetensors.torch import load_file
+
+    before, after = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
+    assert before.keys() == after.keys()
+    # one optimizer step from the first checkpoint: close to it, yet moved
+    name = next(k for k in before if "layers.0.mlp.up_proj" in k and "vision" not in k)
+    delta = (before[name] - after[name]).abs().max().item()
+    assert 0 < delta < 0.1
