@@ -12,3 +12,4 @@ test: setup
 
 bench: setup
 	.venv/bin/python bench/bench_search.py --out .mmprm/bench/search.json
+	.venv/bin/python bench/bench_prm_ceiling.py --out .mmprm/bench/prm-ceiling.json
