@@ -424,3 +424,14 @@ def test_tokens_dataclass_from_processor(processor_tokens):
     assert tok.convert_tokens_to_ids("<prm>") == tokens.prm_token_id
     assert tok("Yes", add_special_tokens=False)["input_ids"] == [tokens.yes_id]
     assert tok("No", add_special_tokens=False)["input_ids"] == [tokens.no_id]
+
+
+def test_training_logs_a_few_lines_instead_of_printing_every_step(tiny_dir, tmp_path, caplog, capsys):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="mmprm_tasks.prm"):
+        metrics = train_prm(tiny_dir, RECORDS, tmp_path / "prm", _train_cfg(), seed=0)
+    lines = [r.getMessage() for r in caplog.records if "PRM training step" in r.getMessage()]
+    assert len(metrics["loss_history"]) == metrics["global_step"] == 16  # full history kept
+    assert lines[0].startswith("PRM training step 1/16") and lines[-1].startswith("PRM training step 16/16")
+    assert "{'loss'" not in capsys.readouterr().out
