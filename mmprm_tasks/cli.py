@@ -198,7 +198,7 @@ def demo(
 ) -> None:
     """The embedded end-to-end run: toy seeds, Airflow DAGs in-process, PRM training, Best-of-N."""
     from .demo import run_demo
-    from .evaluate import render_table
+    from .evaluate import render_first_error_table, render_table
 
     result = run_demo(home, n_train=train_problems, n_test=test_problems, seed=seed,
                       log=lambda msg: console.print(f"[bold cyan]{msg}"))
@@ -216,10 +216,10 @@ def demo(
                          ("wall time", f"{result.seconds:.0f} s")]:
         table.add_row(label, str(value))
     console.print(table)
-    for label_mode, report in result.reports.items():
+    for report in result.reports.values():
         console.print(render_table(report))
-        if "first_error" in report:
-            console.print(f"{label_mode} PRM first-error detection vs ground truth: {report['first_error']}")
+    if any("first_error" in report for report in result.reports.values()):
+        console.print(render_first_error_table(result.reports))
     outputs = Table(title="outputs")
     outputs.add_column("what")
     outputs.add_column("where", overflow="fold")

@@ -42,6 +42,8 @@ DEMO_SETTINGS = {
     "MMPRM_ORCHESTRATION__RETRY_DELAY_S": "1",
     # Airflow's per-task INFO lines would bury the demo's own progress; export INFO to see them.
     "AIRFLOW__LOGGING__LOGGING_LEVEL": "WARNING",
+    # Likewise transformers' "Loading weights"/"Writing model shards" bars, one per model load.
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
 }
 
 

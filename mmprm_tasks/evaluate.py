@@ -407,7 +407,8 @@ def render_table(report: dict[str, Any]):
     from rich.table import Table
 
     rows = report["rows"]
-    table = Table(title=f"Best-of-N accuracy (%), {report['num_problems']} problems")
+    mode = f"{report['label_mode']}-label PRM, " if report.get("label_mode") else ""
+    table = Table(title=f"Best-of-N accuracy (%), {mode}{report['num_problems']} problems")
     table.add_column("method")
     for r in rows:
         table.add_column(f"N={r['n']}", justify="right")
@@ -425,6 +426,29 @@ def render_table(report: dict[str, Any]):
                 for r in rows
             ),
         )
+    return table
+
+
+def render_first_error_table(reports: dict[str, dict[str, Any]]):
+    """A ``rich.table.Table`` of first-error detection against the toy ground truth: one row per
+    PRM (keyed by label mode) and one for the MC labels they were trained on."""
+    from rich.table import Table
+
+    table = Table(title="First-error step detection vs ground truth (toy world)")
+    for column in ("labels from", "precision", "recall", "F1", "solutions"):
+        table.add_column(column, justify="left" if column == "labels from" else "right")
+
+    def row(name: str, m: dict[str, Any]) -> None:
+        table.add_row(name, *(f"{m[k]:.3f}" for k in ("precision", "recall", "f1")), str(m["solutions"]))
+
+    mc = None
+    for label_mode, report in reports.items():
+        metrics = report.get("first_error")
+        if metrics:
+            row(f"{label_mode}-label PRM", metrics["prm"])
+            mc = mc or metrics.get("mc_labels")
+    if mc:
+        row("MC labels (training paths)", mc)
     return table
 
 

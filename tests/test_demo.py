@@ -45,6 +45,8 @@ def test_embedded_run_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
     out = proc.stdout
     assert "MM-PRM embedded run" in out and "Best-of-N" in out and "outputs" in out
+    assert "soft-label PRM" in out and "First-error step detection" in out
+    assert "{'loss'" not in out and "Loading weights" not in proc.stdout + proc.stderr
 
     summary = json.loads((home / "demo-summary.json").read_text())
     s = summary["summary"]

@@ -18,6 +18,7 @@ from mmprm_tasks.evaluate import (
     pass_at_k,
     plot_report,
     prm_first_error,
+    render_first_error_table,
     render_table,
     sample_candidates,
     score_candidates,
@@ -193,6 +194,30 @@ def test_render_table():
     text = console.export_text()
     assert "PRM min" in text and "N=4" in text and "majority vote" in text and "pass@2" in text
     assert "37.50" in text  # random pick at N=4
+    assert "label PRM" not in text  # no label mode in this report
+    console = Console(record=True, width=160)
+    console.print(render_table({**report, "label_mode": "soft"}))
+    assert "soft-label PRM" in console.export_text()
+
+
+def test_render_first_error_table_has_a_row_per_prm_and_one_for_mc_labels():
+    from rich.console import Console
+
+    def metrics(p, r, f, n):
+        return {"precision": p, "recall": r, "f1": f, "solutions": n}
+
+    mc = metrics(0.6, 0.55, 0.573, 607)
+    reports = {
+        "soft": {"first_error": {"prm": metrics(0.137, 0.257, 0.179, 256), "mc_labels": mc}},
+        "hard": {"first_error": {"prm": metrics(0.414, 0.779, 0.541, 256), "mc_labels": mc}},
+    }
+    table = render_first_error_table(reports)
+    assert table.row_count == 3
+    console = Console(record=True, width=160)
+    console.print(table)
+    text = console.export_text()
+    assert "soft-label PRM" in text and "hard-label PRM" in text and "MC labels" in text
+    assert "0.179" in text and "0.541" in text and "0.573" in text and "607" in text
 
 
 # ------------------------------------------------------------------------ sampling, scoring
