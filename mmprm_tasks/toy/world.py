@@ -10,7 +10,10 @@ A problem shows two or three single digits (1-9) in FIXED slots of a 64x64 image
 
 so a problem has 3 or 4 steps. Because the reading step names every number and each arithmetic
 step shows its operands and result, a wrong step is visible in its own text (an arithmetic slip,
-``3 + 5 = 9.``) or against the image (a misreading), which is what a tiny PRM can learn to catch.
+``3 + 5 = 9.``) or against the image (a misreading), and the generator knows the first error of
+every solution. (Seeing it is one thing, learning to judge it another: a PRM fine-tuned from the
+tiny toy policy does not learn to, even from ground-truth labels; ``bench/bench_prm_ceiling.py``
+measures that.)
 
 The problem space (kind x digits, about 3,200 problems) is split once and for all by a stable
 hash into a train part (~80%) and a test part (~20%): :func:`generate_seeds` draws the train
