@@ -38,7 +38,8 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import PrinterCallback
 
 from mmprm_tasks.formats import chat_messages
 from mmprm_tasks.settings import PACKAGE_DIR, TrainConfig
@@ -489,25 +490,24 @@ class PRMTrainingConfig:
         )
 
 
-def _loss_log_callback(every_fraction: float = 0.05):
+class LossLogCallback(TrainerCallback):
     """Replaces the Trainer's PrinterCallback (one printed dict per ``logging_steps``, i.e. per
     step here, which buried the demo's output): the full history stays in ``state.log_history``,
-    and about twenty lines per run go to this module's logger."""
-    from transformers import TrainerCallback
+    and about ``1 / every_fraction`` lines per run go to this module's logger."""
 
-    class LossLogCallback(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if not state.is_world_process_zero or not logs or "loss" not in logs:
-                return
-            every = max(1, round(state.max_steps * every_fraction))
-            if state.global_step % every == 0 or state.global_step in (1, state.max_steps):
-                log.info(
-                    "PRM training step %d/%d: loss %.4f, learning rate %.3g",
-                    state.global_step, state.max_steps, float(logs["loss"]),
-                    float(logs.get("learning_rate", float("nan"))),
-                )
+    def __init__(self, every_fraction: float = 0.05) -> None:
+        self.every_fraction = every_fraction
 
-    return LossLogCallback()
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs or "loss" not in logs:
+            return
+        every = max(1, round(state.max_steps * self.every_fraction))
+        if state.global_step % every == 0 or state.global_step in (1, state.max_steps):
+            log.info(
+                "PRM training step %d/%d: loss %.4f, learning rate %.3g",
+                state.global_step, state.max_steps, float(logs["loss"]),
+                float(logs.get("learning_rate", float("nan"))),
+            )
 
 
 def freeze_vision_tower(model: torch.nn.Module) -> int:
@@ -586,10 +586,8 @@ def train_prm(
         data_collator=collator,
         processing_class=processor,
     )
-    from transformers.trainer_callback import PrinterCallback
-
     trainer.remove_callback(PrinterCallback)
-    trainer.add_callback(_loss_log_callback())
+    trainer.add_callback(LossLogCallback())
     result = trainer.train()
     metrics: dict[str, Any] = dict(result.metrics)
     if eval_records is not None:

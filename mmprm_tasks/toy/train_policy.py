@@ -73,7 +73,6 @@ def pixel_values_for(processor, images: Sequence[Image.Image]) -> torch.Tensor:
 
 
 def _encode_example(processor, question: str, prefix: Sequence[str], target: Sequence[str]):
-    tok = processor.tokenizer
     prompt = prompt_text(processor, question, prefix)
     full = processor.apply_chat_template(
         [user_message(question, prefix), {"role": "assistant", "content": format_rollout(target)}],
@@ -82,14 +81,19 @@ def _encode_example(processor, question: str, prefix: Sequence[str], target: Seq
     )
     if not full.startswith(prompt):
         raise RuntimeError("chat template: the prompt is not a prefix of the full conversation")
-    prompt_ids = tok(_expand_image(prompt), add_special_tokens=False)["input_ids"]
+    return _loss_after(processor.tokenizer, prompt, full)
+
+
+def _loss_after(tok, context: str, full: str) -> tuple[list[int], list[int]]:
+    """Token ids of ``full`` up to its first ``<|im_end|>`` after ``context``, and labels that
+    put the loss on the tokens after ``context`` only."""
+    context_ids = tok(_expand_image(context), add_special_tokens=False)["input_ids"]
     full_ids = tok(_expand_image(full), add_special_tokens=False)["input_ids"]
-    if full_ids[: len(prompt_ids)] != prompt_ids:
-        raise RuntimeError("tokenization of the prompt changes inside the full conversation")
-    end = full_ids.index(tok.convert_tokens_to_ids(IM_END), len(prompt_ids)) + 1
+    if full_ids[: len(context_ids)] != context_ids:
+        raise RuntimeError("tokenization of the context changes inside the full conversation")
+    end = full_ids.index(tok.convert_tokens_to_ids(IM_END), len(context_ids)) + 1
     full_ids = full_ids[:end]  # drop the trailing newline after <|im_end|>
-    labels = [-100] * len(prompt_ids) + full_ids[len(prompt_ids) :]
-    return full_ids, labels
+    return full_ids, [-100] * len(context_ids) + full_ids[len(context_ids) :]
 
 
 def _encode_process_example(processor, question: str, steps: Sequence[str]):
@@ -99,18 +103,11 @@ def _encode_process_example(processor, question: str, steps: Sequence[str]):
     This is how a base model "has seen math written out" in more than the policy's own tagged
     layout, so that a PRM fine-tuned from it reads a process with the arithmetic it knows.
     """
-    tok = processor.tokenizer
     process = STEP_JOINER.join(s.strip() for s in steps)
     messages = chat_messages(question, process)
     full = processor.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
     head = full[: full.index(process)].rstrip(" ")  # the space belongs to the first word's token
-    head_ids = tok(_expand_image(head), add_special_tokens=False)["input_ids"]
-    full_ids = tok(_expand_image(full), add_special_tokens=False)["input_ids"]
-    if full_ids[: len(head_ids)] != head_ids:
-        raise RuntimeError("tokenization of the process layout's head changes in the full text")
-    end = full_ids.index(tok.convert_tokens_to_ids(IM_END), len(head_ids)) + 1
-    full_ids = full_ids[:end]
-    return full_ids, [-100] * len(head_ids) + full_ids[len(head_ids) :]
+    return _loss_after(processor.tokenizer, head, full)
 
 
 def make_example(problem: Problem, rng: random.Random, wrong_step_rate: float, continuation_rate: float):
