@@ -1,19 +1,20 @@
-"""``mmprm toy``: generate the synthetic seed set and train the tiny policy."""
+"""``mmprm toy``: generate the synthetic seed set and train the tiny foundation and policy."""
 
 from __future__ import annotations
 
 import json
 import shlex
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from mmprm_tasks.settings import TOY_POLICY_DIR
+from mmprm_tasks.settings import TOY_FOUNDATION_DIR, TOY_POLICY_DIR
 
-toy_app = typer.Typer(help="Synthetic multimodal math world and the tiny toy policy.", no_args_is_help=True)
+toy_app = typer.Typer(help="Synthetic multimodal math world and its tiny models.", no_args_is_help=True)
 console = Console(stderr=True)
 
 
@@ -34,44 +35,56 @@ def seeds(
     typer.echo(json.dumps({split: str(path) for split, path in paths.items()}))
 
 
-@toy_app.command("train-policy")
-def train_policy_cmd(
-    out: Path = typer.Option(TOY_POLICY_DIR, "--out", help="Checkpoint directory (save_pretrained)."),
-    steps: int | None = typer.Option(None, "--steps", min=1, help="Optimizer steps (default: the shipped run's)."),
-    seed: int = typer.Option(0, "--seed"),
-    wrong_step_rate: float | None = typer.Option(None, "--wrong-step-rate", min=0.0, max=1.0,
-                                          help="Per-step rate of wrong steps in training targets."),
-    batch_size: int = typer.Option(32, "--batch-size", min=1),
-    lr: float = typer.Option(2e-3, "--lr"),
-    eval_every: int = typer.Option(0, "--eval-every", min=0, help="Also measure greedy accuracy every N steps."),
-    threads: int = typer.Option(2, "--threads", min=1),
-    eval_problems: int = typer.Option(100, "--eval-problems", min=1,
-                                      help="Held-out test problems for the greedy accuracy."),
-    process_layout_rate: float = typer.Option(
-        0.0, "--process-layout-rate", min=0.0, max=1.0,
-        help="Share of examples laid out as the PRM reads a solution (a PRM base model's training)."),
-    init_from: Path | None = typer.Option(None, "--init-from",
-                                          help="Continue from this checkpoint instead of a fresh model."),
-) -> None:
-    """Train the toy policy for a fixed number of steps and save it with metrics.json."""
-    from mmprm_tasks.toy.train_policy import DEFAULT_STEPS, DEFAULT_WRONG_STEP_RATE, train_policy
+def _train(name: str, out: Path, cfg, init_from: Path | None) -> None:
+    from mmprm_tasks.toy.training import train_toy_model
 
-    steps = steps or DEFAULT_STEPS
-    wrong_step_rate = DEFAULT_WRONG_STEP_RATE if wrong_step_rate is None else wrong_step_rate
-    command = "mmprm toy " + shlex.join(sys.argv[sys.argv.index("train-policy"):]) if "train-policy" in sys.argv else None
+    command = "mmprm toy " + shlex.join(sys.argv[sys.argv.index(name):]) if name in sys.argv else None
     with Progress(
-        TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+        TextColumn(name), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
         TimeElapsedColumn(), console=console,
     ) as bar:
-        task = bar.add_task("train", total=steps, loss="-")
+        task = bar.add_task(name, total=cfg.steps, loss="-")
 
         def progress(step: int, loss: float) -> None:
             bar.update(task, completed=step, loss=f"{loss:.3f}")
 
-        metrics = train_policy(
-            out, steps=steps, seed=seed, wrong_step_rate=wrong_step_rate, batch_size=batch_size,
-            lr=lr, eval_every=eval_every, threads=threads, eval_problems=eval_problems, progress=progress, command=command,
-            init_from=init_from, process_layout_rate=process_layout_rate,
-        )
-    metrics.pop("history", None)
+        metrics = train_toy_model(out, cfg, init_from=init_from, command=command, progress=progress)
     typer.echo(json.dumps(metrics))
+
+
+@toy_app.command("train-foundation")
+def train_foundation_cmd(
+    out: Path = typer.Option(TOY_FOUNDATION_DIR, "--out", help="Checkpoint directory (save_pretrained)."),
+    steps: int | None = typer.Option(None, "--steps", min=1, help="Optimizer steps (default: the shipped run's)."),
+    seed: int = typer.Option(0, "--seed"),
+    lr: float | None = typer.Option(None, "--lr", help="Peak learning rate (default: the shipped run's)."),
+    eval_problems: int = typer.Option(200, "--eval-problems", min=1, help="Held-out test problems for the metrics."),
+    threads: int = typer.Option(2, "--threads", min=1),
+) -> None:
+    """Train the toy foundation from scratch (the PRM's base) and save it with metrics.json."""
+    from mmprm_tasks.toy.training import FOUNDATION
+
+    cfg = replace(FOUNDATION, steps=steps or FOUNDATION.steps, seed=seed, lr=lr or FOUNDATION.lr,
+                  eval_problems=eval_problems, threads=threads)
+    _train("train-foundation", out, cfg, None)
+
+
+@toy_app.command("train-policy")
+def train_policy_cmd(
+    out: Path = typer.Option(TOY_POLICY_DIR, "--out", help="Checkpoint directory (save_pretrained)."),
+    init_from: Path = typer.Option(TOY_FOUNDATION_DIR, "--init-from", help="The foundation to fine-tune."),
+    steps: int | None = typer.Option(None, "--steps", min=1, help="Optimizer steps (default: the shipped run's)."),
+    seed: int = typer.Option(0, "--seed"),
+    wrong_step_rate: float | None = typer.Option(None, "--wrong-step-rate", min=0.0, max=1.0,
+                                                 help="Per-step rate of wrong steps in training targets."),
+    lr: float | None = typer.Option(None, "--lr", help="Peak learning rate (default: the shipped run's)."),
+    eval_problems: int = typer.Option(200, "--eval-problems", min=1, help="Held-out test problems for the metrics."),
+    threads: int = typer.Option(2, "--threads", min=1),
+) -> None:
+    """Fine-tune the foundation into the toy policy (tagged steps with controlled errors)."""
+    from mmprm_tasks.toy.training import POLICY
+
+    cfg = replace(POLICY, steps=steps or POLICY.steps, seed=seed, lr=lr or POLICY.lr,
+                  wrong_step_rate=POLICY.wrong_step_rate if wrong_step_rate is None else wrong_step_rate,
+                  eval_problems=eval_problems, threads=threads)
+    _train("train-policy", out, cfg, init_from)

@@ -10,10 +10,10 @@ A problem shows two or three single digits (1-9) in FIXED slots of a 64x64 image
 
 so a problem has 3 or 4 steps. Because the reading step names every number and each arithmetic
 step shows its operands and result, a wrong step is visible in its own text (an arithmetic slip,
-``3 + 5 = 9.``) or against the image (a misreading), and the generator knows the first error of
-every solution. (Seeing it is one thing, learning to judge it another: a PRM fine-tuned from the
-tiny toy policy does not learn to, even from ground-truth labels; ``bench/bench_prm_ceiling.py``
-measures that.)
+``3 + 5 = 9.``), against the steps before it (an operand that is not what was stated) or against
+the image (a misreading), and the generator knows the first error of every solution. Errors
+differ from right steps only in their mathematical content: no wording, format or length marks
+them.
 
 The problem space (kind x digits, about 3,200 problems) is split once and for all by a stable
 hash into a train part (~80%) and a test part (~20%): :func:`generate_seeds` draws the train
@@ -129,14 +129,50 @@ def _slip(op: str, x: int, y: int, value: int, rng: random.Random) -> int:
     return rng.choice(candidates)
 
 
-def solve(problem: Problem, rng: random.Random, wrong_step_rate: float = 0.0) -> list[str]:
-    """A step-by-step solution, with independent errors at rate ``wrong_step_rate`` per step.
+def _fact_rng(op: str, x: int, y: int) -> random.Random:
+    """A random source fixed per arithmetic fact (a solver's habits do not change between tries)."""
+    return random.Random(f"fact:{x}{op}{y}")
 
-    Arithmetic steps go wrong with probability ``wrong_step_rate`` (a slip in the result), the
-    reading step with a third of it (one digit misread as a confusable one). There is at most
-    one error: every later step is computed correctly from the (now wrong) values before it, as
-    a real solver would, so the wrong value always reaches the answer (digits are 1-9 and the
-    operations are +, - and *, so a single error can never cancel out).
+
+def fact_difficulty(op: str, x: int, y: int) -> float:
+    """How error-prone a solver with habits finds ``x op y``: a factor in [0.2, 2.5], mean about 1.
+
+    Fixed per fact, and larger for products (a 9 x 7 goes wrong more often than a 2 + 3).
+    """
+    base = {"+": 0.6, "-": 0.8, "*": 1.4}[op]
+    return min(2.5, base * (0.25 + 1.5 * _fact_rng(op, x, y).random()))
+
+
+def habitual_slip(op: str, x: int, y: int) -> int:
+    """The wrong result a solver with habits gives for ``x op y`` when it errs (fixed per fact)."""
+    value = _apply(op, x, y)
+    return _slip(op, x, y, value, _fact_rng(op, x, y))
+
+
+ERROR_KINDS = ("misreading", "slip", "inconsistency")
+ORDINALS = ("first", "second", "third")
+
+
+def solve(
+    problem: Problem, rng: random.Random, wrong_step_rate: float = 0.0, *, habits: bool = False
+) -> list[str]:
+    """A step-by-step solution with at most one error, each step erring at rate ``wrong_step_rate``.
+
+    Three kinds of error, as a careless solver makes them:
+
+    * **misreading** (the reading step, at a third of the rate): one digit read as a confusable
+      one; the rest is computed correctly from what was read;
+    * **slip**: an arithmetic step states a wrong result (``3 + 5 = 9.``);
+    * **inconsistency** (a third of the arithmetic errors): a step computes correctly but with an
+      operand other than the one stated before it (``The numbers are 3, 5 ...`` then
+      ``3 + 6 = 9.``, or ``3 + 5 = 8.`` then ``9 - 7 = 2.``).
+
+    Every later step is computed correctly from the (now wrong) values before it, so the wrong
+    value always reaches the answer (digits are 1-9 and the operations are +, - and *, so a
+    single error never cancels out). With ``habits`` the solver errs like a person with habits:
+    each arithmetic fact has its own error rate (``wrong_step_rate * fact_difficulty``) and, half
+    of the time, its own habitual wrong result (:func:`habitual_slip`), so that repeated tries at
+    one problem tend to repeat the same mistake.
     """
     _, _, ops = _KINDS[problem.kind]
     seen = list(problem.numbers)
@@ -151,13 +187,36 @@ def solve(problem: Problem, rng: random.Random, wrong_step_rate: float = 0.0) ->
         x = acc if lhs == "acc" else seen[lhs]
         y = seen[rhs]
         value = _apply(op, x, y)
-        if wrong_step_rate > 0 and not erred and rng.random() < wrong_step_rate:
-            value = _slip(op, x, y, value, rng)
+        rate = wrong_step_rate * (fact_difficulty(op, x, y) if habits else 1.0)
+        if wrong_step_rate > 0 and not erred and rng.random() < min(rate, 0.95):
             erred = True
+            if rng.random() < 1 / 3:
+                # Inconsistency: one operand is not what was stated before.
+                if rng.random() < 0.5:
+                    x = _slip("+", x, 0, x, rng) if lhs == "acc" else rng.choice(_CONFUSABLE[x])
+                else:
+                    y = rng.choice(_CONFUSABLE[y])
+                value = _apply(op, x, y)
+            elif habits and rng.random() < 0.5:
+                value = habitual_slip(op, x, y)
+            else:
+                value = _slip(op, x, y, value, rng)
         steps.append(f"{x} {op} {y} = {value}.")
         acc = value
     steps.append(str(acc))
     return steps
+
+
+def arithmetic_facts(
+    problem: Problem, rng: random.Random, wrong_step_rate: float = 0.5
+) -> list[tuple[int, str, int]]:
+    """The ``(x, op, y)`` computed by the arithmetic steps of one solution of ``problem`` drawn
+    with errors, so that the facts a solver meets after a misreading or a slip are covered too."""
+    facts = []
+    for step in solve(problem, rng, wrong_step_rate)[1:-1]:
+        m = _EQUATION.search(step)
+        facts.append((int(m.group(1)), m.group(2), int(m.group(3))))
+    return facts
 
 
 @lru_cache(maxsize=1)
@@ -302,9 +361,26 @@ def first_error_index(gt_steps: Sequence[str], rollout: Sequence[str]) -> int | 
     return None
 
 
+def error_kind(gt_steps: Sequence[str], rollout: Sequence[str], index: int) -> str:
+    """What went wrong at step ``index`` of ``rollout`` (its first error): ``misreading`` (the
+    reading step), ``slip`` (an equation with the right operands and a wrong result),
+    ``inconsistency`` (an equation with other operands than the right ones), or ``answer``
+    (anything else: a wrong or missing answer, extra or malformed steps)."""
+    if index == 0:
+        return "misreading"
+    if index < len(gt_steps) - 1 and index < len(rollout):
+        got, want = _step_signature(rollout[index]), _step_signature(gt_steps[index])
+        if got[0] == want[0] == "eq" and got[1] == want[1]:
+            return "slip" if got[2] == want[2] else "inconsistency"
+    return "answer"
+
+
 def corpus_texts() -> list[str]:
-    """Text the toy tokenizer is trained on: every prompt form and many solutions."""
+    """Text the toy tokenizer is trained on: every prompt form and many solutions, in the
+    policy's tagged layout and in the PRM's ``Question: ...\nProcess: ...`` layout."""
+    from mmprm_tasks.formats import user_text
     from mmprm_tasks.rollouts import build_prompt, format_rollout
+    from mmprm_tasks.traverse import render_process
 
     rng = random.Random(0)
     texts = []
@@ -312,7 +388,10 @@ def corpus_texts() -> list[str]:
         steps = solve(problem, rng, wrong_step_rate=0.3)
         texts.append(build_prompt(problem.question, steps[:1]))
         texts.append(format_rollout(steps))
+        texts.append(user_text(problem.question, render_process([[s] for s in steps])))
     for kind in KINDS:
         texts.append(build_prompt(_KINDS[kind][1]))
-    texts.append("Question: \nProcess: \nThe final answer is Answer: Yes No")
+    for ordinal in ORDINALS:
+        texts.append(f"Is the {ordinal} number in the image 3? Is 3 + 5 = 8? Yes No")
+    texts.append("The final answer is Answer: Yes No")
     return texts

@@ -26,48 +26,45 @@ def test_seeds_command_rejects_impossible_sizes(tmp_path):
     assert result.exit_code != 0
 
 
-def test_train_policy_command_saves_a_loadable_checkpoint(tmp_path):
-    out = tmp_path / "policy"
+def test_train_foundation_then_policy_from_it(tmp_path):
+    """The two shipped models' commands, a few steps each: the policy starts from the foundation's
+    weights (and tokenizer) and records where it came from."""
+    foundation, policy = tmp_path / "foundation", tmp_path / "policy"
     result = runner.invoke(
-        toy_app, ["train-policy", "--out", str(out), "--steps", "2", "--seed", "1", "--eval-problems", "4"]
+        toy_app, ["train-foundation", "--out", str(foundation), "--steps", "2", "--seed", "1", "--eval-problems", "4"]
     )
     assert result.exit_code == 0, result.output
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((foundation / "metrics.json").read_text())
     assert metrics["steps"] == 2 and metrics["seed"] == 1 and metrics["eval_problems"] == 4
-    assert "train-policy" in metrics["command"]
-    assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
+    assert metrics["init_from"] is None and "train-foundation" in metrics["command"]
+    assert set(metrics["layouts"]) == {"tagged", "process", "judgement"}
+    assert set(metrics["judgement_auc"]) == {"image", "arithmetic"}
+    assert (foundation / "model.safetensors").exists() and (foundation / "tokenizer.json").exists()
 
-
-@pytest.mark.slow
-def test_training_recipe_reaches_the_target_range(tmp_path):
-    """The shipped checkpoint's recipe, rerun from scratch (minutes on 2 cores)."""
-    from mmprm_tasks.toy.train_policy import DEFAULT_STEPS
-
-    result = runner.invoke(toy_app, ["train-policy", "--out", str(tmp_path), "--steps", str(DEFAULT_STEPS)])
-    assert result.exit_code == 0, result.output
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert 0.4 <= metrics["greedy_test_accuracy"] <= 0.8
-
-
-def test_train_policy_continues_from_a_checkpoint_with_process_layout_examples(tmp_path):
-    first, second = tmp_path / "first", tmp_path / "second"
-    args = ["--steps", "1", "--seed", "1", "--eval-problems", "2"]
-    assert runner.invoke(toy_app, ["train-policy", "--out", str(first), *args]).exit_code == 0
     result = runner.invoke(
         toy_app,
-        ["train-policy", "--out", str(second), *args, "--init-from", str(first),
-         "--wrong-step-rate", "0", "--process-layout-rate", "1"],
+        ["train-policy", "--out", str(policy), "--init-from", str(foundation), "--steps", "1",
+         "--eval-problems", "2", "--wrong-step-rate", "0.5"],
     )
     assert result.exit_code == 0, result.output
-    metrics = json.loads((second / "metrics.json").read_text())
-    assert metrics["init_from"] == str(first) and metrics["process_layout_rate"] == 1.0
-    assert "--init-from" in metrics["command"] and "--process-layout-rate" in metrics["command"]
+    metrics = json.loads((policy / "metrics.json").read_text())
+    assert metrics["init_from"] == str(foundation) and metrics["wrong_step_rate"] == 0.5
+    assert metrics["layouts"] == {"tagged": 1.0} and "--init-from" in metrics["command"]
 
     from safetensors.torch import load_file
 
-    before, after = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
+    before, after = load_file(foundation / "model.safetensors"), load_file(policy / "model.safetensors")
     assert before.keys() == after.keys()
-    # one optimizer step from the first checkpoint: close to it, yet moved
+    # one optimizer step from the foundation: close to it, yet moved
     name = next(k for k in before if "layers.0.mlp.up_proj" in k and "vision" not in k)
     delta = (before[name] - after[name]).abs().max().item()
     assert 0 < delta < 0.1
+
+
+@pytest.mark.slow
+def test_policy_recipe_reaches_the_target_range(tmp_path):
+    """The shipped policy's recipe, rerun from the shipped foundation (minutes on 2 cores)."""
+    result = runner.invoke(toy_app, ["train-policy", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert 0.4 <= metrics["greedy_test_accuracy"] <= 0.8
