@@ -31,9 +31,10 @@ where noted):
 
 from __future__ import annotations
 
+import bisect
 import math
 import random
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,17 +142,22 @@ def best_of_n(
     aggregators: Sequence[str] | None = None,
     ks: Sequence[int] = DEFAULT_KS,
     answer_key: Callable[[Any], str] | None = None,
+    headline: str = "min",
 ) -> dict[str, Any]:
     """The Best-of-N report of ``candidates`` (per problem, a list of ``(step_scores, correct,
     final_answer)`` tuples, dicts or :class:`ScoredCandidate`).
 
     Returns ``{"num_problems", "ns", "seed", "epsilon", "aggregators", "ks", "max_candidates",
     "rows": [{"n", "accuracy": {aggregator: acc}, "random", "majority_vote", "oracle",
-    "pass_at_k": {"k": acc}, "prm_ties": {aggregator: problems}}], "best": {"n", "aggregator",
-    "accuracy"}}``; accuracies are fractions in [0, 1].
+    "pass_at_k": {"k": acc}, "prm_ties": {aggregator: problems}}], "headline": {"n",
+    "aggregator", "accuracy"}, "best": {...}}``; accuracies are fractions in [0, 1].
+    ``headline`` is the aggregator named before the results are seen (a setting), so the number
+    to quote is not the best of eight tried on the test set; ``best`` is that best, for reference.
     """
     problems = [[_candidate(c) for c in cands] for cands in candidates]
     names = list(aggregators or AGGREGATORS)
+    if headline not in names:
+        raise KeyError(f"headline aggregator {headline!r} is not among {names}")
     for name in names:
         if name not in AGGREGATORS:
             raise KeyError(f"unknown aggregator {name!r}")
@@ -198,11 +204,12 @@ def best_of_n(
                 "prm_ties": ties,
             }
         )
-    best = None
-    if rows and names:
+    best = top = None
+    if rows:
         last = rows[-1]
         name = max(names, key=lambda a: last["accuracy"][a])
         best = {"n": last["n"], "aggregator": name, "accuracy": last["accuracy"][name]}
+        top = {"n": last["n"], "aggregator": headline, "accuracy": last["accuracy"][headline]}
     return {
         "num_problems": total,
         "ns": list(ns),
@@ -212,8 +219,47 @@ def best_of_n(
         "ks": list(ks),
         "max_candidates": max_candidates,
         "rows": rows,
+        "headline": top,
         "best": best,
     }
+
+
+def add_baseline(
+    report: dict[str, Any], name: str, candidates: Sequence[Sequence[Any]], *, seed: int = 0
+) -> dict[str, Any]:
+    """Add another scorer's Best-of-N accuracy, under the report's headline aggregator, to each
+    row as ``row["baselines"][name]`` (e.g. a base model's own step likelihood: how much of the
+    PRM's pick was in the base already). ``candidates`` are laid out as for :func:`best_of_n`,
+    with that scorer's step scores."""
+    headline = report["headline"]["aggregator"]
+    other = best_of_n(candidates, report["ns"], seed, aggregators=[headline], ks=(), headline=headline)
+    for row, theirs in zip(report["rows"], other["rows"], strict=True):
+        row.setdefault("baselines", {})[name] = theirs["accuracy"][headline]
+    return report
+
+
+# ------------------------------------------------------------------------------- ROC AUC
+
+
+def stratified_auc(groups: dict[Any, tuple[Sequence[float], Sequence[float]]]) -> float | None:
+    """ROC AUC over the (positive, negative) score pairs that share a group, ties counted half:
+    P(a positive outscores a negative of its own group). Comparing only within groups (a step
+    position, a problem kind) keeps a scorer that learnt the group alone from looking
+    informative. None when no group has both."""
+    wins = pairs = 0.0
+    for positives, negatives in groups.values():
+        ordered = sorted(negatives)
+        for p in positives:
+            below = bisect.bisect_left(ordered, p)
+            equal = bisect.bisect_right(ordered, p) - below
+            wins += below + 0.5 * equal
+        pairs += len(positives) * len(negatives)
+    return wins / pairs if pairs else None
+
+
+def roc_auc(positives: Sequence[float], negatives: Sequence[float]) -> float | None:
+    """P(score of a random positive > a random negative), ties counted half."""
+    return stratified_auc({None: (positives, negatives)})
 
 
 # ------------------------------------------------------------------------ first-error metrics
@@ -386,6 +432,10 @@ def plot_report(report: dict[str, Any], path: str | Path, *, title: str | None =
     for key, label in _BASELINES:
         color, style = styles[key]
         ax.plot(ns, [100 * r[key] for r in rows], color=color, linestyle=style, label=label)
+    headline = (report.get("headline") or {}).get("aggregator")
+    for name in rows[0].get("baselines", {}) if rows else ():
+        ax.plot(ns, [100 * r["baselines"][name] for r in rows], color="tab:brown", linestyle=(0, (1, 1)),
+                marker="x", label=f"{name} ({headline})")
     if len(ns) > 1 and min(ns) > 0:
         ax.set_xscale("log", base=2)
     ax.set_xticks(ns)
@@ -412,12 +462,14 @@ def render_table(report: dict[str, Any]):
     table.add_column("method")
     for r in rows:
         table.add_column(f"N={r['n']}", justify="right")
-    best = report.get("best") or {}
+    headline = (report.get("headline") or {}).get("aggregator")
     for name in report["aggregators"]:
-        label = f"PRM {name}" + (" *" if best.get("aggregator") == name else "")
+        label = f"PRM {name}" + (" (headline)" if headline == name else "")
         table.add_row(label, *(f"{100 * r['accuracy'][name]:.2f}" for r in rows))
     for key, label in _BASELINES:
         table.add_row(label, *(f"{100 * r[key]:.2f}" for r in rows))
+    for name in rows[0].get("baselines", {}) if rows else ():
+        table.add_row(f"{name} ({headline})", *(f"{100 * r['baselines'][name]:.2f}" for r in rows))
     for k in report["ks"]:
         table.add_row(
             f"pass@{k}",
@@ -450,22 +502,3 @@ def render_first_error_table(reports: dict[str, dict[str, Any]]):
     if mc:
         row("MC labels (training paths)", mc)
     return table
-
-
-def run_best_of_n(
-    problems: Sequence[Any],
-    policy: Any,
-    verifier: Any,
-    scorer: Any,
-    *,
-    num_candidates: int,
-    ns: Iterable[int],
-    seed: int,
-    batch_size: int = 16,
-) -> tuple[dict[str, Any], list[list[dict[str, Any]]]]:
-    """Sample, verify, score and report in one call; returns ``(report, scored candidates)``."""
-    candidates = sample_candidates(
-        problems, policy, verifier, num_candidates, seed, batch_size=batch_size
-    )
-    scored = score_candidates(scorer, problems, candidates)
-    return best_of_n(scored, list(ns), seed), scored

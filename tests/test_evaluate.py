@@ -11,6 +11,7 @@ import pytest
 from mmprm_tasks.evaluate import (
     AGGREGATORS,
     EPSILON,
+    add_baseline,
     aggregate,
     best_of_n,
     first_error_metrics,
@@ -20,8 +21,10 @@ from mmprm_tasks.evaluate import (
     prm_first_error,
     render_first_error_table,
     render_table,
+    roc_auc,
     sample_candidates,
     score_candidates,
+    stratified_auc,
 )
 
 # ------------------------------------------------------------------------------ aggregators
@@ -107,6 +110,52 @@ def test_best_of_n_hand_set():
     # P1: "7" x2 vs "8" x2 -> "7" (first) wrong; P2: "6" x2 (whitespace normalized) wrong
     assert r4["majority_vote"] == 0.0
     assert report["best"]["n"] == 4
+
+
+def test_headline_is_the_named_aggregator_not_the_best():
+    report = best_of_n([P1, P2], ns=[1, 2], seed=0, headline="max")
+    # at N=2 max is the worst aggregator (0.0), and it is still the headline
+    assert report["headline"] == {"n": 2, "aggregator": "max", "accuracy": 0.0}
+    assert report["best"]["accuracy"] == 0.5 and report["best"]["aggregator"] != "max"
+    assert best_of_n([P1, P2], ns=[2])["headline"]["aggregator"] == "min"
+    with pytest.raises(KeyError, match="headline"):
+        best_of_n([P1], ns=[2], aggregators=["min"], headline="max")
+
+
+def test_baseline_rows_use_the_headline_aggregator():
+    report = best_of_n([P1, P2], ns=[1, 2], seed=0)
+    # a scorer that prefers exactly the right candidates: perfect where one exists
+    oracle_scores = [[([1.0 if c else 0.0], c, a) for _, c, a in P] for P in (P1, P2)]
+    add_baseline(report, "base likelihood", oracle_scores, seed=0)
+    # one candidate: every scorer picks it
+    assert _row(report, 1)["baselines"]["base likelihood"] == _row(report, 1)["random"]
+    assert _row(report, 2)["baselines"]["base likelihood"] == _row(report, 2)["oracle"] == 1.0
+    from rich.console import Console
+
+    console = Console(record=True, width=160)
+    console.print(render_table(report))
+    text = console.export_text()
+    assert "base likelihood (min)" in text and "PRM min (headline)" in text
+
+
+def test_roc_auc_hand_values():
+    assert roc_auc([0.9, 0.8], [0.1, 0.2]) == 1.0
+    assert roc_auc([0.1], [0.9]) == 0.0
+    assert roc_auc([0.5, 0.5], [0.5]) == 0.5  # ties count half
+    assert roc_auc([0.9, 0.3], [0.5, 0.1]) == 0.75
+    assert roc_auc([], [0.1]) is None
+
+
+def test_stratified_auc_compares_only_within_groups():
+    # a scorer that learnt the group (position) alone: every score of group 1 is above group 0's
+    groups = {0: ([0.2, 0.1], [0.2, 0.1]), 1: ([0.9, 0.8], [0.9, 0.8])}
+    assert stratified_auc(groups) == 0.5
+    pooled_pos = groups[0][0] + groups[1][0]
+    pooled_neg = [0.1]  # only group 0 has a negative far below
+    assert roc_auc(pooled_pos, pooled_neg) > 0.5
+    # pairs are weighted by their count: 1 pair in group a (won), 4 in group b (lost)
+    assert stratified_auc({"a": ([1.0], [0.0]), "b": ([0.0, 0.0], [1.0, 1.0])}) == pytest.approx(1 / 5)
+    assert stratified_auc({"a": ([1.0], [])}) is None
 
 
 def test_best_of_n_accepts_dicts_and_answer_key():
