@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from typing import Any
 
 USER_TEXT_TEMPLATE = "Question: {question}\nProcess: {process}"
-_PROCESS_MARK = "\nProcess: "
+PROCESS_MARK = "\nProcess:"
 _QUESTION_MARK = "Question: "
 
 
@@ -30,9 +30,9 @@ def user_text(question: str, process: str) -> str:
 
 def split_user_text(text: str) -> tuple[str, str]:
     """Inverse of :func:`user_text` (splits at the first ``"\\nProcess: "``)."""
-    if not text.startswith(_QUESTION_MARK) or _PROCESS_MARK not in text:
+    if not text.startswith(_QUESTION_MARK) or PROCESS_MARK + " " not in text:
         raise ValueError(f"not a 'Question: ...\\nProcess: ...' text: {text[:80]!r}")
-    question, process = text[len(_QUESTION_MARK) :].split(_PROCESS_MARK, 1)
+    question, process = text[len(_QUESTION_MARK) :].split(PROCESS_MARK + " ", 1)
     return question, process
 
 

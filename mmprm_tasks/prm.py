@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
-from mmprm_tasks.formats import chat_messages
+from mmprm_tasks.formats import PROCESS_MARK, chat_messages
 from mmprm_tasks.settings import PACKAGE_DIR, TrainConfig
 from mmprm_tasks.traverse import PRM_SEPARATOR, render_process
 
@@ -637,13 +637,11 @@ def train_prm(
 # ---------------------------------------------------------------------------------- scoring
 
 
-class PRMScorer:
-    """Step scores of a trained PRM: P(Yes) = ``softmax([yes, no])[0]`` at each ``<prm>``.
-
-    Candidates are laid out exactly as in training: each step its own group, rendered by
-    :func:`mmprm_tasks.traverse.render_process` (a literal ``<prm>`` or image token inside a step
-    is removed).  Loads on CUDA in bf16 when available (flash-attn when installed), else CPU fp32.
-    """
+class _StepScorer:
+    """Loads a checkpoint for step scoring and lays candidates out exactly as the PRM is trained:
+    each step its own group, rendered by :func:`mmprm_tasks.traverse.render_process` (a literal
+    ``<prm>`` or image token inside a step is removed).  Loads on CUDA in bf16 when available
+    (flash-attn when installed), else CPU fp32.  Subclasses say what a step's score is."""
 
     def __init__(
         self,
@@ -666,7 +664,7 @@ class PRMScorer:
         self.processor = AutoProcessor.from_pretrained(model_dir)
         self.model = AutoModelForImageTextToText.from_pretrained(model_dir, **kwargs)
         self.model.to(self.device).eval()
-        self.tokens = ensure_prm_tokens(self.processor)  # no resize: a trained PRM has <prm>
+        self.tokens = ensure_prm_tokens(self.processor)  # no resize: the model must know <prm>
         if self.tokens.prm_token_id >= self.model.get_input_embeddings().num_embeddings:
             raise ValueError(f"{model_dir}: the model has no embedding for {PRM_TOKEN}")
         self.batch_size = batch_size
@@ -681,8 +679,7 @@ class PRMScorer:
             [[s.replace(PRM_TOKEN, "").replace(image_token, "")] for s in steps]
         )
 
-    @torch.no_grad()
-    def _score_batch(self, records: list[dict[str, Any]]) -> list[list[float]]:
+    def _inputs(self, records: list[dict[str, Any]]) -> dict[str, Any]:
         batch = self.collator(records)
         batch.pop("prm_labels")
         batch = {
@@ -690,11 +687,10 @@ class PRMScorer:
         }
         if "pixel_values" in batch and batch["pixel_values"].is_floating_point():
             batch["pixel_values"] = batch["pixel_values"].to(self.model.dtype)
-        outputs, input_ids, _ = prm_forward(self.model, batch, self.tokens.prm_token_id)
-        mask = input_ids == self.tokens.prm_token_id
-        pair = outputs.logits[..., [self.tokens.yes_id, self.tokens.no_id]].float()
-        probs = pair.softmax(dim=-1)[..., 0]
-        return [probs[row][mask[row]].tolist() for row in range(input_ids.shape[0])]
+        return batch
+
+    def _score_batch(self, records: list[dict[str, Any]]) -> list[list[float]]:
+        raise NotImplementedError
 
     def score_many(self, items: Sequence[tuple[str, Any, Sequence[str]]]) -> list[list[float]]:
         """Scores for ``(question, image, steps)`` items (image: bytes, PIL or path), batched."""
@@ -733,3 +729,63 @@ class PRMScorer:
         """One list of step scores per candidate in ``steps_batch`` (same question and image)."""
         image = load_image(image_bytes)  # decode once for the whole batch
         return self.score_many([(question, image, steps) for steps in steps_batch])
+
+
+class PRMScorer(_StepScorer):
+    """Step scores of a trained PRM: P(Yes) = ``softmax([yes, no])[0]`` at each ``<prm>``."""
+
+    @torch.no_grad()
+    def _score_batch(self, records: list[dict[str, Any]]) -> list[list[float]]:
+        batch = self._inputs(records)
+        outputs, input_ids, _ = prm_forward(self.model, batch, self.tokens.prm_token_id)
+        mask = input_ids == self.tokens.prm_token_id
+        pair = outputs.logits[..., [self.tokens.yes_id, self.tokens.no_id]].float()
+        probs = pair.softmax(dim=-1)[..., 0]
+        return [probs[row][mask[row]].tolist() for row in range(input_ids.shape[0])]
+
+
+class StepLikelihoodScorer(_StepScorer):
+    """A generative verifier: each step's probability under a language model (typically the PRM's
+    base), read in the PRM layout. The score of step ``i`` is ``P(tokens of step i | image,
+    question, steps before it)``: the product of its tokens' probabilities, so one unlikely token
+    (a wrong result, a misread digit) sinks the step. The tokens of step ``i`` are those after the
+    ``i``-th ``<prm>`` (after ``Process:`` for the first step) up to and including the next
+    ``<prm>``; the separator and blank line are near-certain for a model that has read this layout
+    and cost nothing.
+
+    It needs no training and no labels, so it is the honest baseline for a PRM fine-tuned from the
+    same base: how much of the PRM's judgement was in the base model already.
+    """
+
+    @torch.no_grad()
+    def _score_batch(self, records: list[dict[str, Any]]) -> list[list[float]]:
+        batch = self._inputs(records)
+        input_ids = batch["input_ids"]
+        logits = self.model(**batch, use_cache=False).logits.float()
+        token_logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(
+            -1, input_ids[:, 1:, None]
+        )[..., 0]
+        prm = input_ids == self.tokens.prm_token_id
+        head = self._process_starts(records)
+        scores = []
+        for row in range(input_ids.shape[0]):
+            ends = prm[row].nonzero().squeeze(-1).tolist()
+            starts = [head[row]] + [e + 1 for e in ends[:-1]]
+            # token t is predicted at position t - 1
+            scores.append([
+                math.exp(float(token_logp[row, start - 1 : end].sum()))
+                for start, end in zip(starts, ends, strict=True)
+            ])
+        return scores
+
+    def _process_starts(self, records: list[dict[str, Any]]) -> list[int]:
+        """Index of the first process token of each record (right padding: counted from 0)."""
+        starts = []
+        for record in records:
+            text = self.collator.text(record)
+            head = text[: text.index(PROCESS_MARK) + len(PROCESS_MARK)].rstrip(" ")
+            ids = self.processor(
+                text=[head], images=[self.collator._image(record)], return_tensors="pt"
+            )["input_ids"][0]
+            starts.append(int(ids.shape[0]))
+        return starts

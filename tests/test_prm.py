@@ -21,12 +21,13 @@ from mmprm_tasks.prm import (
     PRMScorer,
     PRMTokens,
     PRMTrainingConfig,
+    StepLikelihoodScorer,
     ensure_prm_tokens,
     prm_loss,
     resolve_deepspeed_config,
     train_prm,
 )
-from mmprm_tasks.settings import TOY_POLICY_DIR, TrainConfig
+from mmprm_tasks.settings import TOY_FOUNDATION_DIR, TrainConfig
 
 # ------------------------------------------------------------------------------- fixtures
 
@@ -295,6 +296,30 @@ def test_scorer_round_trip(trained_soft):
     assert blue[0] > blue[1]
 
 
+def test_step_likelihood_spans_cover_the_process_exactly(tiny_dir):
+    """The generative-verifier baseline: the step scores multiply to the probability of the whole
+    process given the head (no token counted twice, none left out), computed here by a separate
+    forward pass over the same text."""
+    scorer = StepLikelihoodScorer(tiny_dir, batch_size=2)
+    steps = [["3 + 4 = 7.", "The answer is 7."], ["3 + 4 = 8."], ["a", "b", "c"]]
+    scores = scorer.score("What is 3 + 4?", RED, steps)
+    assert [len(s) for s in scores] == [2, 1, 3]
+    assert all(0.0 < p <= 1.0 for row in scores for p in row)
+    alone = scorer.score("What is 3 + 4?", RED, [steps[0]])[0]
+    assert alone == pytest.approx(scores[0], rel=1e-4)  # padding does not change a candidate
+
+    record = {"id": 0, "question": "What is 3 + 4?", "process": scorer.process_text(steps[0]),
+              "labels": [0.0, 0.0], "image": RED}
+    full = scorer._inputs([record])
+    head_len = scorer._process_starts([record])[0]
+    with torch.no_grad():
+        logp = torch.log_softmax(scorer.model(**full).logits[0].float(), -1)
+    ids = full["input_ids"][0]
+    last_prm = int((ids == scorer.tokens.prm_token_id).nonzero().max())
+    total = sum(float(logp[t - 1, ids[t]]) for t in range(head_len, last_prm + 1))
+    assert math.log(scores[0][0]) + math.log(scores[0][1]) == pytest.approx(total, rel=1e-4)
+
+
 def test_training_from_train_config_adds_prm_token(tiny_dir, tmp_path):
     """A base checkpoint whose tokenizer lacks <prm>: it is added and the embeddings resized."""
     base = tmp_path / "no_prm"
@@ -335,11 +360,11 @@ def test_yes_no_must_be_single_tokens():
     ) == 1
 
 
-def test_shipped_toy_policy_trains_and_scores(tmp_path):
-    if not (TOY_POLICY_DIR / "config.json").exists():
-        pytest.skip(f"the shipped toy policy checkpoint is not there yet ({TOY_POLICY_DIR})")
+def test_shipped_toy_foundation_trains_and_scores(tmp_path):
+    """The default PRM base (TrainConfig.base_model) is the shipped foundation, and it trains."""
+    assert TrainConfig().base_model == str(TOY_FOUNDATION_DIR)
     out = tmp_path / "prm"
-    metrics = train_prm(TOY_POLICY_DIR, RECORDS, out, _train_cfg(max_steps=2), seed=0)
+    metrics = train_prm(TOY_FOUNDATION_DIR, RECORDS, out, _train_cfg(max_steps=2), seed=0)
     assert metrics["global_step"] == 2
     scores = PRMScorer(out).score("What is 3 + 4?", RED, [["3 + 4 = 7.", "The answer is 7."]])
     assert len(scores[0]) == 2 and all(0 < p < 1 for p in scores[0])
