@@ -230,38 +230,79 @@ def _eval_problems(conn: sa.Connection, store: ObjectStore, split: str, limit: i
              "image": store.get_bytes(r.image_key), "extra": r.extra} for r in rows]
 
 
+def _model_fingerprint(model_dir: str) -> str:
+    """Names, sizes and modification times of a checkpoint directory's files: a changed
+    checkpoint at the same path is a different model."""
+    root = Path(model_dir)
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
+    return _hash([(str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in files])
+
+
+def candidates_stage(settings: Settings, problems: list[dict[str, Any]]) -> tuple[str, list[list[dict[str, Any]]]]:
+    """``settings.eval.num_candidates`` verified policy samples per problem, stored as JSONL under
+    ``candidates/<id>.jsonl`` (one line per problem) and reused: the id hashes the policy (and its
+    files), the problems, the sampling settings and the seed, so every PRM evaluated on the same
+    problems is compared on the same candidates."""
+    from .evaluate import sample_candidates
+    from .policy import load_policy
+    from .verify import AnswerVerifier
+
+    store = open_store(settings)
+    policy_dir = resolve_model_path(settings.policy.model, settings) if settings.policy.backend != "openai" else ""
+    candidates_id = "cand-" + _hash({
+        "policy": settings.policy.model, "backend": settings.policy.backend,
+        "files": _model_fingerprint(policy_dir) if policy_dir else None,
+        "problems": [p["id"] for p in problems], "n": settings.eval.num_candidates,
+        "sampling": settings.sampling.model_dump(), "seed": settings.seed})
+    key = f"candidates/{candidates_id}.jsonl"
+    if store.exists(key):
+        lines = [json.loads(line) for line in store.get_bytes(key).decode().splitlines() if line.strip()]
+        by_problem = {line["problem_id"]: line["candidates"] for line in lines}
+        if all(p["id"] in by_problem for p in problems):
+            return candidates_id, [by_problem[p["id"]] for p in problems]
+    policy = load_policy(settings)
+    try:
+        with AnswerVerifier(settings.verify) as verifier:
+            candidates = sample_candidates(problems, policy, verifier, settings.eval.num_candidates,
+                                           settings.seed)
+    finally:
+        policy.close()
+    store.put_bytes(key, _jsonl([json.dumps({"problem_id": p["id"], "candidates": c}, ensure_ascii=False)
+                                 for p, c in zip(problems, candidates, strict=True)]), "application/x-ndjson")
+    return candidates_id, candidates
+
+
 def evaluate_stage(settings: Settings, checkpoint_id: str | None = None, *, split: str = "test",
                    limit: int | None = None) -> dict[str, Any]:
     """Best-of-N with the PRM on a split: report JSON + PNG in the store, rows in Postgres."""
-    from .evaluate import plot_report, run_best_of_n
-    from .policy import load_policy
-    from .prm import PRMScorer
-    from .verify import AnswerVerifier
+    from .evaluate import add_baseline, best_of_n, plot_report, score_candidates
+    from .prm import PRMScorer, StepLikelihoodScorer
 
     checkpoint_id = checkpoint_id or latest_checkpoint(settings)
     engine = get_engine(settings)
     store = open_store(settings)
     with engine.connect() as conn:
-        ckpt = conn.execute(sa.text("SELECT uri, dataset_id, config FROM checkpoints WHERE checkpoint_id = :c"),
-                            {"c": checkpoint_id}).one()
+        ckpt = conn.execute(sa.text("SELECT uri, dataset_id, base_model, config FROM checkpoints"
+                                    " WHERE checkpoint_id = :c"), {"c": checkpoint_id}).one()
         problems = _eval_problems(conn, store, split, limit)
         toy_trees = _toy_trees(conn, store, ckpt.dataset_id)
     evaluation_id = "eval-" + _hash({"checkpoint": checkpoint_id, "policy": settings.policy.model,
                                      "problems": [p["id"] for p in problems], "eval": settings.eval.model_dump(),
                                      "sampling": settings.sampling.model_dump(), "seed": settings.seed})
     prefix = f"reports/{evaluation_id}"
-    ckpt_dir = resolve_model_path(ckpt.uri, settings)
-    policy = load_policy(settings)
-    try:
-        with AnswerVerifier(settings.verify) as verifier:
-            scorer = PRMScorer(ckpt_dir, batch_size=settings.eval.prm_batch_size)
-            report, scored = run_best_of_n(problems, policy, verifier, scorer,
-                                           num_candidates=settings.eval.num_candidates,
-                                           ns=settings.eval.ns, seed=settings.seed)
-    finally:
-        policy.close()
+    candidates_id, candidates = candidates_stage(settings, problems)
+    scorer = PRMScorer(resolve_model_path(ckpt.uri, settings), batch_size=settings.eval.prm_batch_size)
+    scored = score_candidates(scorer, problems, candidates)
+    del scorer
+    report = best_of_n(scored, settings.eval.ns, settings.seed, headline=settings.eval.headline_aggregator)
+    if settings.eval.base_likelihood_baseline:
+        base = StepLikelihoodScorer(resolve_model_path(ckpt.base_model, settings),
+                                    batch_size=settings.eval.prm_batch_size)
+        add_baseline(report, "base-model likelihood", score_candidates(base, problems, candidates),
+                     seed=settings.seed)
     report = {**report, "evaluation_id": evaluation_id, "checkpoint_id": checkpoint_id,
-              "label_mode": ckpt.config.get("label_mode"), "policy_model": settings.policy.model,
+              "candidates_id": candidates_id, "label_mode": ckpt.config.get("label_mode"),
+              "policy_model": settings.policy.model, "base_model": ckpt.base_model,
               "split": split, "num_problems": len(problems)}
     first_error = _toy_first_error_report(problems, scored, toy_trees)
     if first_error:
@@ -318,7 +359,8 @@ def _record_evaluation(engine: sa.Engine, evaluation_id: str, checkpoint_id: str
                        num_problems: int, report_key: str, plot_key: str, report: dict[str, Any]) -> None:
     rows = []
     for row in report["rows"]:
-        methods = {**row["accuracy"], "random": row["random"], "majority_vote": row["majority_vote"],
+        methods = {**row["accuracy"], **row.get("baselines", {}), "random": row["random"],
+                   "majority_vote": row["majority_vote"],
                    "oracle": row["oracle"], **{f"pass@{k}": v for k, v in row["pass_at_k"].items()}}
         rows += [{"e": evaluation_id, "m": method, "n": row["n"], "a": float(acc)} for method, acc in methods.items()]
     with engine.begin() as conn:

@@ -16,7 +16,10 @@ from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-# The shipped tiny policy (issue 4); tests and the demo run on it without a training step.
+# The shipped tiny models (mmprm_tasks.toy.training): the foundation is the PRM's base, the policy
+# (the foundation fine-tuned to write tagged steps, with errors) samples rollouts. Tests and the
+# demo run on them without a training step.
+TOY_FOUNDATION_DIR = PACKAGE_DIR / "assets" / "toy_foundation"
 TOY_POLICY_DIR = PACKAGE_DIR / "assets" / "toy_policy"
 
 
@@ -115,7 +118,8 @@ class TrainConfig(BaseModel):
     label_mode: Literal["soft", "hard"] = "soft"
     bf16: bool | None = None  # None: on when CUDA supports it
     deepspeed: str | None = None  # path to a ZeRO config, or "zero1"/"zero2"/"zero3"
-    base_model: str = str(TOY_POLICY_DIR)
+    # The PRM's base: a pretrained VLM, not the policy (the paper fine-tunes InternVL2.5).
+    base_model: str = str(TOY_FOUNDATION_DIR)
 
 
 class EvalConfig(BaseModel):
@@ -124,6 +128,13 @@ class EvalConfig(BaseModel):
     num_candidates: int = Field(16, ge=1)
     ns: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16])
     prm_batch_size: int = Field(16, ge=1)
+    # The aggregator whose accuracy is the report's headline, named before any result is seen.
+    headline_aggregator: Literal[
+        "min", "last", "product", "average", "sum_logprob", "max", "sum_logit", "mean_odd"
+    ] = "min"
+    # Also score the candidates by the PRM base model's own step likelihood (a generative
+    # verifier needing no labels): the honest baseline for what the PRM learnt.
+    base_likelihood_baseline: bool = True
 
 
 class OrchestrationConfig(BaseModel):
