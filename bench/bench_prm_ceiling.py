@@ -1,4 +1,5 @@
-"""How well can a PRM fine-tuned from a given base learn to judge toy steps at all?
+"""How well can a PRM fine-tuned from a given base (default: the shipped toy foundation) learn to
+judge toy steps at all?
 
 Monte Carlo labels are a noisy estimate of step correctness; this benchmark removes that noise.
 It trains the PRM exactly as ``mmprm train`` does (:func:`mmprm_tasks.prm.train_prm`), twice from
@@ -40,9 +41,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from mmprm_tasks.evaluate import roc_auc, stratified_auc
 from mmprm_tasks.prm import PRMScorer, train_prm
-from mmprm_tasks.settings import TOY_POLICY_DIR, TrainConfig
-from mmprm_tasks.toy.world import Problem, first_error_index, problems_for_split, render_image, solve
+from mmprm_tasks.settings import TOY_FOUNDATION_DIR, TrainConfig
+from mmprm_tasks.toy.world import Problem, error_kind, first_error_index, problems_for_split, render_image, solve
 from mmprm_tasks.traverse import render_process
 
 Sample = tuple[Problem, list[str], int | None]  # problem, steps (answer last), first error
@@ -86,20 +88,6 @@ def path_records(
     return records
 
 
-def roc_auc(positives: Sequence[float], negatives: Sequence[float]) -> float | None:
-    """P(score of a random positive > a random negative), ties counted half."""
-    return stratified_auc({None: (positives, negatives)})
-
-
-def stratified_auc(groups: dict) -> float | None:
-    """ROC AUC over the (positive, negative) pairs that share a group, ties counted half."""
-    wins = pairs = 0.0
-    for positives, negatives in groups.values():
-        wins += sum((p > q) + 0.5 * (p == q) for p in positives for q in negatives)
-        pairs += len(positives) * len(negatives)
-    return wins / pairs if pairs else None
-
-
 def train_and_score(
     base: str, records: list[dict], test: Sequence[Sample], cfg: TrainConfig, seed: int,
     out_dir: Path, image_path: Callable[[Problem], str],
@@ -123,6 +111,15 @@ def truth_report(test: Sequence[Sample], scores: Sequence[Sequence[float]]) -> d
         by_kind = solutions.setdefault(problem.kind, ([], []))
         by_kind[0 if first_error is None else 1].append(min(row))
     positions = sorted(set(right) | set(wrong))
+    by_kind: dict[str, dict[int, tuple[list[float], list[float]]]] = {}
+    for (problem, steps, first_error), row in zip(test, scores, strict=True):
+        if first_error is not None and first_error < len(row):
+            kind = error_kind(problem.solution(), steps, first_error)
+            groups = by_kind.setdefault(kind, {})
+            groups.setdefault(first_error, ([], []))[1].append(row[first_error])
+    for groups in by_kind.values():
+        for i in groups:
+            groups[i][0].extend(right.get(i, []))
     return {
         "step_auc": stratified_auc({i: (right.get(i, []), wrong.get(i, [])) for i in positions}),
         "step_auc_by_position": {
@@ -130,6 +127,7 @@ def truth_report(test: Sequence[Sample], scores: Sequence[Sequence[float]]) -> d
                 "right": len(right.get(i, [])), "first_wrong": len(wrong.get(i, []))}
             for i in positions
         },
+        "step_auc_by_error_kind": {kind: stratified_auc(groups) for kind, groups in sorted(by_kind.items())},
         "solution_min_auc": stratified_auc(solutions),
     }
 
@@ -144,11 +142,11 @@ def surface_report(test: Sequence[Sample], scores: Sequence[Sequence[float]]) ->
 
 def main(argv: Sequence[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--base", default=str(TOY_POLICY_DIR), help="PRM base checkpoint")
+    ap.add_argument("--base", default=str(TOY_FOUNDATION_DIR), help="PRM base checkpoint")
     ap.add_argument("--train", type=int, default=1500, help="training paths")
     ap.add_argument("--test", type=int, default=400, help="held-out test solutions")
-    ap.add_argument("--epochs", type=float, default=4.0)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--epochs", type=float, default=8.0)
+    ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--wrong-step-rate", type=float, default=0.5)
     ap.add_argument("--seed", type=int, default=0)
