@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shlex
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -38,7 +37,12 @@ def seeds(
 def _train(name: str, out: Path, cfg, init_from: Path | None) -> None:
     from mmprm_tasks.toy.training import train_toy_model
 
-    command = "mmprm toy " + shlex.join(sys.argv[sys.argv.index(name):]) if name in sys.argv else None
+    # The command that reproduces this run, every knob explicit (defaults change between releases).
+    options = {"--out": out, "--steps": cfg.steps, "--seed": cfg.seed, "--lr": cfg.lr,
+               "--eval-problems": cfg.eval_problems, "--threads": cfg.threads}
+    if init_from is not None:
+        options |= {"--init-from": init_from, "--wrong-step-rate": cfg.wrong_step_rate}
+    command = shlex.join(["mmprm", "toy", name, *(str(v) for kv in options.items() for v in kv)])
     with Progress(
         TextColumn(name), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
         TimeElapsedColumn(), console=console,
