@@ -189,11 +189,32 @@ def evaluate(
     console.print_json(data=result)
 
 
+def headline_lines(reports: dict[str, dict]) -> list[str]:
+    """The demo's conclusion in words: the headline aggregator (a setting, fixed before any
+    result) at the largest N against the baselines, and soft against hard labels."""
+    lines = []
+    for mode, report in reports.items():
+        top = report.get("headline")
+        if not top:
+            continue
+        row = report["rows"][-1]
+        extra = "".join(f", {name} {100 * acc:.1f}%" for name, acc in row.get("baselines", {}).items())
+        lines.append(f"headline: {mode}-label PRM, {top['aggregator']} aggregator, Best-of-{top['n']} "
+                     f"{100 * top['accuracy']:.1f}% (random pick {100 * row['random']:.1f}%, majority vote "
+                     f"{100 * row['majority_vote']:.1f}%{extra}) on {report['num_problems']} test problems")
+    soft, hard = (reports.get(m, {}).get("headline") for m in ("soft", "hard"))
+    if soft and hard:
+        verdict = ("soft labels >= hard labels" if soft["accuracy"] >= hard["accuracy"]
+                   else "soft labels did not beat hard labels")
+        lines.append(f"{verdict}: Best-of-{soft['n']} {100 * soft['accuracy']:.1f}% vs {100 * hard['accuracy']:.1f}%")
+    return lines
+
+
 @app.command()
 def demo(
     home: Annotated[Path, typer.Option(help="Where the embedded run keeps everything")] = Path(".mmprm/demo"),
-    train_problems: Annotated[int, typer.Option("--train", min=4)] = 64,
-    test_problems: Annotated[int, typer.Option("--test", min=4)] = 32,
+    train_problems: Annotated[int, typer.Option("--train", min=4)] = 96,
+    test_problems: Annotated[int, typer.Option("--test", min=4)] = 128,
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """The embedded end-to-end run: toy seeds, Airflow DAGs in-process, PRM training, Best-of-N."""
@@ -220,6 +241,8 @@ def demo(
         console.print(render_table(report))
     if any("first_error" in report for report in result.reports.values()):
         console.print(render_first_error_table(result.reports))
+    for line in headline_lines(result.reports):
+        console.print(line, soft_wrap=True)
     outputs = Table(title="outputs")
     outputs.add_column("what")
     outputs.add_column("where", overflow="fold")

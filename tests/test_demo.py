@@ -86,15 +86,31 @@ def test_embedded_run_end_to_end(tmp_path):
 
 @pytest.mark.slow
 def test_demo_scale_prm_beats_random_pick(tmp_path):
-    """At demo scale the trained PRM's best aggregator beats random pick by >= 15 points of
-    Best-of-8 accuracy and is not below majority vote (issue 5)."""
+    """NOT MET YET (issue 11 stays open; slow-marked so CI shows it skipped with the reason):
+    the PRM trained on the demo's Monte Carlo paths does not yet pick better than random pick.
+
+    The bar, `make demo` as shipped: on >= 128 test problems, the soft-label PRM's headline
+    aggregator (named in the settings before any result) picks the right Best-of-8 candidate
+    >= 15 points more often than random pick and >= 3 points more often than majority vote, and
+    finds first errors at least as well as the Monte Carlo labels it learnt from."""
     home = tmp_path / "demo"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MMPRM_", "AIRFLOW"))}
     proc = subprocess.run([str(Path(sys.executable).parent / "mmprm"), "demo", "--home", str(home)],
                           env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
-    report = json.loads((home / "demo-summary.json").read_text())["reports"]["soft"]
-    row = next(r for r in report["rows"] if r["n"] == 8)
-    best = max(row["accuracy"].values())
-    assert best >= row["random"] + 0.15, row
-    assert best >= row["majority_vote"], row
+    reports = json.loads((home / "demo-summary.json").read_text())["reports"]
+    soft, hard = reports["soft"], reports["hard"]
+    assert soft["num_problems"] >= 128
+    row = next(r for r in soft["rows"] if r["n"] == 8)
+    headline = soft["headline"]
+    assert headline["aggregator"] == "min" and headline["n"] == 8
+    assert headline["accuracy"] == row["accuracy"]["min"]
+    assert headline["accuracy"] >= row["random"] + 0.15, row
+    assert headline["accuracy"] >= row["majority_vote"] + 0.03, row
+    assert soft["first_error"]["prm"]["f1"] >= soft["first_error"]["mc_labels"]["f1"], soft["first_error"]
+    # soft against hard labels: either soft holds up, or the output says plainly that it did not
+    hard_accuracy = hard["headline"]["accuracy"]
+    if headline["accuracy"] < hard_accuracy:
+        assert "soft labels did not beat hard labels" in proc.stdout
+    else:
+        assert "soft labels >= hard labels" in proc.stdout
