@@ -147,22 +147,33 @@ class PRMTokens:
     no_id: int
 
 
-def _single_token_id(tokenizer: Any, text: str) -> int:
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if len(ids) != 1:
+def _vocab_token_id(tokenizer: Any, token: str) -> int:
+    """The id of ``token`` as a vocabulary entry, resolved as the original release resolves its
+    reward tokens (``convert_tokens_to_ids``), not by encoding the text: on a SentencePiece-style
+    vocabulary ``tokenizer("Yes")`` gives ``▁Yes`` (a word-initial piece) while the release reads
+    the logit of ``Yes``, so encoding would train and score a real checkpoint on the wrong token
+    without any error."""
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    unknown = token_id is None or (
+        tokenizer.unk_token_id is not None and token_id == tokenizer.unk_token_id and token != tokenizer.unk_token
+    )
+    if unknown:
+        pieces = tokenizer.tokenize(token)
         raise ValueError(
-            f"the PRM reads the logits of {text!r}, which must be a single token; this tokenizer "
-            f"splits it into {len(ids)} tokens {ids}. Use a checkpoint whose tokenizer has "
-            f"{YES_TOKEN!r} and {NO_TOKEN!r} as single tokens."
+            f"the PRM reads the logit of {token!r}, which must be a single token in the vocabulary; this "
+            f"tokenizer has no token {token!r} (the text splits into {len(pieces)} pieces {pieces}). Use a "
+            f"checkpoint whose vocabulary has {YES_TOKEN!r} and {NO_TOKEN!r} as tokens."
         )
-    return int(ids[0])
+    return int(token_id)
 
 
 def ensure_prm_tokens(processor: Any, model: Any | None = None) -> PRMTokens:
     """Add ``<prm>`` as a special token when missing (resizing ``model``'s embeddings when the
     new id does not fit) and return the ids of ``<prm>``, ``Yes`` and ``No``.
 
-    Fails clearly when ``Yes``/``No`` are not single tokens or ``<prm>`` does not tokenize as one.
+    ``Yes`` and ``No`` are resolved with ``convert_tokens_to_ids`` as the release does; fails
+    clearly, naming the token, when one is not in the vocabulary or ``<prm>`` does not tokenize as
+    one token.
     """
     from tokenizers import AddedToken
 
@@ -185,8 +196,8 @@ def ensure_prm_tokens(processor: Any, model: Any | None = None) -> PRMTokens:
             model.resize_token_embeddings(len(tokenizer))
     tokens = PRMTokens(
         prm_token_id=int(prm_id),
-        yes_id=_single_token_id(tokenizer, YES_TOKEN),
-        no_id=_single_token_id(tokenizer, NO_TOKEN),
+        yes_id=_vocab_token_id(tokenizer, YES_TOKEN),
+        no_id=_vocab_token_id(tokenizer, NO_TOKEN),
     )
     if model is not None:
         model.config.prm_token_id = tokens.prm_token_id

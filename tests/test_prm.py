@@ -338,6 +338,38 @@ def test_training_from_train_config_adds_prm_token(tiny_dir, tmp_path):
     assert len(scores[0]) == 2
 
 
+def _sentencepiece_style_tokenizer(pieces):
+    """An offline Unigram tokenizer with SentencePiece's Metaspace (``▁`` marks a word start), as
+    Llama/InternLM-style checkpoints ship it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = [("<unk>", 0.0)] + [(p, -1.0 - i * 0.01) for i, p in enumerate(pieces)]
+    raw = Tokenizer(models.Unigram(vocab, unk_id=0, byte_fallback=False))
+    raw.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    raw.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    return PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>")
+
+
+def test_yes_no_ids_are_resolved_as_vocabulary_tokens_like_the_release():
+    """With both ``▁Yes`` and ``Yes`` in the vocabulary, encoding the text gives ``▁Yes``; the
+    release reads ``convert_tokens_to_ids('Yes')``, and so does the PRM."""
+    letters = list("abcdefghijklmnopqrstuvwxyzAY N")
+    tokenizer = _sentencepiece_style_tokenizer(["▁Yes", "▁No", "Yes", "No", "▁", *letters])
+    vocab = tokenizer.get_vocab()
+    assert tokenizer("Yes", add_special_tokens=False)["input_ids"] == [vocab["▁Yes"]]
+    tokens = ensure_prm_tokens(tokenizer)
+    assert tokens.yes_id == vocab["Yes"] != vocab["▁Yes"]
+    assert tokens.no_id == vocab["No"] != vocab["▁No"]
+    assert tokenizer.convert_ids_to_tokens(tokens.prm_token_id) == "<prm>"
+
+
+def test_a_vocabulary_without_yes_gets_an_error_naming_it():
+    tokenizer = _sentencepiece_style_tokenizer(["▁Yes", "▁No", "No", "▁", *"YesNo"])
+    with pytest.raises(ValueError, match="no token 'Yes'"):
+        ensure_prm_tokens(tokenizer)
+
+
 def test_yes_no_must_be_single_tokens():
     """A byte-level tokenizer without merges spells 'Yes' in three tokens: a clear error."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -352,8 +384,9 @@ def test_yes_no_must_be_single_tokens():
                             show_progress=False),
     )
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw)
-    with pytest.raises(ValueError, match="must be a single token"):
+    with pytest.raises(ValueError, match="'Yes', which must be a single token in the vocabulary") as error:
         ensure_prm_tokens(tokenizer)
+    assert "3 pieces" in str(error.value)
     # <prm> was added as one special token before the Yes/No check failed
     assert tokenizer("a<prm>b", add_special_tokens=False)["input_ids"].count(
         tokenizer.convert_tokens_to_ids("<prm>")
