@@ -116,34 +116,46 @@ def process_example(processor: Any, problem: Problem, rng: random.Random) -> Exa
     return _loss_after(processor.tokenizer, head, full)
 
 
+def reading_question(problem: Problem, rng: random.Random) -> tuple[str, bool]:
+    """A yes/no question about one number in ``problem``'s image, true half of the time (a false
+    one names a digit easily confused with the right one)."""
+    slot = rng.randrange(len(problem.numbers))
+    digit = problem.numbers[slot]
+    if rng.random() < 0.5:
+        digit = rng.choice(_CONFUSABLE[digit])
+    return f"Is the {ORDINALS[slot]} number in the image {digit}?", digit == problem.numbers[slot]
+
+
+def arithmetic_question(facts: Sequence[tuple[int, str, int]], rng: random.Random) -> tuple[str, bool]:
+    """A yes/no question about one of ``facts``, stating its right result half of the time and a
+    plausible slip otherwise."""
+    x, op, y = rng.choice(facts)
+    value = _apply(op, x, y)
+    stated = value if rng.random() < 0.5 else _slip(op, x, y, value, rng)
+    return f"Is {x} {op} {y} = {stated}?", stated == value
+
+
+def judgement_head(processor: Any) -> str:
+    """The user turn that opens a judgement example, up to the first question."""
+    return processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": JUDGEMENT_INSTRUCTION}]}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+
+
 def judgement_example(
     processor: Any, problem: Problem, rng: random.Random, fact_pool: Sequence[Problem]
 ) -> Example:
     """Yes/no questions about ``problem``'s image and about arithmetic facts of the world (from
     this and two other problems of ``fact_pool``), half of them true, each answered."""
-    questions: list[tuple[str, bool]] = []
-    for _ in range(READING_JUDGEMENTS):
-        slot = rng.randrange(len(problem.numbers))
-        digit = problem.numbers[slot]
-        if rng.random() < 0.5:
-            digit = rng.choice(_CONFUSABLE[digit])
-        questions.append(
-            (f"Is the {ORDINALS[slot]} number in the image {digit}?", digit == problem.numbers[slot])
-        )
+    questions = [reading_question(problem, rng) for _ in range(READING_JUDGEMENTS)]
     facts = [f for p in (problem, rng.choice(fact_pool), rng.choice(fact_pool)) for f in arithmetic_facts(p, rng)]
     while len(questions) < JUDGEMENTS_PER_EXAMPLE:
-        x, op, y = rng.choice(facts)
-        value = _apply(op, x, y)
-        stated = value if rng.random() < 0.5 else _slip(op, x, y, value, rng)
-        questions.append((f"Is {x} {op} {y} = {stated}?", stated == value))
+        questions.append(arithmetic_question(facts, rng))
     rng.shuffle(questions)
     tokenizer = processor.tokenizer
-    head = processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": JUDGEMENT_INSTRUCTION}]}],
-        add_generation_prompt=True,
-        tokenize=False,
-    )
-    ids = tokenizer(_expand_image(head), add_special_tokens=False)["input_ids"]
+    ids = tokenizer(_expand_image(judgement_head(processor)), add_special_tokens=False)["input_ids"]
     labels = [-100] * len(ids)
     for j, (question, true) in enumerate(questions):
         asked = tokenizer(("\n" if j else "") + question, add_special_tokens=False)["input_ids"]

@@ -40,21 +40,19 @@ from PIL import Image
 
 from mmprm_tasks.rollouts import Rollout, parse_rollout
 from mmprm_tasks.toy.corpus import (
-    JUDGEMENT_INSTRUCTION,
     Example,
+    arithmetic_question,
     judgement_example,
+    judgement_head,
     process_example,
     prompt_text,
+    reading_question,
     tagged_example,
 )
 from mmprm_tasks.toy.model import build_tiny_vlm
 from mmprm_tasks.toy.tokenizer import build_tokenizer
 from mmprm_tasks.toy.world import (
-    _CONFUSABLE,
-    ORDINALS,
     Problem,
-    _apply,
-    _slip,
     arithmetic_facts,
     is_correct_answer,
     problems_for_split,
@@ -309,22 +307,13 @@ def judgement_auc(model: Any, processor: Any, problems: Sequence[Problem], seed:
     rng = random.Random(seed)
     tokenizer = processor.tokenizer
     yes, no = tokenizer.convert_tokens_to_ids("Yes"), tokenizer.convert_tokens_to_ids("No")
-    head = processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": JUDGEMENT_INSTRUCTION}]}],
-        add_generation_prompt=True,
-        tokenize=False,
-    )
+    head = judgement_head(processor)
     scores: dict[str, tuple[list[float], list[float]]] = {"image": ([], []), "arithmetic": ([], [])}
     model.eval()
     for problem in problems:
-        slot = rng.randrange(len(problem.numbers))
-        digit = problem.numbers[slot] if rng.random() < 0.5 else rng.choice(_CONFUSABLE[problem.numbers[slot]])
-        x, op, y = rng.choice(arithmetic_facts(problem, rng))
-        value = _apply(op, x, y)
-        stated = value if rng.random() < 0.5 else _slip(op, x, y, value, rng)
-        for kind, question, true in (
-            ("image", f"Is the {ORDINALS[slot]} number in the image {digit}?", digit == problem.numbers[slot]),
-            ("arithmetic", f"Is {x} {op} {y} = {stated}?", stated == value),
+        for kind, (question, true) in (
+            ("image", reading_question(problem, rng)),
+            ("arithmetic", arithmetic_question(arithmetic_facts(problem, rng), rng)),
         ):
             enc = processor(text=[head + question + " "], images=[render_image(problem.numbers)], return_tensors="pt")
             pair = model(**enc).logits[0, -1, [yes, no]].float()
