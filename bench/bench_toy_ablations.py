@@ -30,7 +30,7 @@ from rich.table import Table
 def main(argv: Sequence[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--home", type=Path, default=Path(".mmprm/demo"), help="home of a finished embedded run")
-    ap.add_argument("--learning-rates", type=float, nargs="+", default=[1e-5, 1e-4, 1e-3],
+    ap.add_argument("--learning-rates", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3],
                     help="soft-label PRMs at these peak learning rates (the demo's own is one of them)")
     ap.add_argument("--out", type=Path, default=None, help="write the JSON report here")
     args = ap.parse_args(argv)

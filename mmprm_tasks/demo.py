@@ -32,7 +32,7 @@ DEMO_SETTINGS = {
     # Toy steps are a few words each ("3 + 5 = 8."): SPEC's 10-word floor would drop most paths.
     "MMPRM_TRAVERSE__MIN_WORDS": "3",
     # The paper's small-learning-rate finding holds here too (issue 11: 1e-3 destroys what the
-    # foundation knows, 1e-4 keeps it); bench/bench_toy_ablations.py measures 1e-5, 1e-4, 1e-3.
+    # foundation knows, 1e-4 keeps it); bench/bench_toy_ablations.py measures 1e-4, 3e-4, 1e-3.
     "MMPRM_TRAIN__LEARNING_RATE": "1e-4",
     "MMPRM_TRAIN__NUM_TRAIN_EPOCHS": "8",
     "MMPRM_TRAIN__PER_DEVICE_TRAIN_BATCH_SIZE": "16",
