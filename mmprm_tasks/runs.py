@@ -146,13 +146,19 @@ def mark_done(conn: sa.Connection, run_id: str, problem_id: str) -> None:
         " WHERE run_id = :run AND problem_id = :pid"), {"run": run_id, "pid": problem_id})
 
 
+def storable_error(error: str, limit: int = 2000) -> str:
+    """An error text Postgres accepts: NUL (which a TEXT column rejects, and which a broken
+    judge's garbage reply can carry) written visibly as ``\\x00``, cut to ``limit`` characters."""
+    return error.replace("\x00", "\\x00")[:limit]
+
+
 def release_leases(settings: Settings, run_id: str, owner: str, error: str) -> int:
     """Give unfinished leases back at once (the task failed; its retry or a peer continues)."""
     with get_engine(settings).begin() as conn:
         return conn.execute(sa.text(
             "UPDATE chunk_problems SET status = 'pending', lease_owner = NULL, lease_expires_at = NULL,"
             " error = :err WHERE run_id = :run AND lease_owner = :owner AND status = 'leased'"),
-            {"run": run_id, "owner": owner, "err": error[:2000]}).rowcount
+            {"run": run_id, "owner": owner, "err": storable_error(error)}).rowcount
 
 
 def finish_chunks(settings: Settings, run_id: str) -> None:

@@ -61,6 +61,19 @@ def test_release_and_expiry_hand_work_back(settings, tmp_path):
     assert len(claim_problems(short, "r", 0, "third", limit=3)) == len(taken)
 
 
+def test_release_keeps_an_error_text_with_nul_bytes(settings, tmp_path):
+    """A judge's garbage reply can carry NUL, which a Postgres TEXT column rejects: releasing the
+    leases must still work (else the real error is hidden and the problems stay leased)."""
+    _seed(settings, tmp_path, 3)
+    shard_run(settings, "r", chunk_size=3)
+    claim_problems(settings, "r", 0, "w0", limit=3)
+    assert release_leases(settings, "r", "w0", "VerificationError: judge said 'Y\x00es'") == 3
+    with get_engine(settings).connect() as conn:
+        errors = conn.execute(sa.text("SELECT DISTINCT error FROM chunk_problems WHERE run_id = 'r'")).scalars().all()
+    assert errors == ["VerificationError: judge said 'Y\\x00es'"]
+    assert run_progress(settings, "r") == {"pending": 3}
+
+
 def test_finish_marks_chunks_and_run(settings, tmp_path):
     _seed(settings, tmp_path, 4)
     shard_run(settings, "r", chunk_size=2)
