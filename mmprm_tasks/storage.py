@@ -13,6 +13,7 @@ import io
 import json
 import os
 import tempfile
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
@@ -107,23 +108,52 @@ def _check_key(key: str) -> str:
     return key
 
 
+TEMPORARY_PREFIX = ".tmp-"
+# A temporary file this old was left by a writer that died (a live one renames it in seconds).
+STALE_TEMPORARY_S = 3600.0
+
+
 class LocalStore(ObjectStore):
-    """Objects as files under a root directory; writes are atomic (temp file + rename)."""
+    """Objects as files under a root directory; writes are atomic (temp file + rename).
+
+    A writer killed between the two leaves its temporary file behind; the first write into a
+    directory (per store object) removes the ones older than :data:`STALE_TEMPORARY_S`, so
+    leftovers do not pile up and the scan costs one directory listing, not one per write."""
 
     def __init__(self, root: str | os.PathLike[str]):
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
+        self._swept: set[Path] = set()
 
     def _path(self, key: str) -> Path:
         return self.root / _check_key(key)
 
+    def _sweep_stale_temporaries(self, directory: Path) -> None:
+        if directory in self._swept:
+            return
+        self._swept.add(directory)
+        cutoff = time.time() - STALE_TEMPORARY_S
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if entry.name.startswith(TEMPORARY_PREFIX) and entry.is_file(follow_symlinks=False):
+                    try:
+                        if entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                            os.unlink(entry.path)
+                    except FileNotFoundError:
+                        pass  # a peer swept it first
+
     def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> str:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
+        self._sweep_stale_temporaries(path.parent)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TEMPORARY_PREFIX)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
         return self.uri(key)
 
     def get_bytes(self, key: str) -> bytes:
@@ -137,7 +167,7 @@ class LocalStore(ObjectStore):
 
     def iter_keys(self, prefix: str = "") -> Iterator[str]:
         for path in self.root.rglob("*"):
-            if path.is_file() and not path.name.startswith(".tmp-"):
+            if path.is_file() and not path.name.startswith(TEMPORARY_PREFIX):
                 key = path.relative_to(self.root).as_posix()
                 if key.startswith(prefix):
                     yield key

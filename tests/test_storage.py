@@ -112,6 +112,31 @@ def test_local_store_writes_atomically(tmp_path):
     assert [p.name for p in (tmp_path / "x").iterdir()] == ["y"]
 
 
+def test_local_store_removes_temporaries_of_failed_and_dead_writers(tmp_path):
+    """A failed write leaves nothing; a writer killed mid-write (SIGKILL, nothing to clean up)
+    leaves a temporary file that the next write into that directory removes once it is stale,
+    while a fresh one (a live writer's) stays."""
+    import os
+    import time
+
+    from mmprm_tasks.storage import STALE_TEMPORARY_S
+
+    store = LocalStore(tmp_path)
+    with pytest.raises(TypeError):
+        store.put_bytes("x/bad", "not bytes")  # type: ignore[arg-type]
+    assert list((tmp_path / "x").iterdir()) == []
+
+    (tmp_path / "y").mkdir()
+    dead, live = tmp_path / "y" / ".tmp-dead", tmp_path / "y" / ".tmp-live"
+    dead.write_bytes(b"half")
+    live.write_bytes(b"writing")
+    old = time.time() - STALE_TEMPORARY_S - 60
+    os.utime(dead, (old, old))
+    assert list(store.iter_keys("y/")) == []  # temporaries are never objects
+    LocalStore(tmp_path).put_bytes("y/z", b"1")
+    assert sorted(p.name for p in (tmp_path / "y").iterdir()) == [".tmp-live", "z"]
+
+
 def test_s3_rejects_wrong_credentials(s3_server):
     client = Minio(s3_server.endpoint, access_key="intruder", secret_key="wrong-secret", secure=False,
                    region="us-east-1")
