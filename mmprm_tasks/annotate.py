@@ -181,7 +181,7 @@ def annotate_chunk(settings: Settings, run_id: str, chunk_index: int, *, worker:
                 problem = _load_problem(conn, store, problem_id)
             yield problem  # outside the connection: the search may hold this generator for long
 
-    rollouts = 0
+    rollouts = unverifiable = 0
     mixed = 0
     try:
         for result in run_search(problems(), counting, verifier, settings.search, settings.seed):
@@ -189,6 +189,7 @@ def annotate_chunk(settings: Settings, run_id: str, chunk_index: int, *, worker:
             renew_leases(settings, run_id, owner)
             done.append(result.problem_id)
             rollouts += result.stats["rollouts"]
+            unverifiable += result.stats["unverifiable"]
             mixed += 0 < result.tree["mc_value"] < 1
             log.info("tree %s: root mc %.3f, %d nodes", result.problem_id, result.tree["mc_value"],
                      result.stats["nodes"])
@@ -200,7 +201,8 @@ def annotate_chunk(settings: Settings, run_id: str, chunk_index: int, *, worker:
             verifier.close()
         if policy is None:
             counting.close()
-        stats = {"trees": len(done), "rollouts": rollouts, "trees_mixed_root": mixed,
+        stats = {"trees": len(done), "rollouts": rollouts, "unverifiable_answers": unverifiable,
+                 "trees_mixed_root": mixed,
                  "engine_calls": counting.stats.calls, "engine_requests": counting.stats.requests,
                  "engine_rollouts": counting.stats.rollouts, "engine_seconds": round(counting.stats.seconds, 3)}
         with engine.begin() as conn:

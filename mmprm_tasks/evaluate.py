@@ -358,7 +358,9 @@ def sample_candidates(
     problem a list of ``{"steps": rollout, "final_answer": rollout[-1] or None, "correct":
     bool}``.  A rollout with no tagged steps has no answer: it is wrong without asking the
     verifier (that is the policy's failure, not an infrastructure failure); verifier and policy
-    errors propagate.
+    errors propagate, and so does an answer the verifier could not judge (``None``: no judge is
+    configured for answers the rules cannot read), since Best-of-N accuracy over candidates of
+    unknown correctness would be a guess.
     """
     from mmprm_tasks.policy import GenerationRequest
 
@@ -387,7 +389,19 @@ def sample_candidates(
             for rs in rollouts
         ]
         for (i, j), ok in zip(where, verdicts, strict=True):
-            results[i][j]["correct"] = bool(ok)
+            if ok is None:
+                from mmprm_tasks.verify import VerificationError
+
+                try:
+                    name = _field(chunk[i], "id")
+                except KeyError:
+                    name = f"#{start + i}"
+                raise VerificationError(
+                    f"problem {name}: candidate answer {results[i][j]['final_answer']!r} cannot be "
+                    f"checked against the gold {_field(chunk[i], 'answer', 'correct_answer')!r} by the "
+                    "rules and no judge is configured (verify.judge_base_url)"
+                )
+            results[i][j]["correct"] = ok
         out.extend(results)
     return out
 

@@ -85,6 +85,7 @@ class SearchResult:
     ``tree`` is the SPEC §4 record (``json.dumps``-able as is).  ``stats`` has ``rollouts``
     (policy samples spent), ``mc_estimations`` (prefixes estimated, root included),
     ``searches`` (selections made), ``verifications`` (answer checks asked of the verifier),
+    ``unverifiable`` (answers the verifier could not judge: left out of every MC value),
     ``nodes`` (nodes in the tree, root included) and ``stop_reason`` (a :class:`StopReason`).
     """
 
@@ -114,7 +115,7 @@ class _Policy(Protocol):
 
 
 class _Verifier(Protocol):
-    def check_many(self, pairs: Sequence[tuple[str, str]]) -> list[bool]: ...
+    def check_many(self, pairs: Sequence[tuple[str, str]]) -> list[bool | None]: ...
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,6 +191,7 @@ class _Tree:
         self.mc_estimations = 0
         self.searches = 0
         self.verifications = 0
+        self.unverifiable = 0
         self.stop_reason: str | None = None
 
     def _new_node(self, steps: Steps, parent: _Node | None) -> _Node:
@@ -228,14 +230,24 @@ class _Tree:
         Normally ``num_rollouts`` samples.  When fewer than that remain of the problem's
         ``rollout_budget``, only the remaining ``k`` are sampled and ``mc_value = correct / k``
         (the same estimator over the samples actually drawn), so the budget is never exceeded.
+        A rollout whose answer could not be verified (verdict ``None``) is spent but is neither
+        correct nor incorrect: the estimate is over the verified ones, and a node none of whose
+        rollouts could be verified is an error, never a label.
         """
         k = min(self.cfg.num_rollouts, self.cfg.rollout_budget - self.rollouts)
         if k <= 0:
             return False
-        results: list[tuple[Steps, bool]] = yield _Estimate(node.prefix, k)
-        self.rollouts += len(results)
+        answered: list[tuple[Steps, bool | None]] = yield _Estimate(node.prefix, k)
+        self.rollouts += len(answered)
         self.mc_estimations += 1
-        self.verifications += sum(1 for rollout, _ in results if rollout)
+        self.verifications += sum(1 for rollout, _ in answered if rollout)
+        results = [(rollout, ok) for rollout, ok in answered if ok is not None]
+        self.unverifiable += len(answered) - len(results)
+        if not results:
+            raise VerificationError(
+                f"problem {self.problem.id}: none of the {len(answered)} answers sampled from "
+                f"prefix {list(node.prefix)!r} could be verified (configure an LLM judge: verify.judge_base_url)"
+            )
         n_correct = 0
         seen: set[tuple[Steps, bool]] = set()  # a node is estimated once: its lists start empty
         for rollout, ok in results:
@@ -273,9 +285,13 @@ class _Tree:
         while left <= right:
             mid = (left + right) // 2
             if left == right == length - 1:
-                child = self._new_node(rollout[left : mid + 1], current)
                 self.verifications += 1
-                ok: bool = yield _Verify(rollout[-1])
+                ok: bool | None = yield _Verify(rollout[-1])
+                if ok is None:
+                    # Unverifiable: no node, so no label; the search goes on elsewhere.
+                    self.unverifiable += 1
+                    return
+                child = self._new_node(rollout[left : mid + 1], current)
                 child.mc_value = 1.0 if ok else 0.0
                 return
             if self.rollouts >= self.cfg.rollout_budget:
@@ -376,6 +392,7 @@ class _Tree:
             "mc_estimations": self.mc_estimations,
             "searches": self.searches,
             "verifications": self.verifications,
+            "unverifiable": self.unverifiable,
             "nodes": self.nodes,
             "stop_reason": self.stop_reason,
         }
@@ -482,14 +499,14 @@ def run_search(
             raise VerificationError(
                 f"verifier returned {len(verdicts)} verdicts for {len(pairs)} checks"
             )
-        if any(type(v) is not bool for v in verdicts):
-            raise VerificationError("verifier returned a verdict that is not a bool")
+        if any(v is not None and type(v) is not bool for v in verdicts):
+            raise VerificationError("verifier returned a verdict that is neither a bool nor None")
 
         # Hand every search its answer, in the order the pairs were built.
         answers: dict[int, Any] = {}
         cursor = 0
         for a, rollouts in zip(estimates, sampled):
-            labelled: list[tuple[Steps, bool]] = []
+            labelled: list[tuple[Steps, bool | None]] = []
             for r in rollouts:
                 if r:
                     labelled.append((r, verdicts[cursor]))

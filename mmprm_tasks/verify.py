@@ -8,7 +8,10 @@ to an optional LLM judge behind an OpenAI-compatible endpoint that must answer e
 
 The one rule of this module: a check that cannot be made (a timeout, a crashed worker, a judge
 that is down or answers nonsense) raises :class:`VerificationError`.  It is never turned into
-``False``; a wrong label silently poisons every MC value above it in the tree.
+``False``; a wrong label silently poisons every MC value above it in the tree.  An answer the
+rules cannot read when no judge is configured (gold "one", rollout "1") is not a failure of the
+infrastructure but not a verdict either: it is ``None`` ("unverifiable"), counted in ``stats``,
+and callers leave it out of every label.
 """
 
 from __future__ import annotations
@@ -393,8 +396,12 @@ def _cache_key(candidate: str, gold: str) -> tuple[str, str]:
     return re.sub(r"\s+", " ", candidate.strip()), re.sub(r"\s+", " ", gold.strip())
 
 
+Verdict = bool | None  # None: unverifiable (the rules cannot read it and no judge is configured)
+
+
 class AnswerVerifier:
-    """``check_many([(candidate, gold), ...]) -> [bool, ...]`` with rules, judge and a cache.
+    """``check_many([(candidate, gold), ...]) -> [True | False | None, ...]`` with rules, judge
+    and a cache; ``None`` only without a judge, for answers the rules cannot read.
 
     ``rule_fn`` replaces the rule check run in the workers (a picklable callable returning
     ``"true" | "false" | "undecided"``; tests inject :func:`slow_rule_check`).  Thread-safe:
@@ -417,22 +424,22 @@ class AnswerVerifier:
         )
         self._pool = RulePool(self.cfg.workers, self.cfg.timeout_s, rule_fn)
         self._judge_concurrency = judge_concurrency
-        self._cache: dict[tuple[str, str], bool] = {}
+        self._cache: dict[tuple[str, str], Verdict] = {}
         self._lock = threading.Lock()
-        self.stats = {"checks": 0, "cache_hits": 0, "rule": 0, "judge": 0, "timeouts": 0}
+        self.stats = {"checks": 0, "cache_hits": 0, "rule": 0, "judge": 0, "timeouts": 0, "unverifiable": 0}
 
     @property
     def has_judge(self) -> bool:
         return self._judge is not None
 
-    def check(self, candidate: str, gold: str) -> bool:
+    def check(self, candidate: str, gold: str) -> Verdict:
         return self.check_many([(candidate, gold)])[0]
 
-    def check_many(self, pairs: Sequence[tuple[str, str]]) -> list[bool]:
+    def check_many(self, pairs: Sequence[tuple[str, str]]) -> list[Verdict]:
         with self._lock:
             return self._check_many(pairs)
 
-    def _check_many(self, pairs: Sequence[tuple[str, str]]) -> list[bool]:
+    def _check_many(self, pairs: Sequence[tuple[str, str]]) -> list[Verdict]:
         keys = [_cache_key(str(c), str(g)) for c, g in pairs]
         self.stats["checks"] += len(keys)
         todo = list(dict.fromkeys(k for k in keys if k not in self._cache))
@@ -451,9 +458,9 @@ class AnswerVerifier:
                 if self._judge is not None:
                     for_judge.append(key)
                 elif outcome.result == "undecided":
-                    # Rules cannot read the answer and nobody else can: it does not match.
-                    self._cache[key] = False
-                    self.stats["rule"] += 1
+                    # Rules cannot read the answer and no judge is configured: no verdict.
+                    self._cache[key] = None
+                    self.stats["unverifiable"] += 1
                 else:
                     failures.append(f"{key[0]!r} vs {key[1]!r}: {outcome.failure}")
             if failures:

@@ -314,6 +314,20 @@ def test_sample_candidates_with_real_verifier():
     assert candidates[1][1]["final_answer"] == "$10$"
 
 
+def test_a_candidate_that_cannot_be_verified_stops_the_evaluation():
+    """Gold "seven", answer "7", no judge: correctness is unknown, so no accuracy is computed."""
+    from mmprm_tasks.settings import VerifyConfig
+    from mmprm_tasks.verify import AnswerVerifier, VerificationError
+
+    problems = [{"id": "p7", "question": "q", "image": b"img", "answer": "seven"}]
+    verifier = AnswerVerifier(VerifyConfig(workers=1))
+    try:
+        with pytest.raises(VerificationError, match="problem p7: candidate answer '7'.*no judge"):
+            sample_candidates(problems, ScriptedPolicy({"q": [["7"]]}), verifier, n=1, seed=0)
+    finally:
+        verifier.close()
+
+
 def test_score_and_report_with_a_real_tiny_prm(tmp_path):
     """The real pieces end to end: a transformers policy and a PRMScorer on a random tiny LLaVA."""
     from mmprm_tasks.policy.hf import TransformersPolicy

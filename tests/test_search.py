@@ -149,7 +149,7 @@ def test_binary_search_finds_the_first_wrong_step():
     assert prefixes == [(), tuple(WRONG[:4]), tuple(WRONG[:6]), tuple(WRONG[:5])]
     assert all(r.question == "What is it?" and r.image == IMAGE for c in policy.calls for r in c)
     assert result.stats == {
-        "rollouts": 16, "mc_estimations": 4, "searches": 1, "verifications": 16,
+        "rollouts": 16, "mc_estimations": 4, "searches": 1, "verifications": 16, "unverifiable": 0,
         "nodes": len(flatten_tree(tree)), "stop_reason": "max_search_count",
     }
 
@@ -231,7 +231,7 @@ def test_hand_computed_tree():
     assert result.tree == expected
     assert result.problem_id == "p1"
     assert result.stats == {"rollouts": 20, "mc_estimations": 4, "searches": 4,
-                            "verifications": 20, "nodes": 7, "stop_reason": "pool_empty"}
+                            "verifications": 20, "unverifiable": 0, "nodes": 7, "stop_reason": "pool_empty"}
     # The empty rollout never reaches the verifier; the lone final step does.
     checked = [c for call in verifier.calls for c, _ in call]
     assert "" not in checked and checked.count("7") == 2
@@ -516,7 +516,7 @@ def test_stop_at_max_search_count():
     assert sum(r.visit_count for r in flatten_tree(result.tree)) == 3
     root_only, policy, _ = search_one(always_mixed_script, cfg(num_rollouts=4, max_search_count=0))
     assert root_only.stats == {"rollouts": 4, "mc_estimations": 1, "searches": 0,
-                               "verifications": 4, "nodes": 2, "stop_reason": "max_search_count"}
+                               "verifications": 4, "unverifiable": 0, "nodes": 2, "stop_reason": "max_search_count"}
     assert len(policy.calls) == 1
 
 
@@ -658,6 +658,33 @@ def test_verification_error_propagates_and_is_never_a_label():
     with pytest.raises(VerificationError):  # a verdict that is not a bool is not "incorrect"
         list(run_search(probs, ScriptedPolicy(always_mixed_script),
                         ExactVerifier(verdict=0), cfg(num_rollouts=4), seed=0))
+
+
+class UnreadableVerifier(ExactVerifier):
+    """Answers "?" cannot be read (no judge configured): the verdict is None."""
+
+    def check_many(self, pairs):
+        self.calls.append(list(pairs))
+        return [None if c == "?" else c.strip() == g.strip() for c, g in pairs]
+
+
+def test_unverifiable_answers_are_left_out_of_mc_values_and_counted():
+    def script(question, prefix, i):
+        if prefix:
+            return RIGHT[len(prefix):]
+        return [RIGHT, WRONG, RIGHT[:-1] + ["?"], RIGHT][i % 4]
+
+    results = list(run_search([problem()], ScriptedPolicy(script), UnreadableVerifier(),
+                              cfg(num_rollouts=4, max_search_count=0), seed=0))
+    tree = results[0].tree
+    # 2 right, 1 wrong, 1 unreadable: the estimate is over the 3 verified answers
+    assert tree["mc_value"] == pytest.approx(2 / 3)
+    assert tree["incorrect_rollouts"] == [WRONG] and tree["correct_rollouts"] == [RIGHT]
+    assert results[0].stats["unverifiable"] == 1 and results[0].stats["rollouts"] == 4
+
+    with pytest.raises(VerificationError, match="none of the 4 answers"):
+        list(run_search([problem()], ScriptedPolicy(lambda q, p, i: ["c1", "?"]), UnreadableVerifier(),
+                        cfg(num_rollouts=4), seed=0))
 
 
 def test_malformed_policy_output_is_a_policy_error():

@@ -87,9 +87,14 @@ def test_rule_equivalences(verifier, candidate, gold, expected):
     assert verifier.check(candidate, gold) is expected
 
 
-def test_check_many_keeps_order_and_unparseable_is_false_without_judge(verifier):
-    pairs = [("15", "15"), ("I do not know", "15"), ("The final answer is 7", "8"), ("red", "Red")]
-    assert verifier.check_many(pairs) == [True, False, False, True]
+def test_check_many_keeps_order_and_unparseable_is_unverifiable_without_judge(verifier):
+    """What the rules cannot read, with no judge configured, is no verdict at all (issue 13:
+    gold "one" vs rollout "1" used to be labelled incorrect)."""
+    before = verifier.stats["unverifiable"]
+    pairs = [("15", "15"), ("I do not know", "15"), ("The final answer is 7", "8"), ("red", "Red"),
+             ("1", "one")]
+    assert verifier.check_many(pairs) == [True, None, False, True, None]
+    assert verifier.stats["unverifiable"] == before + 2
     assert verifier.check_many([]) == []
     assert rule_check("I do not know", "15") == "undecided"
 
