@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import re
 import warnings
 from collections import Counter
@@ -171,6 +172,8 @@ def read_records(path: Path) -> list[tuple[int, Any] | tuple[int, RecordRejected
             out.append((index, json.loads(line)))
         except json.JSONDecodeError as exc:
             out.append((index, RecordRejected("<record>", f"invalid JSON: {exc.msg} at column {exc.colno}")))
+        except RecursionError:
+            out.append((index, RecordRejected("<record>", "JSON nested too deeply to read")))
     return out
 
 
@@ -213,6 +216,10 @@ class ImageResolver:
         for base in bases:
             resolved = base.resolve()
             if not any(resolved.is_relative_to(root) for root in self.roots):
+                if any(Path(os.path.normpath(base)).is_relative_to(root) for root in self.roots):
+                    # Inside a root as written, outside once links are followed: an escape.
+                    raise RecordRejected("image_path", f"{image_path!r} is a link that resolves outside the "
+                                                       f"allowed image roots {[str(r) for r in self.roots]}")
                 continue
             if resolved.is_file():
                 size = resolved.stat().st_size

@@ -132,6 +132,8 @@ def _bad_seed_file(root: Path) -> tuple[Path, dict[int, tuple[str, str]]]:
     bad("bad-json", "<record>", raw=b'{"id": "bad-json", "question": "unterminated')
     bad("bad-id-chars", "id", rec("a/b/../c"))
     bad("huge-extra", "<extra>", rec("huge-extra", notes="n" * 200_000))
+    # nesting beyond what the JSON reader can recurse into: one rejected record, not a failed file
+    bad("deep-json", "<record>", raw=b'{"id": "deep-json", "notes": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
     good(8)
     good(9)
     path = root / "mixed.jsonl"
@@ -194,6 +196,24 @@ def test_image_root_allows_images_elsewhere(settings, tmp_path):
     assert ingest_file(seed, settings).rejected[0].field == "image_path"
     report = ingest_file(seed, settings.with_overrides({"image_root": str(images)}))
     assert report.inserted == 1
+
+
+def test_a_link_escaping_the_image_roots_is_named_an_escape(settings, tmp_path):
+    """With two roots (the seed file's folder and image_root), a link under one root that points
+    outside both is an escape, not a missing file."""
+    images = tmp_path / "shared-images"
+    write_png(images / "x.png")
+    secret = tmp_path / "private" / "secret.png"
+    write_png(secret)
+    seeds = tmp_path / "seeds"
+    seeds.mkdir()
+    (seeds / "link.png").symlink_to(secret)
+    seed = seeds / "s.json"
+    seed.write_text(json.dumps([{"id": "l1", "question": "q?", "correct_answer": 3, "image_path": "link.png"}]))
+    report = ingest_file(seed, settings.with_overrides({"image_root": str(images)}))
+    assert report.inserted == 0
+    assert report.rejected[0].field == "image_path"
+    assert "link that resolves outside" in report.rejected[0].message
 
 
 def test_cli_ingest_exit_codes(settings, tmp_path, monkeypatch):
