@@ -201,12 +201,16 @@ def annotate_chunk(settings: Settings, run_id: str, chunk_index: int, *, worker:
             verifier.close()
         if policy is None:
             counting.close()
-        stats = {"trees": len(done), "rollouts": rollouts, "unverifiable_answers": unverifiable,
-                 "trees_mixed_root": mixed,
-                 "engine_calls": counting.stats.calls, "engine_requests": counting.stats.requests,
-                 "engine_rollouts": counting.stats.rollouts, "engine_seconds": round(counting.stats.seconds, 3)}
+        # What this attempt did. Only the engine's work and the unverifiable answers are added to
+        # the run's stats (work done, crashed attempts included); tree and rollout counts of the
+        # run are read from the index (run_summary), so a duplicate or killed attempt cannot
+        # double or drop them.
+        engine_work = {"unverifiable_answers": unverifiable,
+                       "engine_calls": counting.stats.calls, "engine_requests": counting.stats.requests,
+                       "engine_rollouts": counting.stats.rollouts, "engine_seconds": round(counting.stats.seconds, 3)}
+        stats = {"trees": len(done), "rollouts": rollouts, "trees_mixed_root": mixed, **engine_work}
         with engine.begin() as conn:
-            _add_run_stats(conn, run_id, stats)
+            _add_run_stats(conn, run_id, engine_work)
     finish_chunks(settings, run_id)
     return {**stats, "run_id": run_id, "chunk_index": chunk_index, "stolen": len(stolen),
             "resumed_leases": resumed, "mean_batch_size": counting.stats.mean_batch_size}
@@ -218,6 +222,10 @@ def run_summary(settings: Settings, run_id: str) -> dict[str, Any]:
     with engine.connect() as conn:
         run = conn.execute(sa.text("SELECT status, stats FROM annotation_runs WHERE run_id = :r"),
                            {"r": run_id}).one()
+        per_tree = conn.execute(sa.text(
+            "SELECT count(*) AS trees, coalesce(sum(num_rollouts), 0) AS rollouts,"
+            " count(*) FILTER (WHERE root_mc_value > 0 AND root_mc_value < 1) AS mixed"
+            " FROM trees WHERE run_id = :r"), {"r": run_id}).one()
         counts = conn.execute(sa.text(
             "SELECT count(DISTINCT t.tree_id) AS trees, count(n.*) AS nodes,"
             " count(*) FILTER (WHERE n.node_index > 0) AS step_annotations,"
@@ -234,5 +242,7 @@ def run_summary(settings: Settings, run_id: str) -> dict[str, Any]:
         "nodes": counts.nodes, "step_annotations": counts.step_annotations,
         "first_errors": counts.first_errors, "trees_mixed_root": counts.mixed_trees,
         "mc_histogram": {f"{(b - 1) / 10:.1f}-{b / 10:.1f}": n for b, n in histogram},
-        "stats": run.stats,
+        # Counts from the index (one row per tree); the rest is engine work summed per attempt.
+        "stats": {**run.stats, "trees": per_tree.trees, "rollouts": int(per_tree.rollouts),
+                  "trees_mixed_root": per_tree.mixed},
     }

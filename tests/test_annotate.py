@@ -87,6 +87,22 @@ def test_rerun_skips_finished_work_and_never_duplicates(annotated_settings):
     assert len(open_store(s).list_keys("trees/run-a/")) == 7
 
 
+def test_a_duplicate_search_does_not_double_the_run_counts(annotated_settings):
+    """A lease that lapsed mid-search lets a peer search the same problems again: the trees are
+    upserted (one per problem), and the run's counts come from the index, so they stay right."""
+    s = annotated_settings
+    policy = ScriptedPolicy(arithmetic_script)
+    first = annotate_chunk(s, "run-a", 0, policy=policy, verifier=ExactVerifier())
+    with get_engine(s).begin() as conn:  # as if every lease had lapsed before its tree landed
+        conn.execute(sa.text("UPDATE chunk_problems SET status = 'pending' WHERE run_id = 'run-a'"))
+    second = annotate_chunk(s, "run-a", 1, policy=policy, verifier=ExactVerifier())
+    assert first["trees"] == second["trees"] == 7
+    summary = run_summary(s, "run-a")
+    assert summary["trees"] == summary["stats"]["trees"] == 7
+    assert summary["stats"]["rollouts"] == first["rollouts"]  # the same seeded searches, counted once
+    assert summary["stats"]["engine_rollouts"] == first["engine_rollouts"] + second["engine_rollouts"]
+
+
 def test_retry_takes_back_the_dead_attempts_leases(annotated_settings):
     s = annotated_settings
     owner = "run-a/chunk-1"
