@@ -138,8 +138,16 @@ def annotate(
     else:
         stats = annotate_chunk(settings, run_id, chunk)
     console.print_json(data=stats)
-    console.print(f"progress {json.dumps(run_progress(settings, run_id))}")
+    progress = run_progress(settings, run_id)
+    console.print(f"progress {json.dumps(progress)}")
     console.print_json(data=run_summary(settings, run_id))
+    unfinished = {status: n for status, n in progress.items() if status != "done" and n}
+    if all_chunks and unfinished:
+        # Problems leased by another worker (maybe a dead one) come back when the lease expires.
+        console.print(f"[red]run {run_id} is not finished: {unfinished}; leased problems return when their "
+                      f"lease expires (lease_seconds={settings.lease_seconds:g}), then rerun "
+                      f"`mmprm annotate --run {run_id} --all`", soft_wrap=True)
+        raise typer.Exit(1)
 
 
 @app.command()
