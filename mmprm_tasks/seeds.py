@@ -349,6 +349,26 @@ def _raw_excerpt(raw: Any, limit: int = 2000) -> str:
     return text if len(text) <= limit else text[:limit] + "...(truncated)"
 
 
+def _classify_lost_races(conn: sa.Connection, lost: list[dict[str, Any]], index_of: dict[str, int],
+                         report: IngestReport) -> None:
+    """Rows a concurrent ingest inserted first (between this batch's checks and its insert): the
+    insert waited for that transaction and skipped them, so look again at what landed and count
+    each as unchanged or reject it, exactly as if it had been there at the check."""
+    by_id = dict(conn.execute(sa.text("SELECT problem_id, content_hash FROM seed_problems WHERE problem_id = ANY(:ids)"),
+                              {"ids": [row["problem_id"] for row in lost]}).all())
+    by_hash = dict(conn.execute(sa.text("SELECT content_hash, problem_id FROM seed_problems WHERE content_hash = ANY(:h)"),
+                                {"h": [row["content_hash"] for row in lost]}).all())
+    for row in lost:
+        rid, index = row["problem_id"], index_of[row["problem_id"]]
+        if by_id.get(rid) == row["content_hash"]:
+            report.unchanged += 1
+        elif rid in by_id:
+            report.rejected.append(Rejection(index, rid, "id", f"id {rid!r} is already ingested with different content"))
+        else:
+            report.rejected.append(Rejection(index, rid, "<record>", "duplicate content: already ingested as id "
+                                                                    f"{by_hash.get(row['content_hash'])!r}"))
+
+
 def _land(batch: list[_Accepted], engine: sa.Engine, store: ObjectStore, report: IngestReport) -> None:
     """Insert one batch in one transaction; images are stored first (content-addressed, idempotent)."""
     with engine.begin() as conn:
@@ -384,4 +404,8 @@ def _land(batch: list[_Accepted], engine: sa.Engine, store: ObjectStore, report:
             })
         if rows:
             statement = pg_insert(_SEED_TABLE).values(rows).on_conflict_do_nothing().returning(_SEED_TABLE.c.problem_id)
-            report.inserted += len(conn.execute(statement).all())
+            inserted = set(conn.execute(statement).scalars())
+            report.inserted += len(inserted)
+            lost = [row for row in rows if row["problem_id"] not in inserted]
+            if lost:
+                _classify_lost_races(conn, lost, {a.record.id: a.index for a in batch}, report)

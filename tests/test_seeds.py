@@ -216,6 +216,32 @@ def test_a_link_escaping_the_image_roots_is_named_an_escape(settings, tmp_path):
     assert "link that resolves outside" in report.rejected[0].message
 
 
+def test_an_ingest_racing_another_counts_and_rejects_what_the_other_landed(settings, tmp_path):
+    """Another ingest inserts p0001 with different content after this one checked the index but
+    before it inserts: the record is rejected by name, not silently dropped."""
+    import threading
+
+    seed = make_seed_file(tmp_path / "data", 3)
+    other = get_engine(settings).connect()
+    transaction = other.begin()
+    record = dict(question="What is 1 + 1?", answer="2", image_key="images/x.png", sha="x" * 64, source="other")
+    other.execute(sa.text(
+        "INSERT INTO seed_problems (problem_id, question, correct_answer, image_key, image_sha256, content_hash,"
+        " source) VALUES ('p0001', :question, :answer, :image_key, :sha, 'another-content', :source)"), record)
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(report=ingest_file(seed, settings)))
+    worker.start()
+    worker.join(timeout=3)
+    assert worker.is_alive()  # its insert waits on the other transaction's row
+    transaction.commit()
+    other.close()
+    worker.join(timeout=30)
+    report = result["report"]
+    assert report.inserted == 2 and report.unchanged == 0
+    assert [(r.record_id, r.field) for r in report.rejected] == [("p0001", "id")]
+    assert "different content" in report.rejected[0].message
+
+
 def test_cli_ingest_exit_codes(settings, tmp_path, monkeypatch):
     from mmprm_tasks import cli
     from mmprm_tasks.settings import get_settings
