@@ -203,12 +203,31 @@ class ImageResolver:
             self.roots.append(settings.image_root.resolve())
         self.settings = settings
 
+    def _load_s3(self, image_path: str) -> bytes:
+        """An s3:// image under a configured root (``image_s3_roots``). A missing object or bucket,
+        or one these credentials may not read, rejects the record; any other S3 failure (the
+        server is down) is an error of the ingest, retried, never a rejection."""
+        from minio.error import S3Error
+
+        from .storage import ObjectNotFound, open_uri
+
+        roots = self.settings.image_s3_roots
+        if ".." in image_path.split("/") or not any(image_path.startswith(root.rstrip("/") + "/") for root in roots):
+            raise RecordRejected("image_path", f"{image_path!r} is not under an allowed S3 image root "
+                                               f"{roots} (setting image_s3_roots)")
+        store, key = open_uri(image_path, self.settings)
+        try:
+            return store.get_bytes(key)
+        except ObjectNotFound:
+            raise RecordRejected("image_path", f"{image_path!r}: no such object") from None
+        except S3Error as exc:
+            if exc.code in ("NoSuchBucket", "AccessDenied"):
+                raise RecordRejected("image_path", f"{image_path!r}: {exc.code}") from None
+            raise
+
     def load(self, image_path: str) -> bytes:
         if image_path.startswith("s3://"):
-            from .storage import open_uri
-
-            store, key = open_uri(image_path, self.settings)
-            return store.get_bytes(key)
+            return self._load_s3(image_path)
         if image_path.startswith("file://"):
             image_path = image_path[len("file://"):]
         candidate = Path(image_path)

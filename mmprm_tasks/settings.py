@@ -161,6 +161,9 @@ class Settings(BaseSettings):
     database_url: str | None = None
     # Seed images must resolve inside this directory (or the seed file's own directory).
     image_root: Path | None = None
+    # s3:// image paths in seed files must start with one of these ("s3://bucket/prefix/"); none
+    # by default, so a seed file cannot make the workers read any bucket their credentials reach.
+    image_s3_roots: list[str] = Field(default_factory=list)
     seed: int = 0
     chunk_size: int = Field(16, ge=1)
     # A chunk lease expires after this long without a heartbeat, so another worker may take it.

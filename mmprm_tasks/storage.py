@@ -189,7 +189,7 @@ class S3Store(ObjectStore):
             client.make_bucket(bucket_name=bucket)
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "S3Store":
+    def from_settings(cls, settings: Settings, *, create_bucket: bool = True) -> "S3Store":
         from minio import Minio
 
         cfg = settings.store
@@ -200,7 +200,7 @@ class S3Store(ObjectStore):
             secure=cfg.secure,
             region=cfg.region,
         )
-        return cls(client, cfg.bucket)
+        return cls(client, cfg.bucket, create_bucket=create_bucket)
 
     def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> str:
         self.client.put_object(
@@ -255,12 +255,13 @@ def open_store(settings: Settings) -> ObjectStore:
 
 
 def open_uri(uri: str, settings: Settings) -> tuple[ObjectStore, str]:
-    """Resolve ``s3://bucket/key`` or ``file:///abs/path`` to a store and a key within it."""
+    """Resolve ``s3://bucket/key`` or ``file:///abs/path`` to a store and a key within it (for
+    reading what a URI names: a bucket is never created here)."""
     parsed = urlparse(uri)
     if parsed.scheme == "s3":
         if settings.store.kind != "s3":
             raise ValueError(f"{uri}: s3:// URI but the configured store is {settings.store.kind!r}")
-        store = S3Store.from_settings(settings.with_overrides({"store.bucket": parsed.netloc}))
+        store = S3Store.from_settings(settings.with_overrides({"store.bucket": parsed.netloc}), create_bucket=False)
         return store, parsed.path.lstrip("/")
     if parsed.scheme == "file":
         path = Path(parsed.path)

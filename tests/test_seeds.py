@@ -62,6 +62,47 @@ def test_ingest_into_real_s3(s3_settings, tmp_path):
     assert row.image_key in keys and row.image_key.startswith(f"images/{row.image_sha256}") and row.split == "train"
 
 
+def test_s3_image_paths_are_confined_and_rejected_per_record(s3_settings, tmp_path):
+    """s3:// images only under the configured roots; a bucket is never created by reading; a
+    missing object or bucket rejects its record and the good records still land."""
+    from minio import Minio
+
+    store = open_store(s3_settings)  # the platform bucket
+    png = tmp_path / "x.png"
+    write_png(png)
+    store.put_bytes("seed-images/ok.png", png.read_bytes())
+    store.put_bytes("private/secret.png", png.read_bytes())
+    bucket = s3_settings.store.bucket
+    records = [
+        {"id": "ok", "question": "q1?", "correct_answer": 1, "image_path": f"s3://{bucket}/seed-images/ok.png"},
+        {"id": "private", "question": "q2?", "correct_answer": 2, "image_path": f"s3://{bucket}/private/secret.png"},
+        {"id": "climb", "question": "q3?", "correct_answer": 3,
+         "image_path": f"s3://{bucket}/seed-images/../private/secret.png"},
+        {"id": "missing", "question": "q4?", "correct_answer": 4, "image_path": f"s3://{bucket}/seed-images/nope.png"},
+        {"id": "made-up", "question": "q5?", "correct_answer": 5, "image_path": "s3://attacker-made-bucket/seed-images/a.png"},
+    ]
+    seed = tmp_path / "s3.json"
+    seed.write_text(json.dumps(records))
+    allowed = s3_settings.with_overrides({"image_s3_roots": [f"s3://{bucket}/seed-images/",
+                                                             "s3://attacker-made-bucket/seed-images/"]})
+    report = ingest_file(seed, allowed)
+    assert report.inserted == 1
+    by_id = {r.record_id: r for r in report.rejected}
+    assert set(by_id) == {"private", "climb", "missing", "made-up"}
+    assert all(r.field == "image_path" for r in by_id.values())
+    assert "not under an allowed S3 image root" in by_id["private"].message
+    assert "not under an allowed S3 image root" in by_id["climb"].message
+    assert "no such object" in by_id["missing"].message and "NoSuchBucket" in by_id["made-up"].message
+    cfg = s3_settings.store
+    client = Minio(cfg.endpoint, access_key=cfg.access_key, secret_key=cfg.secret_key.get_secret_value(),
+                   secure=False, region=cfg.region)
+    assert not client.bucket_exists(bucket_name="attacker-made-bucket")
+    # with no roots configured (the default), no s3:// image is read at all
+    default = ingest_file(seed, s3_settings)
+    assert default.inserted == default.unchanged == 0 and len(default.rejected) == len(records)
+    assert all("not under an allowed S3 image root" in r.message for r in default.rejected)
+
+
 def _bad_seed_file(root: Path) -> tuple[Path, dict[int, tuple[str, str]]]:
     """A JSONL file with good records interleaved with many kinds of bad ones.
 
