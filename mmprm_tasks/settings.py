@@ -87,8 +87,9 @@ class StoreConfig(BaseModel):
     root: Path | None = None
     endpoint: str = "127.0.0.1:9000"
     bucket: str = "mmprm"
-    access_key: str = "minioadmin"
-    secret_key: SecretStr = SecretStr("minioadmin")
+    # No credential defaults: an s3 store needs both set (MMPRM_STORE__ACCESS_KEY / SECRET_KEY).
+    access_key: str | None = None
+    secret_key: SecretStr | None = None
     secure: bool = False
     region: str = "us-east-1"
 

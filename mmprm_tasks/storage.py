@@ -193,6 +193,9 @@ class S3Store(ObjectStore):
         from minio import Minio
 
         cfg = settings.store
+        if not cfg.access_key or cfg.secret_key is None or not cfg.secret_key.get_secret_value():
+            raise ValueError("the s3 object store needs credentials: set MMPRM_STORE__ACCESS_KEY and "
+                             "MMPRM_STORE__SECRET_KEY (there are no defaults)")
         client = Minio(
             endpoint=cfg.endpoint,
             access_key=cfg.access_key,

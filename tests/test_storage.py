@@ -137,6 +137,13 @@ def test_local_store_removes_temporaries_of_failed_and_dead_writers(tmp_path):
     assert sorted(p.name for p in (tmp_path / "y").iterdir()) == [".tmp-live", "z"]
 
 
+def test_s3_store_has_no_credential_defaults():
+    cfg = StoreConfig(kind="s3")
+    assert cfg.access_key is None and cfg.secret_key is None
+    with pytest.raises(ValueError, match="MMPRM_STORE__ACCESS_KEY and MMPRM_STORE__SECRET_KEY"):
+        open_store(Settings(store=cfg))
+
+
 def test_s3_rejects_wrong_credentials(s3_server):
     client = Minio(s3_server.endpoint, access_key="intruder", secret_key="wrong-secret", secure=False,
                    region="us-east-1")
