@@ -40,14 +40,22 @@ def _jsonl(lines: list[str]) -> bytes:
 
 
 def ingest_stage(settings: Settings, seed_source: str | None) -> dict[str, Any]:
-    """Ingest a seed file when given; bad records are quarantined, good ones land."""
+    """Ingest a seed file when given; bad records are quarantined, good ones land.
+
+    ``seed_source`` comes from whoever may trigger a DAG, so it must name a file inside
+    ``settings.allowed_seed_roots`` (else ValueError): a trigger cannot make a worker read, and
+    copy into the quarantine report, any file it can reach."""
     from .seeds import ingest_file
 
     engine = get_engine(settings)
     require_schema(engine)
     result: dict[str, Any] = {"source": seed_source}
     if seed_source:
-        path = Path(seed_source[len("file://"):] if seed_source.startswith("file://") else seed_source)
+        path = Path(seed_source[len("file://"):] if seed_source.startswith("file://") else seed_source).resolve()
+        roots = settings.allowed_seed_roots
+        if not any(path.is_relative_to(root) for root in roots):
+            raise ValueError(f"seed_source {seed_source!r} is outside the allowed seed roots "
+                             f"{[str(r) for r in roots]} (setting seed_roots, MMPRM_SEED_ROOTS)")
         report = ingest_file(path, settings)
         result |= {"inserted": report.inserted, "unchanged": report.unchanged,
                    "rejected": len(report.rejected), "quarantine_uri": report.quarantine_uri}

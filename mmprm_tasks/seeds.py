@@ -353,10 +353,13 @@ def ingest_file(path: str | Path, settings: Settings, *, store: ObjectStore | No
     if report.rejected:
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
         key = f"quarantine/ingest/{path.stem}-{stamp}.json"
-        raw_by_index = dict(records)
+        # Raw excerpts only from a file that is a seed file (some record was valid): a file with no
+        # valid record at all may be anything (a passwords file), and is not copied.
+        raw_by_index = dict(records) if report.inserted + report.unchanged else {}
         report.quarantine_uri = store.put_json(key, {
             "source": report.source,
-            "rejected": [asdict(r) | {"raw": _raw_excerpt(raw_by_index[r.record_index])} for r in report.rejected],
+            "rejected": [asdict(r) | ({"raw": _raw_excerpt(raw_by_index[r.record_index])}
+                                      if r.record_index in raw_by_index else {}) for r in report.rejected],
         })
     return report
 

@@ -162,6 +162,9 @@ class Settings(BaseSettings):
     database_url: str | None = None
     # Seed images must resolve inside this directory (or the seed file's own directory).
     image_root: Path | None = None
+    # Seed files a DAG trigger may name (seed_source) must lie inside these directories; none set:
+    # <home>/seeds. (The operator's own `mmprm ingest PATH` is not confined.)
+    seed_roots: list[Path] = Field(default_factory=list)
     # s3:// image paths in seed files must start with one of these ("s3://bucket/prefix/"); none
     # by default, so a seed file cannot make the workers read any bucket their credentials reach.
     image_s3_roots: list[str] = Field(default_factory=list)
@@ -179,6 +182,10 @@ class Settings(BaseSettings):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
+
+    @property
+    def allowed_seed_roots(self) -> list[Path]:
+        return [Path(r).resolve() for r in self.seed_roots] or [(self.home / "seeds").resolve()]
 
     @property
     def store_root(self) -> Path:

@@ -283,6 +283,36 @@ def test_an_ingest_racing_another_counts_and_rejects_what_the_other_landed(setti
     assert "different content" in report.rejected[0].message
 
 
+def test_a_trigger_can_name_only_seed_files_under_the_seed_roots(settings, tmp_path):
+    """seed_source comes from whoever may trigger a DAG: a file elsewhere (here a passwords file)
+    is refused before it is read; under <home>/seeds (the default root) it is ingested."""
+    from mmprm_tasks.pipeline import ingest_stage
+
+    secret = tmp_path / "airflow" / "simple_auth_manager_passwords.json"
+    secret.parent.mkdir()
+    secret.write_text('{"admin": "hunter2"}')
+    with pytest.raises(ValueError, match="outside the allowed seed roots"):
+        ingest_stage(settings, str(secret))
+    with pytest.raises(ValueError, match="outside the allowed seed roots"):  # no climbing out
+        ingest_stage(settings, str(settings.home / "seeds" / ".." / "x.json"))
+    assert not open_store(settings).list_keys("quarantine/")
+    seed = make_seed_file(settings.home / "seeds", 2)
+    assert ingest_stage(settings, str(seed))["inserted"] == 2
+    elsewhere = make_seed_file(tmp_path / "shared", 2)
+    result = ingest_stage(settings.with_overrides({"seed_roots": [str(tmp_path / "shared")]}), f"file://{elsewhere}")
+    assert result["unchanged"] == 2
+
+
+def test_quarantine_copies_no_raw_bytes_of_a_file_without_a_valid_record(settings, tmp_path):
+    not_seeds = tmp_path / "notes.jsonl"
+    not_seeds.write_text('{"admin": "hunter2"}\n["root", "x"]\n')
+    report = ingest_file(not_seeds, settings)
+    assert report.inserted == 0 and len(report.rejected) == 2
+    quarantine = open_store(settings).get_json(report.quarantine_uri.split("/objects/", 1)[1])
+    assert "hunter2" not in json.dumps(quarantine)
+    assert all("raw" not in r and r["message"] for r in quarantine["rejected"])
+
+
 def test_cli_ingest_exit_codes(settings, tmp_path, monkeypatch):
     from mmprm_tasks import cli
     from mmprm_tasks.settings import get_settings

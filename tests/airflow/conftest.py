@@ -101,10 +101,11 @@ def metadata_url(pg_admin_url) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def toy_seeds(tmp_path_factory) -> dict[str, Path]:
+def toy_seeds(mmprm_home) -> dict[str, Path]:
     from mmprm_tasks.toy.world import generate_seeds
 
-    return generate_seeds(tmp_path_factory.mktemp("seeds"), n_train=9, n_test=2, seed=0)
+    # Under <MMPRM_HOME>/seeds: the one place a trigger's seed_source may name by default.
+    return generate_seeds(mmprm_home / "seeds", n_train=9, n_test=2, seed=0)
 
 
 @pytest.fixture(scope="module")
