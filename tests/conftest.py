@@ -105,6 +105,19 @@ def settings(tmp_path, database_url) -> Settings:
                     store=StoreConfig(kind="local", root=tmp_path / "objects"))
 
 
+@pytest.fixture
+def cli_settings(settings, monkeypatch) -> Settings:
+    """``settings`` exported as the environment a CLI command reads (get_settings() is rebuilt)."""
+    from mmprm_tasks.settings import get_settings
+
+    monkeypatch.setenv("MMPRM_DATABASE_URL", settings.database_url)
+    monkeypatch.setenv("MMPRM_HOME", str(settings.home))
+    monkeypatch.setenv("MMPRM_STORE__ROOT", str(settings.store_root))
+    get_settings.cache_clear()
+    yield get_settings()
+    get_settings.cache_clear()
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     from mmprm_tasks.services import SeaweedS3

@@ -151,22 +151,14 @@ def test_run_config_must_match(annotated_settings):
                        verifier=ExactVerifier())
 
 
-def test_cli_annotate_all_fails_while_a_dead_worker_holds_leases(settings, tmp_path, monkeypatch):
+def test_cli_annotate_all_fails_while_a_dead_worker_holds_leases(cli_settings, tmp_path):
     from typer.testing import CliRunner
 
     from mmprm_tasks import cli
-    from mmprm_tasks.settings import get_settings
 
-    monkeypatch.setenv("MMPRM_DATABASE_URL", settings.database_url)
-    monkeypatch.setenv("MMPRM_HOME", str(settings.home))
-    monkeypatch.setenv("MMPRM_STORE__ROOT", str(settings.store_root))
-    get_settings.cache_clear()
-    try:
-        ingest_file(make_seed_file(tmp_path / "data", 3), get_settings())
-        shard_run(get_settings(), "run-d", chunk_size=3)
-        assert len(claim_problems(get_settings(), "run-d", 0, "dead-worker", limit=3)) == 3
-        result = CliRunner().invoke(cli.app, ["annotate", "--run", "run-d", "--all"])
-        assert result.exit_code == 1, result.output
-        assert "run-d is not finished" in result.output and "'leased': 3" in result.output
-    finally:
-        get_settings.cache_clear()
+    ingest_file(make_seed_file(tmp_path / "data", 3), cli_settings)
+    shard_run(cli_settings, "run-d", chunk_size=3)
+    assert len(claim_problems(cli_settings, "run-d", 0, "dead-worker", limit=3)) == 3
+    result = CliRunner().invoke(cli.app, ["annotate", "--run", "run-d", "--all"])
+    assert result.exit_code == 1, result.output
+    assert "run-d is not finished" in result.output and "'leased': 3" in result.output

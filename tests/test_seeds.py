@@ -313,25 +313,17 @@ def test_quarantine_copies_no_raw_bytes_of_a_file_without_a_valid_record(setting
     assert all("raw" not in r and r["message"] for r in quarantine["rejected"])
 
 
-def test_cli_ingest_exit_codes(settings, tmp_path, monkeypatch):
+def test_cli_ingest_exit_codes(cli_settings, tmp_path):
     from mmprm_tasks import cli
-    from mmprm_tasks.settings import get_settings
 
-    monkeypatch.setenv("MMPRM_DATABASE_URL", settings.database_url)
-    monkeypatch.setenv("MMPRM_HOME", str(settings.home))
-    monkeypatch.setenv("MMPRM_STORE__ROOT", str(settings.store_root))
-    get_settings.cache_clear()
-    try:
-        runner = CliRunner()
-        good = make_seed_file(tmp_path / "data", 4)
-        result = runner.invoke(cli.app, ["ingest", str(good)])
-        assert result.exit_code == 0, result.output
-        assert "inserted" in result.output
-        mixed, _ = _bad_seed_file(tmp_path / "mixed")
-        result = runner.invoke(cli.app, ["ingest", str(mixed)])
-        assert result.exit_code == 1
-        assert "rejected records" in result.output and "quarantine report" in result.output
-        result = runner.invoke(cli.app, ["db", "status"])
-        assert result.exit_code == 0 and "seed_problems" in result.output
-    finally:
-        get_settings.cache_clear()
+    runner = CliRunner()
+    good = make_seed_file(tmp_path / "data", 4)
+    result = runner.invoke(cli.app, ["ingest", str(good)])
+    assert result.exit_code == 0, result.output
+    assert "inserted" in result.output
+    mixed, _ = _bad_seed_file(tmp_path / "mixed")
+    result = runner.invoke(cli.app, ["ingest", str(mixed)])
+    assert result.exit_code == 1
+    assert "rejected records" in result.output and "quarantine report" in result.output
+    result = runner.invoke(cli.app, ["db", "status"])
+    assert result.exit_code == 0 and "seed_problems" in result.output
