@@ -371,55 +371,40 @@ def _raw_excerpt(raw: Any, limit: int = 2000) -> str:
     return text if len(text) <= limit else text[:limit] + "...(truncated)"
 
 
-def _classify_lost_races(conn: sa.Connection, lost: list[dict[str, Any]], index_of: dict[str, int],
-                         report: IngestReport) -> None:
-    """Rows a concurrent ingest inserted first (between this batch's checks and its insert): the
-    insert waited for that transaction and skipped them, so look again at what landed and count
-    each as unchanged or reject it, exactly as if it had been there at the check."""
+def _settle_landed(conn: sa.Connection, items: list[_Accepted], report: IngestReport) -> list[_Accepted]:
+    """Count as unchanged, or reject by name, the items whose id or content is already in the
+    index; return the others (still to insert)."""
     by_id = dict(conn.execute(sa.text("SELECT problem_id, content_hash FROM seed_problems WHERE problem_id = ANY(:ids)"),
-                              {"ids": [row["problem_id"] for row in lost]}).all())
+                              {"ids": [a.record.id for a in items]}).all())
     by_hash = dict(conn.execute(sa.text("SELECT content_hash, problem_id FROM seed_problems WHERE content_hash = ANY(:h)"),
-                                {"h": [row["content_hash"] for row in lost]}).all())
-    for row in lost:
-        rid, index = row["problem_id"], index_of[row["problem_id"]]
-        if by_id.get(rid) == row["content_hash"]:
+                                {"h": [a.content_hash for a in items]}).all())
+    free = []
+    for item in items:
+        rid = item.record.id
+        if by_id.get(rid) == item.content_hash:
             report.unchanged += 1
         elif rid in by_id:
-            report.rejected.append(Rejection(index, rid, "id", f"id {rid!r} is already ingested with different content"))
+            report.rejected.append(Rejection(item.index, rid, "id", f"id {rid!r} is already ingested with different content"))
+        elif item.content_hash in by_hash:
+            report.rejected.append(Rejection(item.index, rid, "<record>",
+                                             f"duplicate content: already ingested as id {by_hash[item.content_hash]!r}"))
         else:
-            report.rejected.append(Rejection(index, rid, "<record>", "duplicate content: already ingested as id "
-                                                                    f"{by_hash.get(row['content_hash'])!r}"))
+            free.append(item)
+    return free
 
 
 def _land(batch: list[_Accepted], engine: sa.Engine, store: ObjectStore, report: IngestReport) -> None:
     """Insert one batch in one transaction; images are stored first (content-addressed, idempotent)."""
     with engine.begin() as conn:
-        existing_ids = dict(conn.execute(
-            sa.text("SELECT problem_id, content_hash FROM seed_problems WHERE problem_id = ANY(:ids)"),
-            {"ids": [a.record.id for a in batch]},
-        ).all())
-        existing_hashes = dict(conn.execute(
-            sa.text("SELECT content_hash, problem_id FROM seed_problems WHERE content_hash = ANY(:h)"),
-            {"h": [a.content_hash for a in batch]},
-        ).all())
+        to_insert = _settle_landed(conn, batch, report)
         rows = []
-        for item in batch:
-            rid = item.record.id
-            if rid in existing_ids:
-                if existing_ids[rid] == item.content_hash:
-                    report.unchanged += 1
-                else:
-                    report.rejected.append(Rejection(item.index, rid, "id", f"id {rid!r} is already ingested with different content"))
-                continue
-            if item.content_hash in existing_hashes:
-                report.rejected.append(Rejection(item.index, rid, "<record>", f"duplicate content: already ingested as id {existing_hashes[item.content_hash]!r}"))
-                continue
+        for item in to_insert:
             image_key = f"images/{item.image_sha}{item.image_suffix}"
             if not store.exists(image_key):
                 store.put_bytes(image_key, item.image_bytes, "image/" + item.image_suffix.lstrip("."))
                 report.images_stored += 1
             rows.append({
-                "problem_id": rid, "question": item.record.question,
+                "problem_id": item.record.id, "question": item.record.question,
                 "correct_answer": str(item.record.correct_answer), "image_key": image_key,
                 "image_sha256": item.image_sha, "content_hash": item.content_hash, "source": report.source,
                 "split": item.split, "extra": item.record.extra_fields(),
@@ -428,6 +413,8 @@ def _land(batch: list[_Accepted], engine: sa.Engine, store: ObjectStore, report:
             statement = pg_insert(_SEED_TABLE).values(rows).on_conflict_do_nothing().returning(_SEED_TABLE.c.problem_id)
             inserted = set(conn.execute(statement).scalars())
             report.inserted += len(inserted)
-            lost = [row for row in rows if row["problem_id"] not in inserted]
-            if lost:
-                _classify_lost_races(conn, lost, {a.record.id: a.index for a in batch}, report)
+            # A concurrent ingest landed these between the check and the insert (which waited for
+            # it and skipped them): settle them as if they had been there at the check.
+            lost = [item for item in to_insert if item.record.id not in inserted]
+            if lost and _settle_landed(conn, lost, report):
+                raise RuntimeError("seed insert skipped rows that are not in the index")
