@@ -9,7 +9,6 @@ back, and nothing is recorded as a label.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -18,26 +17,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from .db import get_engine, require_schema
 from .policy import GenerationRequest, PolicyBackend, load_policy
 from .runs import claim_problems, config_hash, finish_chunks, mark_done, release_leases, renew_leases
-from .search import SearchProblem, SearchResult, flatten_tree, run_search
+from .search import SearchProblem, SearchResult, run_search
 from .settings import Settings
 from .storage import ObjectStore, open_store
+from .tree_index import TreeEntry, write_trees
 from .verify import AnswerVerifier
 
 log = logging.getLogger(__name__)
-
-_STEP_NODES = sa.table(
-    "step_nodes", *(sa.column(c) for c in [
-        "tree_id", "node_index", "parent_index", "depth", "prefix_len", "mc_value", "visit_count",
-        "num_correct", "num_incorrect", "is_first_error"]),
-    sa.column("steps", JSONB),
-)
-
 
 @dataclass
 class EngineStats:
@@ -73,44 +63,15 @@ class CountingPolicy:
         self.inner.close()
 
 
-def tree_key(run_id: str, problem_id: str) -> str:
-    return f"trees/{run_id}/{problem_id}.json"
-
-
 def persist_tree(engine: sa.Engine, store: ObjectStore, run_id: str, chash: str, result: SearchResult) -> int:
-    """Write the tree JSON and index its nodes; upsert by (run, problem). Returns the tree id."""
+    """Write the tree JSON, then index its nodes and mark the problem done in one transaction
+    (upsert by run and problem). Returns the tree id."""
     data = json.dumps(result.tree, ensure_ascii=False).encode()
-    key = tree_key(run_id, result.problem_id)
-    store.put_bytes(key, data, "application/json")
-    rows = flatten_tree(result.tree)
-    prefix_len: dict[int, int] = {}
-    node_rows = []
-    for row in rows:
-        parent = rows[row.parent_index] if row.parent_index is not None else None
-        prefix_len[row.node_index] = 0 if parent is None else prefix_len[parent.node_index] + len(parent.steps)
-        node_rows.append({
-            "node_index": row.node_index, "parent_index": row.parent_index, "depth": row.depth,
-            "prefix_len": prefix_len[row.node_index], "steps": list(row.steps), "mc_value": row.mc_value,
-            "visit_count": row.visit_count, "num_correct": row.num_correct, "num_incorrect": row.num_incorrect,
-            "is_first_error": parent is not None and row.mc_value == 0 and parent.mc_value > 0,
-        })
+    entry = TreeEntry.build(run_id, result.tree, data, num_rollouts=result.stats["rollouts"],
+                            num_searches=result.stats["searches"])
+    store.put_bytes(entry.key, data, "application/json")
     with engine.begin() as conn:
-        tree_id = conn.execute(sa.text(
-            "INSERT INTO trees (run_id, problem_id, root_mc_value, visit_count, num_nodes, num_rollouts,"
-            " num_searches, tree_key, tree_sha256, config_hash)"
-            " VALUES (:run, :pid, :mc, :visits, :nodes, :rollouts, :searches, :key, :sha, :chash)"
-            " ON CONFLICT (run_id, problem_id) DO UPDATE SET root_mc_value = EXCLUDED.root_mc_value,"
-            " visit_count = EXCLUDED.visit_count, num_nodes = EXCLUDED.num_nodes,"
-            " num_rollouts = EXCLUDED.num_rollouts, num_searches = EXCLUDED.num_searches,"
-            " tree_key = EXCLUDED.tree_key, tree_sha256 = EXCLUDED.tree_sha256,"
-            " config_hash = EXCLUDED.config_hash, created_at = now()"
-            " RETURNING tree_id"), {
-            "run": run_id, "pid": result.problem_id, "mc": result.tree["mc_value"],
-            "visits": result.tree["visit_count"], "nodes": len(rows), "rollouts": result.stats["rollouts"],
-            "searches": result.stats["searches"], "key": key, "sha": hashlib.sha256(data).hexdigest(),
-            "chash": chash}).scalar_one()
-        conn.execute(sa.text("DELETE FROM step_nodes WHERE tree_id = :t"), {"t": tree_id})
-        conn.execute(pg_insert(_STEP_NODES).values([{**r, "tree_id": tree_id} for r in node_rows]))
+        tree_id = write_trees(conn, run_id, chash, [entry])[result.problem_id]
         mark_done(conn, run_id, result.problem_id)
     return tree_id
 
@@ -222,25 +183,24 @@ def run_summary(settings: Settings, run_id: str) -> dict[str, Any]:
     with engine.connect() as conn:
         run = conn.execute(sa.text("SELECT status, stats FROM annotation_runs WHERE run_id = :r"),
                            {"r": run_id}).one()
+        # Per-tree columns and the partial first-error index only: no scan of the wide node rows.
         per_tree = conn.execute(sa.text(
             "SELECT count(*) AS trees, coalesce(sum(num_rollouts), 0) AS rollouts,"
+            " coalesce(sum(num_nodes), 0) AS nodes,"
             " count(*) FILTER (WHERE root_mc_value > 0 AND root_mc_value < 1) AS mixed"
             " FROM trees WHERE run_id = :r"), {"r": run_id}).one()
-        counts = conn.execute(sa.text(
-            "SELECT count(DISTINCT t.tree_id) AS trees, count(n.*) AS nodes,"
-            " count(*) FILTER (WHERE n.node_index > 0) AS step_annotations,"
-            " count(*) FILTER (WHERE n.is_first_error) AS first_errors,"
-            " count(DISTINCT t.tree_id) FILTER (WHERE t.root_mc_value > 0 AND t.root_mc_value < 1) AS mixed_trees"
-            " FROM trees t JOIN step_nodes n USING (tree_id) WHERE t.run_id = :r"), {"r": run_id}).one()
+        first_errors = conn.execute(sa.text(
+            "SELECT count(*) FROM trees t JOIN step_nodes n USING (tree_id) WHERE t.run_id = :r AND n.is_first_error"),
+            {"r": run_id}).scalar_one()
         histogram = conn.execute(sa.text(
-            "SELECT width_bucket(n.mc_value, 0, 1.0000001, 10) AS bucket, count(*) FROM trees t"
-            " JOIN step_nodes n USING (tree_id) WHERE t.run_id = :r GROUP BY 1 ORDER BY 1"), {"r": run_id}).all()
+            "SELECT h.bucket, sum(h.n) FROM trees t, unnest(t.mc_histogram) WITH ORDINALITY AS h(n, bucket)"
+            " WHERE t.run_id = :r GROUP BY 1 HAVING sum(h.n) > 0 ORDER BY 1"), {"r": run_id}).all()
         problems = conn.execute(sa.text("SELECT count(*) FROM chunk_problems WHERE run_id = :r"),
                                 {"r": run_id}).scalar_one()
     return {
-        "run_id": run_id, "status": run.status, "problems": problems, "trees": counts.trees,
-        "nodes": counts.nodes, "step_annotations": counts.step_annotations,
-        "first_errors": counts.first_errors, "trees_mixed_root": counts.mixed_trees,
+        "run_id": run_id, "status": run.status, "problems": problems, "trees": per_tree.trees,
+        "nodes": int(per_tree.nodes), "step_annotations": int(per_tree.nodes) - per_tree.trees,
+        "first_errors": first_errors, "trees_mixed_root": per_tree.mixed,
         "mc_histogram": {f"{(b - 1) / 10:.1f}-{b / 10:.1f}": n for b, n in histogram},
         # Counts from the index (one row per tree); the rest is engine work summed per attempt.
         "stats": {**run.stats, "trees": per_tree.trees, "rollouts": int(per_tree.rollouts),

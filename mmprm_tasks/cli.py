@@ -150,6 +150,28 @@ def annotate(
         raise typer.Exit(1)
 
 
+@app.command("import-trees")
+def import_trees_cmd(
+    source: Annotated[str, typer.Argument(help="Tree JSON/JSONL file, folder, or s3:// / file:// URI (object or prefix)")],
+    run_id: Annotated[str, typer.Option("--run", help="Run the trees join (created as an imported run if new)")],
+    policy_model: Annotated[str, typer.Option(help="The policy that grew the trees, recorded on a new run")] = "unknown",
+) -> None:
+    """Load trees from the original release's pipeline (SPEC §4 records) into the step index."""
+    from .tree_index import import_trees
+
+    with _progress() as bar:
+        task = bar.add_task("trees imported", total=None)
+        report = import_trees(_settings(), source, run_id, policy_model=policy_model,
+                              progress=lambda n: bar.advance(task, n))
+    console.print(f"run {run_id}: {report.trees} trees, {report.nodes} step nodes in {report.seconds:.1f} s "
+                  f"({report.nodes_per_second:,.0f} nodes/s)")
+    for rejected in report.rejected:
+        console.print(f"[red]rejected[/red] {rejected['record']}: {rejected['error']}", soft_wrap=True)
+    if report.rejected:
+        console.print(f"[red]{len(report.rejected)} record(s) rejected; the others landed[/red]")
+        raise typer.Exit(1)
+
+
 @app.command()
 def traverse(run_ids: Annotated[list[str], typer.Argument(help="Runs whose trees become paths")]) -> None:
     """Trees -> training paths (SPEC §5), registered as a dataset version."""

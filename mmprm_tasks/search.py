@@ -50,6 +50,7 @@ __all__ = [
     "SearchProblem",
     "SearchResult",
     "StopReason",
+    "TreeRecordError",
     "flatten_tree",
     "q_value",
     "run_search",
@@ -537,24 +538,54 @@ def run_search(
 # Flattening a record
 
 
+class TreeRecordError(ValueError):
+    """A tree record that is not SPEC §4; the message names the field (``children[2].mc_value``)."""
+
+
+def _field(node: Any, name: str, kind: type | tuple[type, ...], where: str) -> Any:
+    if not isinstance(node, dict):
+        raise TreeRecordError(f"{where or 'record'}: expected an object, got {type(node).__name__}")
+    if name not in node:
+        raise TreeRecordError(f"{where}{'.' if where else ''}{name}: missing")
+    value = node[name]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise TreeRecordError(f"{where}{'.' if where else ''}{name}: expected {getattr(kind, '__name__', kind)}, "
+                              f"got {type(value).__name__}")
+    return value
+
+
 def flatten_tree(tree: dict[str, Any]) -> list[NodeRow]:
-    """The nodes of a SPEC §4 record in pre-order (root = 0, children in record order)."""
+    """The nodes of a SPEC §4 record in pre-order (root = 0, children in record order).
+
+    Raises :class:`TreeRecordError` naming the first field that is missing or of the wrong type
+    (records come from our search, or from files of the original release's pipeline).
+    """
     rows: list[NodeRow] = []
-    stack: list[tuple[dict[str, Any], int | None, int]] = [(tree, None, 0)]
+    stack: list[tuple[dict[str, Any], int | None, int, str]] = [(tree, None, 0, "")]
     while stack:
-        node, parent, depth = stack.pop()
+        node, parent, depth, where = stack.pop()
         index = len(rows)
+        steps: Steps = ()
+        if parent is not None:
+            steps = tuple(_field(node, "partial_solution", list, where))
+            if not all(isinstance(s, str) for s in steps):
+                raise TreeRecordError(f"{where}.partial_solution: expected a list of strings")
+        mc_value = float(_field(node, "mc_value", (int, float), where))
+        if not 0.0 <= mc_value <= 1.0:
+            raise TreeRecordError(f"{where}{'.' if where else ''}mc_value: {mc_value} is outside [0, 1]")
+        children = _field(node, "children", list, where)
         rows.append(
             NodeRow(
                 node_index=index,
                 parent_index=parent,
                 depth=depth,
-                steps=tuple(node.get("partial_solution", ())) if parent is not None else (),
-                mc_value=float(node["mc_value"]),
-                visit_count=int(node["visit_count"]),
-                num_correct=len(node["correct_rollouts"]),
-                num_incorrect=len(node["incorrect_rollouts"]),
+                steps=steps,
+                mc_value=mc_value,
+                visit_count=_field(node, "visit_count", int, where),
+                num_correct=len(_field(node, "correct_rollouts", list, where)),
+                num_incorrect=len(_field(node, "incorrect_rollouts", list, where)),
             )
         )
-        stack.extend((c, index, depth + 1) for c in reversed(node["children"]))
+        prefix = f"{where}{'.' if where else ''}children"
+        stack.extend((c, index, depth + 1, f"{prefix}[{i}]") for i, c in reversed(list(enumerate(children))))
     return rows

@@ -7,7 +7,8 @@ import re
 import pytest
 import sqlalchemy as sa
 
-from mmprm_tasks.annotate import annotate_chunk, run_summary, tree_key
+from mmprm_tasks.annotate import annotate_chunk, run_summary
+from mmprm_tasks.tree_index import tree_key
 from mmprm_tasks.db import get_engine
 from mmprm_tasks.policy import PolicyError
 from mmprm_tasks.runs import claim_problems, run_progress, shard_run

@@ -23,14 +23,25 @@ def test_upgrade_is_idempotent_and_versioned(database_url):
     engine.dispose()
 
 
-def test_fresh_database_upgrade_then_edited_migration_is_refused(pg_admin_url, tmp_path):
-    name = f"mmprm_fresh_{tmp_path.name[-10:].lower().replace('-', '_')}"
+def _fresh_database(pg_admin_url, tmp_path, prefix: str) -> tuple[sa.Engine, callable]:
+    name = f"{prefix}_{tmp_path.name[-10:].lower().replace('-', '_')}"
     admin = sa.create_engine(pg_admin_url, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}"')
         conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    url = sa.engine.make_url(pg_admin_url).set(database=name)
-    engine = sa.create_engine(url)
+    engine = sa.create_engine(sa.engine.make_url(pg_admin_url).set(database=name))
+
+    def drop() -> None:
+        engine.dispose()
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
+
+    return engine, drop
+
+
+def test_fresh_database_upgrade_then_edited_migration_is_refused(pg_admin_url, tmp_path):
+    engine, drop = _fresh_database(pg_admin_url, tmp_path, "mmprm_fresh")
     try:
         assert db.current_version(engine) == 0
         with pytest.raises(db.SchemaError, match="mmprm db upgrade"):
@@ -45,14 +56,39 @@ def test_fresh_database_upgrade_then_edited_migration_is_refused(pg_admin_url, t
         with pytest.raises(db.SchemaError, match="edited after it was applied"):
             db.upgrade(engine, edited)
 
-        (edited / "003_gap.sql").write_text("SELECT 1;")
+        gap = len(db.migrations()) + 2
+        (edited / f"{gap:03d}_gap.sql").write_text("SELECT 1;")
         with pytest.raises(db.SchemaError, match="without gaps"):
             db.migrations(edited)
     finally:
-        engine.dispose()
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
+        drop()
+
+
+def test_version_2_backfills_the_mc_histograms_of_existing_trees(pg_admin_url, tmp_path):
+    engine, drop = _fresh_database(pg_admin_url, tmp_path, "mmprm_v1")
+    try:
+        v1 = tmp_path / "sql-v1"
+        v1.mkdir()
+        shutil.copy(db.SQL_DIR / "001_step_index.sql", v1)
+        assert db.upgrade(engine, v1) == [1]
+        with engine.begin() as conn:
+            conn.execute(sa.text(
+                "INSERT INTO seed_problems (problem_id, question, correct_answer, image_key, image_sha256,"
+                " content_hash, source) VALUES ('p', 'q', 'a', 'k', 's', 'h', 'f');"
+                "INSERT INTO annotation_runs (run_id, policy_backend, policy_model, config, config_hash)"
+                " VALUES ('r', 'b', 'm', '{}', 'c');"
+                "INSERT INTO trees (run_id, problem_id, root_mc_value, visit_count, num_nodes, num_rollouts,"
+                " num_searches, tree_key, tree_sha256, config_hash) VALUES ('r', 'p', 0.5, 1, 4, 8, 1, 'k', 's', 'c')"))
+            for index, mc in enumerate([0.5, 1.0, 0.0, 0.95]):
+                conn.execute(sa.text(
+                    "INSERT INTO step_nodes (tree_id, node_index, depth, prefix_len, steps, mc_value, visit_count,"
+                    " num_correct, num_incorrect, is_first_error) SELECT tree_id, :i, 0, 0, '[]', :mc, 0, 0, 0, false"
+                    " FROM trees"), {"i": index, "mc": mc})
+        assert db.upgrade(engine) == list(range(2, len(db.migrations()) + 1))
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT mc_histogram FROM trees")).scalar_one() == [1, 0, 0, 0, 0, 1, 0, 0, 0, 2]
+    finally:
+        drop()
 
 
 def test_non_postgres_urls_are_refused():

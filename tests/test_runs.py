@@ -94,9 +94,10 @@ def test_stale_selection_skips_problems_with_current_trees(settings, tmp_path):
     with get_engine(settings).begin() as conn:
         conn.execute(sa.text(
             "INSERT INTO trees (run_id, problem_id, root_mc_value, visit_count, num_nodes, num_rollouts,"
-            " num_searches, tree_key, tree_sha256, config_hash) VALUES"
-            " ('old', 'p0000', 0.5, 1, 1, 16, 0, 'k', 's', :current),"
-            " ('old', 'p0001', 0.5, 1, 1, 16, 0, 'k', 's', 'older-config')"), {"current": config_hash(settings)})
+            " num_searches, tree_key, tree_sha256, config_hash, mc_histogram) VALUES"
+            " ('old', 'p0000', 0.5, 1, 1, 16, 0, 'k', 's', :current, '{0,0,0,0,0,1,0,0,0,0}'),"
+            " ('old', 'p0001', 0.5, 1, 1, 16, 0, 'k', 's', 'older-config', '{0,0,0,0,0,1,0,0,0,0}')"),
+            {"current": config_hash(settings)})
     fresh = shard_run(settings, "nightly", chunk_size=10, selection="stale")
     with get_engine(settings).connect() as conn:
         picked = set(conn.execute(sa.text("SELECT problem_id FROM chunk_problems WHERE run_id='nightly'")).scalars())

@@ -1,0 +1,254 @@
+"""Writing trees into the step index: one fixed-shape upsert for the tree rows, COPY for the nodes.
+
+Both the annotate stage (one tree per transaction, with the problem's done-mark) and
+``mmprm import-trees`` (many trees per transaction) go through :func:`write_trees`, so a tree
+lands the same way whichever path brought it.  The statements never change shape with the number
+of trees or nodes: SQLAlchemy compiles the upsert once, and the nodes stream through Postgres'
+COPY (psycopg), which is what keeps the index ahead of the engine at paper scale (issue 12).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+from .db import get_engine, require_schema
+from .search import NodeRow, TreeRecordError, flatten_tree
+from .settings import Settings
+from .storage import open_store, open_uri
+
+MC_BUCKETS = 10
+STEP_NODE_COLUMNS = ("tree_id", "node_index", "parent_index", "depth", "prefix_len", "steps", "mc_value",
+                     "visit_count", "num_correct", "num_incorrect", "is_first_error")
+
+
+def tree_key(run_id: str, problem_id: str) -> str:
+    return f"trees/{run_id}/{problem_id}.json"
+
+
+@dataclass(frozen=True)
+class TreeEntry:
+    """A tree ready for the index: its record, flattened nodes, and the stored JSON's key and hash."""
+
+    problem_id: str
+    tree: dict[str, Any]
+    nodes: list[NodeRow]
+    key: str
+    sha256: str
+    num_rollouts: int
+    num_searches: int
+
+    @classmethod
+    def build(cls, run_id: str, tree: dict[str, Any], data: bytes, *, num_rollouts: int,
+              num_searches: int, nodes: list[NodeRow] | None = None) -> "TreeEntry":
+        return cls(problem_id=tree["id"], tree=tree, nodes=nodes if nodes is not None else flatten_tree(tree),
+                   key=tree_key(run_id, tree["id"]), sha256=hashlib.sha256(data).hexdigest(),
+                   num_rollouts=num_rollouts, num_searches=num_searches)
+
+
+def mc_bucket(mc_value: float) -> int:
+    """0-based decile of an MC value: ``[0, .1) -> 0`` ... ``[.9, 1] -> 9``; SQL
+    ``least(floor(mc_value * 10), 9)`` gives the same (same float arithmetic)."""
+    return min(int(mc_value * MC_BUCKETS), MC_BUCKETS - 1)
+
+
+def mc_histogram(nodes: Sequence[NodeRow]) -> list[int]:
+    counts = [0] * MC_BUCKETS
+    for node in nodes:
+        counts[mc_bucket(node.mc_value)] += 1
+    return counts
+
+
+def _node_tuples(tree_id: int, nodes: Sequence[NodeRow]):
+    prefix_len: list[int] = []
+    for node in nodes:
+        parent = nodes[node.parent_index] if node.parent_index is not None else None
+        prefix_len.append(0 if parent is None else prefix_len[parent.node_index] + len(parent.steps))
+        yield (tree_id, node.node_index, node.parent_index, node.depth, prefix_len[-1],
+               json.dumps(list(node.steps), ensure_ascii=False), node.mc_value, node.visit_count,
+               node.num_correct, node.num_incorrect,
+               parent is not None and node.mc_value == 0 and parent.mc_value > 0)
+
+
+_UPSERT_TREES = sa.text(
+    "INSERT INTO trees (run_id, problem_id, root_mc_value, visit_count, num_nodes, num_rollouts,"
+    " num_searches, tree_key, tree_sha256, config_hash, mc_histogram)"
+    " SELECT :run, t.problem_id, t.mc, t.visits, t.nodes, t.rollouts, t.searches, t.key, t.sha, :chash,"
+    " t.hist::int[]"
+    " FROM unnest(CAST(:pids AS text[]), CAST(:mcs AS float8[]), CAST(:visits AS int[]), CAST(:nodes AS int[]),"
+    " CAST(:rollouts AS int[]), CAST(:searches AS int[]), CAST(:keys AS text[]), CAST(:shas AS text[]),"
+    " CAST(:hists AS text[]))"
+    " AS t(problem_id, mc, visits, nodes, rollouts, searches, key, sha, hist)"
+    " ON CONFLICT (run_id, problem_id) DO UPDATE SET root_mc_value = EXCLUDED.root_mc_value,"
+    " visit_count = EXCLUDED.visit_count, num_nodes = EXCLUDED.num_nodes,"
+    " num_rollouts = EXCLUDED.num_rollouts, num_searches = EXCLUDED.num_searches,"
+    " tree_key = EXCLUDED.tree_key, tree_sha256 = EXCLUDED.tree_sha256,"
+    " config_hash = EXCLUDED.config_hash, mc_histogram = EXCLUDED.mc_histogram, created_at = now()"
+    " RETURNING problem_id, tree_id")
+
+
+def write_trees(conn: sa.Connection, run_id: str, config_hash: str, entries: Sequence[TreeEntry]) -> dict[str, int]:
+    """Upsert ``entries`` as trees of ``run_id`` and replace their nodes, inside ``conn``'s
+    transaction.  Returns problem id -> tree id.  Problem ids must be distinct."""
+    if not entries:
+        return {}
+    ids = dict(conn.execute(_UPSERT_TREES, {
+        "run": run_id, "chash": config_hash,
+        "pids": [e.problem_id for e in entries], "mcs": [float(e.tree["mc_value"]) for e in entries],
+        "visits": [e.nodes[0].visit_count for e in entries], "nodes": [len(e.nodes) for e in entries],
+        "rollouts": [e.num_rollouts for e in entries], "searches": [e.num_searches for e in entries],
+        "keys": [e.key for e in entries], "shas": [e.sha256 for e in entries],
+        "hists": ["{" + ",".join(map(str, mc_histogram(e.nodes))) + "}" for e in entries],
+    }).all())
+    conn.execute(sa.text("DELETE FROM step_nodes WHERE tree_id = ANY(CAST(:ids AS bigint[]))"),
+                 {"ids": list(ids.values())})
+    # COPY on the same driver connection, so it is part of this transaction.
+    with conn.connection.driver_connection.cursor() as cursor:
+        with cursor.copy(f"COPY step_nodes ({', '.join(STEP_NODE_COLUMNS)}) FROM STDIN") as copy:
+            for entry in entries:
+                for row in _node_tuples(ids[entry.problem_id], entry.nodes):
+                    copy.write_row(row)
+    return ids
+
+
+# ---------------------------------------------------------------------------------------------
+# Bringing trees made elsewhere (the original release's pipeline) into a run
+
+IMPORT_BATCH_NODES = 50_000  # nodes per transaction: large enough to amortise the commit
+
+
+@dataclass
+class ImportReport:
+    run_id: str
+    source: str
+    trees: int = 0
+    nodes: int = 0
+    seconds: float = 0.0
+    rejected: list[dict[str, str]] = field(default_factory=list)  # {"record", "error"}
+
+    @property
+    def nodes_per_second(self) -> float:
+        return self.nodes / self.seconds if self.seconds else 0.0
+
+
+def _split_records(name: str, lines: Iterable[bytes]) -> Iterator[tuple[str, bytes]]:
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            yield f"{name}:{number}", line
+
+
+def _tree_records(source: str, settings: Settings) -> Iterator[tuple[str, bytes]]:
+    """(record name, record bytes) of every tree under ``source``: a local file or folder, or an
+    object-store URI naming one object or a prefix (``s3://bucket/trees/``).  A ``.json`` file is
+    one tree; a ``.jsonl`` file one per line (read line by line when local)."""
+    if "://" not in source:
+        root = Path(source)
+        if not root.exists():
+            raise FileNotFoundError(f"{source}: no such file or folder")
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.suffix in (".json", ".jsonl"))
+        for path in files:
+            if path.suffix == ".jsonl":
+                with path.open("rb") as handle:
+                    yield from _split_records(str(path), handle)
+            else:
+                yield str(path), path.read_bytes()
+        return
+    store, key = open_uri(source, settings)
+    # A key ending in "/" is a prefix (S3 servers may report folder markers as objects).
+    keys = [key] if key and not key.endswith("/") and store.exists(key) else sorted(
+        k for k in store.iter_keys(key.rstrip("/") + "/" if key else "") if k.endswith((".json", ".jsonl")))
+    for name in keys:
+        data = store.get_bytes(name)
+        if name.endswith(".jsonl"):
+            yield from _split_records(store.uri(name), data.splitlines())
+        else:
+            yield store.uri(name), data
+
+
+def _import_run(conn: sa.Connection, run_id: str, source: str, policy_model: str) -> str:
+    """The run's config hash; an unknown run is created as an imported, finished run."""
+    found = conn.execute(sa.text("SELECT config_hash FROM annotation_runs WHERE run_id = :r"),
+                         {"r": run_id}).scalar_one_or_none()
+    if found is not None:
+        return found
+    config = {"imported_from": source, "policy": {"backend": "imported", "model": policy_model}}
+    chash = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+    conn.execute(sa.text(
+        "INSERT INTO annotation_runs (run_id, policy_backend, policy_model, config, config_hash, status, finished_at)"
+        " VALUES (:r, 'imported', :m, CAST(:c AS JSONB), :h, 'succeeded', now())"),
+        {"r": run_id, "m": policy_model, "c": json.dumps(config), "h": chash})
+    return chash
+
+
+def import_trees(settings: Settings, source: str, run_id: str, *, policy_model: str = "unknown",
+                 batch_nodes: int = IMPORT_BATCH_NODES, progress: Callable[[int], None] | None = None) -> ImportReport:
+    """Load SPEC §4 tree records (the original release's output) from ``source`` into ``run_id``.
+
+    Each tree is stored as ``trees/<run>/<problem>.json`` and indexed like an annotated one;
+    re-importing upserts.  A record that is not valid JSON or not a SPEC §4 tree, whose problem is
+    not in the index (ingest the seeds first), or whose problem already came earlier in this
+    import, is rejected with its file (and line) and the field at fault; the others still land.
+    ``num_searches`` of an imported tree is the sum of its visit counts (one per selection) and
+    ``num_rollouts`` the distinct rollouts the record kept (the file does not say how many were drawn).
+    """
+    started = time.perf_counter()
+    engine = get_engine(settings)
+    require_schema(engine)
+    store = open_store(settings)
+    report = ImportReport(run_id=run_id, source=source)
+    with engine.begin() as conn:
+        chash = _import_run(conn, run_id, source, policy_model)
+        known = set(conn.execute(sa.text("SELECT problem_id FROM seed_problems")).scalars())
+    seen: set[str] = set()
+    batch: list[tuple[TreeEntry, bytes]] = []
+    batch_nodes_now = 0
+
+    def flush() -> None:
+        # Objects first: a crash between the two leaves objects a re-import overwrites, never
+        # index rows pointing at nothing.
+        for entry, data in batch:
+            store.put_bytes(entry.key, data, "application/json")
+        with engine.begin() as conn:
+            write_trees(conn, run_id, chash, [entry for entry, _ in batch])
+        report.trees += len(batch)
+        report.nodes += batch_nodes_now
+        if progress:
+            progress(len(batch))
+        batch.clear()
+
+    for record_name, record_bytes in _tree_records(source, settings):
+        try:
+            tree = json.loads(record_bytes)
+            if not isinstance(tree, dict):
+                raise TreeRecordError(f"record: expected an object, got {type(tree).__name__}")
+            for required in ("id", "question", "answer", "image_path"):
+                if not isinstance(tree.get(required), str):
+                    raise TreeRecordError(f"{required}: missing or not a string")
+            problem_id = tree["id"]
+            if problem_id not in known:
+                raise TreeRecordError(f"id: problem {problem_id!r} is not in the step index (ingest its seeds first)")
+            if problem_id in seen:
+                raise TreeRecordError(f"id: problem {problem_id!r} already came earlier in this import")
+            nodes = flatten_tree(tree)
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError and TreeRecordError included
+            report.rejected.append({"record": record_name, "error": str(exc)})
+            continue
+        seen.add(problem_id)
+        batch.append((TreeEntry.build(
+            run_id, tree, record_bytes, nodes=nodes, num_searches=sum(n.visit_count for n in nodes),
+            num_rollouts=sum(n.num_correct + n.num_incorrect for n in nodes)), record_bytes))
+        batch_nodes_now += len(nodes)
+        if batch_nodes_now >= batch_nodes:
+            flush()
+            batch_nodes_now = 0
+    if batch:
+        flush()
+    report.seconds = time.perf_counter() - started
+    return report
