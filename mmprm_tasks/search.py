@@ -542,16 +542,39 @@ class TreeRecordError(ValueError):
     """A tree record that is not SPEC §4; the message names the field (``children[2].mc_value``)."""
 
 
-def _field(node: Any, name: str, kind: type | tuple[type, ...], where: str) -> Any:
+def _where(path: tuple[int, ...]) -> str:
+    return ".".join(f"children[{i}]" for i in path)
+
+
+def _bad(path: tuple[int, ...], name: str, problem: str) -> TreeRecordError:
+    where = _where(path)
+    return TreeRecordError(f"{where}{'.' if where else ''}{name}: {problem}")
+
+
+def _checked_node(node: Any, path: tuple[int, ...], is_root: bool) -> NodeRow:
+    """The fields of one node, checked; the error names the field's path (built only on error)."""
     if not isinstance(node, dict):
-        raise TreeRecordError(f"{where or 'record'}: expected an object, got {type(node).__name__}")
-    if name not in node:
-        raise TreeRecordError(f"{where}{'.' if where else ''}{name}: missing")
-    value = node[name]
-    if not isinstance(value, kind) or isinstance(value, bool):
-        raise TreeRecordError(f"{where}{'.' if where else ''}{name}: expected {getattr(kind, '__name__', kind)}, "
-                              f"got {type(value).__name__}")
-    return value
+        raise TreeRecordError(f"{_where(path) or 'record'}: expected an object, got {type(node).__name__}")
+    kinds = (("mc_value", (int, float)), ("visit_count", int), ("correct_rollouts", list),
+             ("incorrect_rollouts", list), ("children", list)) + (() if is_root else (("partial_solution", list),))
+    for name, kind in kinds:
+        value = node.get(name)
+        if value is None:
+            raise _bad(path, name, "missing")
+        if not isinstance(value, kind) or value is True or value is False:
+            raise _bad(path, name, f"expected {getattr(kind, '__name__', 'a number')}, got {type(value).__name__}")
+    mc_value = float(node["mc_value"])
+    if not 0.0 <= mc_value <= 1.0:
+        raise _bad(path, "mc_value", f"{mc_value} is outside [0, 1]")
+    steps: Steps = ()
+    if not is_root:
+        steps = tuple(node["partial_solution"])
+        for step in steps:
+            if not isinstance(step, str):
+                raise _bad(path, "partial_solution", "expected a list of strings")
+    return NodeRow(node_index=0, parent_index=None, depth=0, steps=steps, mc_value=mc_value,
+                   visit_count=node["visit_count"], num_correct=len(node["correct_rollouts"]),
+                   num_incorrect=len(node["incorrect_rollouts"]))
 
 
 def flatten_tree(tree: dict[str, Any]) -> list[NodeRow]:
@@ -561,31 +584,15 @@ def flatten_tree(tree: dict[str, Any]) -> list[NodeRow]:
     (records come from our search, or from files of the original release's pipeline).
     """
     rows: list[NodeRow] = []
-    stack: list[tuple[dict[str, Any], int | None, int, str]] = [(tree, None, 0, "")]
+    stack: list[tuple[Any, int | None, int, tuple[int, ...]]] = [(tree, None, 0, ())]
     while stack:
-        node, parent, depth, where = stack.pop()
+        node, parent, depth, path = stack.pop()
         index = len(rows)
-        steps: Steps = ()
-        if parent is not None:
-            steps = tuple(_field(node, "partial_solution", list, where))
-            if not all(isinstance(s, str) for s in steps):
-                raise TreeRecordError(f"{where}.partial_solution: expected a list of strings")
-        mc_value = float(_field(node, "mc_value", (int, float), where))
-        if not 0.0 <= mc_value <= 1.0:
-            raise TreeRecordError(f"{where}{'.' if where else ''}mc_value: {mc_value} is outside [0, 1]")
-        children = _field(node, "children", list, where)
-        rows.append(
-            NodeRow(
-                node_index=index,
-                parent_index=parent,
-                depth=depth,
-                steps=steps,
-                mc_value=mc_value,
-                visit_count=_field(node, "visit_count", int, where),
-                num_correct=len(_field(node, "correct_rollouts", list, where)),
-                num_incorrect=len(_field(node, "incorrect_rollouts", list, where)),
-            )
-        )
-        prefix = f"{where}{'.' if where else ''}children"
-        stack.extend((c, index, depth + 1, f"{prefix}[{i}]") for i, c in reversed(list(enumerate(children))))
+        row = _checked_node(node, path, parent is None)
+        rows.append(NodeRow(node_index=index, parent_index=parent, depth=depth, steps=row.steps,
+                            mc_value=row.mc_value, visit_count=row.visit_count, num_correct=row.num_correct,
+                            num_incorrect=row.num_incorrect))
+        children = node["children"]
+        for i in range(len(children) - 1, -1, -1):
+            stack.append((children[i], index, depth + 1, path + (i,)))
     return rows

@@ -101,6 +101,9 @@ class TraverseConfig(BaseModel):
     min_words: int = Field(10, ge=0)  # paths of this many words or fewer are dropped
     balance: bool = True
     label_mode: Literal["soft", "hard"] = "soft"
+    # "node": one <prm> per tree node, as the original release (a correct rollout's steps share
+    # one label).  "step": one <prm> per step, as the PRM is scored; see traverse.py.
+    label_granularity: Literal["node", "step"] = "node"
 
 
 class TrainConfig(BaseModel):

@@ -17,6 +17,16 @@ Where SPEC §5 is silent this module follows the original release's ``traverse.p
   negatives, all are kept);
 * the root itself contributes no step and no label.
 
+Step granularity (``label_granularity = "step"``, off by default): the release labels a node,
+so a correct rollout's steps (one node, ``mc_value`` 1.0) share one ``<prm>`` after the last of
+them, while the PRM is scored with a ``<prm>`` after every step.  On short solutions this leaves
+the inner steps of every correct solution unlabelled (on the toy world the PRM learned "an
+equation step is wrong" and scored every second equation ~0).  With "step", each step of a node
+whose ``mc_value`` is above the threshold gets its own ``<prm>`` with the node's ``mc_value``:
+every prefix inside such a node continues, through the node's remaining steps, into the
+rollouts that gave the node its estimate (for a correct rollout, into that correct answer).  A
+node at or below the threshold keeps its steps under one ``<prm>``: its error may be any of them.
+
 Deliberate differences from the release (documented so the numbers can be compared):
 
 * word counting uses ``str.split()`` on the process with the separators removed (the release
@@ -115,9 +125,14 @@ def _tree_paths(
     ]
     while stack:
         node, prefix, mcs = stack.pop()
-        prefix = prefix + render_step_group(node.get("partial_solution") or [])
+        steps = node.get("partial_solution") or []
         mc = float(node["mc_value"])
-        mcs = mcs + [mc]
+        if cfg.label_granularity == "step" and mc > threshold and len(steps) > 1:
+            prefix = prefix + "".join(render_step_group([s]) for s in steps)
+            mcs = mcs + [mc] * len(steps)
+        else:
+            prefix = prefix + render_step_group(steps)
+            mcs = mcs + [mc]
         if mc <= threshold:
             emit(prefix, mcs, negatives)
             continue

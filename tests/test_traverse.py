@@ -169,3 +169,19 @@ def test_sampling_is_seeded_and_order_independent():
 def test_render_process_layout():
     assert render_process([[" a ", "b"], ["c"]]) == "a\n\nb<prm>\n\nc<prm>"
     assert render_process([]) == ""
+
+
+def test_step_granularity_labels_each_step_of_a_node_above_the_threshold():
+    cfg = TraverseConfig(label_granularity="step", balance=False)
+    paths = {p["process"]: p for p in build_paths([tree_d()], cfg, seed=0).paths}
+    # A correct rollout's two steps each get a <prm> with the node's value, as the PRM is scored.
+    positive = paths[f"{S1}<prm>\n\n{S2_ADD}<prm>\n\n{ANS7}<prm>"]
+    assert positive["labels"] == [0.25, 1.0, 1.0] and positive["polarity"] == "positive"
+    # A wrong node keeps its steps under one <prm>: the error may be any of them.
+    negative = paths[f"{S1}<prm>\n\n{S2_MUL}\n\nThe answer is 12.<prm>"]
+    assert negative["labels"] == [0.25, 0.0]
+    hard = build_paths([tree_d()], cfg.model_copy(update={"label_mode": "hard"}), seed=0).paths
+    assert all(p["process"].count("<prm>") == len(p["labels"]) == len(p["mc_values"]) for p in hard)
+    # The default is the release's: one <prm> per node.
+    default = {p["process"] for p in build_paths([tree_d()], TraverseConfig(balance=False), seed=0).paths}
+    assert f"{S1}<prm>\n\n{S2_ADD}\n\n{ANS7}<prm>" in default
