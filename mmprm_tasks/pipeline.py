@@ -107,7 +107,7 @@ def current_runs(settings: Settings) -> list[str]:
 
 def traverse_stage(settings: Settings, run_ids: list[str]) -> dict[str, Any]:
     """Trees of the runs -> training paths (SPEC §5), stored and registered as a dataset version."""
-    from .traverse import build_paths
+    from .traverse import iter_paths
 
     engine = get_engine(settings)
     store = open_store(settings)
@@ -120,18 +120,23 @@ def traverse_stage(settings: Settings, run_ids: list[str]) -> dict[str, Any]:
                                 {"d": dataset_id}).scalar_one_or_none()
     if existing is not None:
         return {"dataset_id": dataset_id, "counts": existing, "created": False}
+    # Streamed tree by tree into a spooled file, then uploaded (multipart on S3): memory does not
+    # grow with the number of trees.
     trees = (store.get_json(row.tree_key) for row in rows)
-    paths = build_paths(trees, settings.traverse, settings.seed)
+    counts: dict[str, int] = {}
     paths_key = f"datasets/{dataset_id}/paths.jsonl"
-    store.put_bytes(paths_key, _jsonl([json.dumps(p, ensure_ascii=False) for p in paths.paths]),
-                    "application/x-ndjson")
+    with tempfile.NamedTemporaryFile("w", suffix=".jsonl", encoding="utf-8") as spool:
+        for path in iter_paths(trees, settings.traverse, settings.seed, counts):
+            spool.write(json.dumps(path, ensure_ascii=False) + "\n")
+        spool.flush()
+        store.put_file(paths_key, spool.name, "application/x-ndjson")
     with engine.begin() as conn:
         conn.execute(sa.text(
             "INSERT INTO datasets (dataset_id, run_ids, params, counts, paths_key)"
             " VALUES (:d, :runs, CAST(:p AS JSONB), CAST(:c AS JSONB), :k) ON CONFLICT (dataset_id) DO NOTHING"),
-            {"d": dataset_id, "runs": sorted(run_ids), "p": json.dumps(params), "c": json.dumps(paths.counts),
+            {"d": dataset_id, "runs": sorted(run_ids), "p": json.dumps(params), "c": json.dumps(counts),
              "k": paths_key})
-    return {"dataset_id": dataset_id, "counts": paths.counts, "created": True}
+    return {"dataset_id": dataset_id, "counts": counts, "created": True}
 
 
 def _dataset_paths(conn: sa.Connection, store: ObjectStore, dataset_id: str) -> list[dict[str, Any]]:

@@ -28,7 +28,7 @@ def run_config(settings: Settings) -> dict:
     return {
         "policy": {"backend": settings.policy.backend, "model": settings.policy.model},
         "sampling": settings.sampling.model_dump(),
-        "search": settings.search.model_dump(exclude={"concurrent_problems"}),
+        "search": settings.search.model_dump(exclude={"concurrent_problems", "max_sequences_in_flight"}),
         "seed": settings.seed,
     }
 

@@ -14,13 +14,13 @@ count, its distinct correct and incorrect rollouts, and children.  The search:
 Differences from the original release (``data_pipeline/omegaprm.py`` of MM-PRM), all of which
 keep its output format and its selection order:
 
-* **Many trees at once.**  Each problem's search is a generator that *yields* what it needs
-  (an MC estimate of a prefix, or one answer check) and is resumed with the answer.  The driver
-  (:func:`run_search`) keeps ``cfg.concurrent_problems`` searches alive, gathers one pending
-  request from each, makes ONE ``policy.generate`` call and ONE ``verifier.check_many`` call
-  per round, and resumes them.  A search's own sequence of decisions does not depend on what
-  else is in the batch, so with a policy whose output depends only on the request the trees
-  are identical to a one-at-a-time run (tested).
+* **Many trees at once, no rounds.**  Each problem's search is a generator that *yields* what
+  it needs (an MC estimate of a prefix, or one answer check) and is resumed with the answer.
+  The driver (:func:`run_search`) submits each tree's rollout request to the engine the moment
+  the tree needs it and resumes the tree when its rollouts are back, so the engine's batches stay
+  full (continuous batching; the release searched one problem at a time).  Every request carries
+  its own seed (run seed, problem, estimate), so with a policy whose output depends only on the
+  request the trees are identical to a one-at-a-time run, whatever the batching (tested).
 * **Exact budgets.**  The release checked ``rollout_budget`` only between selections, so a
   binary search could overshoot it.  Here a problem never samples more than ``rollout_budget``
   rollouts (see :meth:`_Tree.estimate`).
@@ -37,6 +37,8 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Generator, Iterable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -140,10 +142,12 @@ def u_value(n_total: int, visit_count: int, cfg: SearchConfig) -> float:
 
 @dataclass(frozen=True)
 class _Estimate:
-    """Sample ``n`` continuations of ``prefix``; answered with ``[(rollout, correct), ...]``."""
+    """Sample ``n`` continuations of ``prefix``; answered with ``[(rollout, correct), ...]``.
+    ``index`` counts the tree's estimates (0 = root): with the problem it seeds the request."""
 
     prefix: Steps
     n: int
+    index: int
 
 
 @dataclass(frozen=True)
@@ -238,7 +242,7 @@ class _Tree:
         k = min(self.cfg.num_rollouts, self.cfg.rollout_budget - self.rollouts)
         if k <= 0:
             return False
-        answered: list[tuple[Steps, bool | None]] = yield _Estimate(node.prefix, k)
+        answered: list[tuple[Steps, bool | None]] = yield _Estimate(node.prefix, k, self.mc_estimations)
         self.rollouts += len(answered)
         self.mc_estimations += 1
         self.verifications += sum(1 for rollout, _ in answered if rollout)
@@ -403,135 +407,177 @@ class _Tree:
 # The driver
 
 
-def _call_seed(seed: int, call_index: int) -> int:
-    """The seed of the ``call_index``-th generate call of a run: a stable hash, below 2**31 so
-    every backend's RNG accepts it."""
-    digest = hashlib.blake2b(f"mmprm-search:{seed}:{call_index}".encode(), digest_size=8).digest()
+def request_seed(seed: int, problem_id: str, estimate_index: int) -> int:
+    """The seed of a tree's ``estimate_index``-th rollout request: a stable hash of the run's seed,
+    the problem and the estimate (below 2**31 so every backend's RNG accepts it).  It does not
+    depend on batching, chunking or work stealing, so neither do the trees."""
+    digest = hashlib.blake2b(f"mmprm-search:{seed}:{problem_id}:{estimate_index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") & 0x7FFFFFFF
+
+
+class RolloutEngine(Protocol):
+    """Where rollout requests go: ``submit`` returns at once with a future of the request's
+    ``n`` rollouts; the engine batches what is in flight (vLLM and SGLang servers do it
+    themselves; :class:`~mmprm_tasks.policy.batching.BatchingEngine` does it for batch backends).
+    ``capacity``: sequences it runs at once."""
+
+    capacity: int
+
+    def submit(self, request: GenerationRequest) -> Future: ...
 
 
 @dataclass(eq=False)
 class _Active:
     tree: _Tree
     coroutine: Generator[_Op, Any, None]
-    pending: _Op
+    pending: _Op | None
+    submitted: bool = False  # its pending estimate is with the engine
+
+
+def _checked_rollouts(rollouts: Any, n: int) -> list[Steps]:
+    if not isinstance(rollouts, list) or len(rollouts) != n:
+        got = len(rollouts) if isinstance(rollouts, list) else type(rollouts).__name__
+        raise PolicyError(f"policy returned {got} rollouts where {n} were asked")
+    steps = [tuple(r) for r in rollouts]
+    if not all(isinstance(s, str) for r in steps for s in r):
+        raise PolicyError("policy returned a rollout step that is not a string")
+    return steps
 
 
 def run_search(
     problems: Iterable[SearchProblem],
-    policy: _Policy,
+    policy: _Policy | RolloutEngine,
     verifier: _Verifier,
     cfg: SearchConfig,
     seed: int,
 ) -> Iterator[SearchResult]:
     """Search every problem; yield each tree as soon as it is finished.
 
-    ``cfg.concurrent_problems`` searches run at once; each round makes one ``policy.generate``
-    call with every pending MC estimate of every active search (seeded with a value derived
-    from ``seed`` and the call's index) and one ``verifier.check_many`` call with every answer
-    to check.  Finished searches are replaced from ``problems`` (read lazily, in order).  Trees
-    come out in the order they finish (the input order when ``concurrent_problems == 1``).
+    Trees advance independently: a tree's rollout request is submitted the moment the tree
+    needs it, and the tree resumes when that request's rollouts (and their answer checks) are
+    back; there are no rounds.  ``policy`` is a :class:`RolloutEngine`, or a batch backend
+    (``generate(requests)``), which is put behind a
+    :class:`~mmprm_tasks.policy.batching.BatchingEngine` of ``cfg.max_sequences_in_flight``
+    sequences.  Problems are read lazily and admitted while fewer than two engine batches of
+    sequences are in flight, up to ``cfg.concurrent_problems`` trees.  Every request carries
+    :func:`request_seed` (run seed, problem, estimate), so with a policy whose output depends
+    only on the request the trees are identical to a one-at-a-time run (tested).  Answer checks
+    of everything that came back together go to the verifier in one ``check_many`` call.
 
     An empty rollout (the policy emitted no tags) is a real, incorrect output: it is counted
     as incorrect without asking the verifier.  ``PolicyError`` and ``VerificationError`` (also
     raised for a malformed answer from either) propagate; searches then in flight are dropped.
     """
-    source = iter(problems)
-    active: list[_Active] = []
-    call_index = 0
+    from mmprm_tasks.policy.batching import BatchingEngine
 
-    def admit() -> Iterator[SearchResult]:
-        # Fill free slots; a search that needs nothing (cannot happen with rollout_budget >= 1,
-        # but costs nothing to handle) finishes at once.
-        while len(active) < cfg.concurrent_problems:
+    own_engine = not hasattr(policy, "submit")
+    engine: RolloutEngine = BatchingEngine(policy, cfg.max_sequences_in_flight) if own_engine else policy  # type: ignore[arg-type,assignment]
+    admit_below = 2 * engine.capacity
+    source = iter(problems)
+    exhausted = False
+    active: list[_Active] = []
+    waiting: dict[Future, _Active] = {}
+    sequences_in_flight = 0
+    finished: list[_Active] = []
+
+    def resume(pairs_for: list[tuple[_Active, Any]]) -> None:
+        """Send each search its answer; collect the finished ones."""
+        for a, answer in pairs_for:
+            try:
+                a.pending = a.coroutine.send(answer)
+            except StopIteration:
+                a.pending = None
+                active.remove(a)
+                finished.append(a)
+
+    def settle_checks() -> None:
+        """Answer every pending final-step check (they need no engine), until none is left."""
+        while True:
+            checks = [a for a in active if isinstance(a.pending, _Verify)]
+            if not checks:
+                return
+            verdicts = _check(verifier, [(a.pending.candidate, a.tree.problem.answer) for a in checks])
+            resume(list(zip(checks, verdicts)))
+
+    def submit_estimates() -> None:
+        nonlocal sequences_in_flight
+        for a in active:
+            op = a.pending
+            if isinstance(op, _Estimate) and not a.submitted:
+                request = GenerationRequest(question=a.tree.problem.question, image=a.tree.problem.image,
+                                            prefix_steps=op.prefix, n=op.n,
+                                            seed=request_seed(seed, a.tree.problem.id, op.index))
+                waiting[engine.submit(request)] = a
+                a.submitted = True
+                sequences_in_flight += op.n
+
+    def admit() -> None:
+        nonlocal exhausted
+        while not exhausted and len(active) < cfg.concurrent_problems and sequences_in_flight < admit_below:
             problem = next(source, None)
             if problem is None:
+                exhausted = True
                 return
             tree = _Tree(problem, cfg)
-            coroutine = tree.search()
-            try:
-                op = next(coroutine)
-            except StopIteration:
-                yield SearchResult(problem.id, tree.to_record(), tree.stats())
-                continue
-            active.append(_Active(tree, coroutine, op))
+            a = _Active(tree, tree.search(), None)
+            active.append(a)
+            resume([(a, None)])  # runs the search to its first request
+            settle_checks()
+            submit_estimates()
 
-    yield from admit()
-    while active:
-        # One generate call for every pending MC estimate.
-        estimates = [a for a in active if isinstance(a.pending, _Estimate)]
-        sampled: list[list[Steps]] = []
-        if estimates:
-            requests = [
-                GenerationRequest(
-                    question=a.tree.problem.question,
-                    image=a.tree.problem.image,
-                    prefix_steps=a.pending.prefix,
-                    n=a.pending.n,
-                )
-                for a in estimates
-            ]
-            outputs = policy.generate(requests, seed=_call_seed(seed, call_index))
-            call_index += 1
-            if len(outputs) != len(requests):
-                raise PolicyError(
-                    f"policy returned {len(outputs)} results for {len(requests)} requests"
-                )
-            for a, rollouts in zip(estimates, outputs):
-                if len(rollouts) != a.pending.n:
-                    raise PolicyError(
-                        f"policy returned {len(rollouts)} rollouts where {a.pending.n} were asked"
-                    )
-                steps = [tuple(r) for r in rollouts]
-                if not all(isinstance(s, str) for r in steps for s in r):
-                    raise PolicyError("policy returned a rollout step that is not a string")
-                sampled.append(steps)
+    def react() -> None:
+        """Everything that came back: one check_many for all its answers, resume, refill."""
+        nonlocal sequences_in_flight
+        arrived: list[tuple[_Active, list[Steps]]] = []
+        for future in [f for f in waiting if f.done()]:
+            a = waiting.pop(future)
+            a.submitted = False
+            sequences_in_flight -= a.pending.n
+            error = future.exception()
+            if error is not None:
+                raise error if isinstance(error, PolicyError) else PolicyError(f"policy engine failed: {error}")
+            arrived.append((a, _checked_rollouts(future.result(), a.pending.n)))
+        pairs = [(r[-1], a.tree.problem.answer) for a, rollouts in arrived for r in rollouts if r]
+        verdicts = iter(_check(verifier, pairs))
+        resume([(a, [(r, next(verdicts) if r else False) for r in rollouts]) for a, rollouts in arrived])
+        settle_checks()
+        submit_estimates()
+        admit()
 
-        # One check_many call for every answer to check.
-        pairs: list[tuple[str, str]] = []
-        for a, rollouts in zip(estimates, sampled):
-            gold = a.tree.problem.answer
-            pairs.extend((r[-1], gold) for r in rollouts if r)
-        for a in active:
-            if isinstance(a.pending, _Verify):
-                pairs.append((a.pending.candidate, a.tree.problem.answer))
-        verdicts = list(verifier.check_many(pairs)) if pairs else []
-        if len(verdicts) != len(pairs):
-            raise VerificationError(
-                f"verifier returned {len(verdicts)} verdicts for {len(pairs)} checks"
-            )
-        if any(v is not None and type(v) is not bool for v in verdicts):
-            raise VerificationError("verifier returned a verdict that is neither a bool nor None")
+    # While the driver reacts, a burst-aware engine holds its results and its next batch, so the
+    # submissions of one reaction ride together.
+    burst = getattr(engine, "burst", nullcontext)
+    try:
+        with burst():
+            admit()
+        yield from _drain(finished)
+        while waiting:
+            wait(list(waiting), return_when=FIRST_COMPLETED)
+            with burst():
+                react()
+            yield from _drain(finished)
+    finally:
+        for future in waiting:
+            future.cancel()
+        if own_engine:
+            engine.close()
 
-        # Hand every search its answer, in the order the pairs were built.
-        answers: dict[int, Any] = {}
-        cursor = 0
-        for a, rollouts in zip(estimates, sampled):
-            labelled: list[tuple[Steps, bool | None]] = []
-            for r in rollouts:
-                if r:
-                    labelled.append((r, verdicts[cursor]))
-                    cursor += 1
-                else:
-                    labelled.append((r, False))
-            answers[id(a)] = labelled
-        for a in active:
-            if isinstance(a.pending, _Verify):
-                answers[id(a)] = verdicts[cursor]
-                cursor += 1
 
-        still: list[_Active] = []
-        finished: list[_Active] = []
-        for a in active:
-            try:
-                a.pending = a.coroutine.send(answers[id(a)])
-                still.append(a)
-            except StopIteration:
-                finished.append(a)
-        active[:] = still
-        for a in finished:
-            yield SearchResult(a.tree.problem.id, a.tree.to_record(), a.tree.stats())
-        yield from admit()
+def _drain(finished: list[_Active]) -> Iterator[SearchResult]:
+    while finished:
+        a = finished.pop(0)
+        yield SearchResult(a.tree.problem.id, a.tree.to_record(), a.tree.stats())
+
+
+def _check(verifier: _Verifier, pairs: list[tuple[str, str]]) -> list[bool | None]:
+    if not pairs:
+        return []
+    verdicts = list(verifier.check_many(pairs))
+    if len(verdicts) != len(pairs):
+        raise VerificationError(f"verifier returned {len(verdicts)} verdicts for {len(pairs)} checks")
+    if any(v is not None and type(v) is not bool for v in verdicts):
+        raise VerificationError("verifier returned a verdict that is neither a bool nor None")
+    return verdicts
 
 
 # ---------------------------------------------------------------------------------------------

@@ -43,8 +43,12 @@ class SearchConfig(BaseModel):
     num_rollouts: int = Field(16, ge=1)
     max_search_count: int = Field(200, ge=0)
     rollout_budget: int = Field(1000, ge=1)
-    # How many problems are searched at once so one engine call batches many trees' MC estimates.
-    concurrent_problems: int = Field(16, ge=1)
+    # Trees advance independently and their rollout requests go to the engine as soon as they are
+    # ready; new problems are admitted while fewer than 2 x max_sequences_in_flight sequences are
+    # waiting or running (one engine batch running, the next one queued), up to
+    # concurrent_problems trees in memory.  Neither changes the trees (requests carry their own seeds).
+    concurrent_problems: int = Field(64, ge=1)
+    max_sequences_in_flight: int = Field(256, ge=1)
 
 
 class PolicyConfig(BaseModel):

@@ -12,12 +12,13 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import tempfile
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import urlparse
 
 from .settings import Settings
@@ -142,19 +143,29 @@ class LocalStore(ObjectStore):
                     except FileNotFoundError:
                         pass  # a peer swept it first
 
-    def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> str:
+    def _write(self, key: str, fill: Callable[[BinaryIO], object]) -> str:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         self._sweep_stale_temporaries(path.parent)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TEMPORARY_PREFIX)
         try:
             with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
+                fill(handle)
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
         return self.uri(key)
+
+    def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> str:
+        return self._write(key, lambda handle: handle.write(data))
+
+    def put_file(self, key: str, path: str | os.PathLike[str], content_type: str = "application/octet-stream") -> str:
+        def copy(handle: BinaryIO) -> None:
+            with open(path, "rb") as source:
+                shutil.copyfileobj(source, handle)
+
+        return self._write(key, copy)
 
     def get_bytes(self, key: str) -> bytes:
         try:
@@ -210,6 +221,12 @@ class S3Store(ObjectStore):
             bucket_name=self.bucket, object_name=_check_key(key), data=io.BytesIO(data),
             length=len(data), content_type=content_type,
         )
+        return self.uri(key)
+
+    def put_file(self, key: str, path: str | os.PathLike[str], content_type: str = "application/octet-stream") -> str:
+        # Streamed from disk; large files go up as a multipart upload.
+        self.client.fput_object(bucket_name=self.bucket, object_name=_check_key(key), file_path=str(path),
+                                content_type=content_type)
         return self.uri(key)
 
     def get_bytes(self, key: str) -> bytes:

@@ -38,7 +38,7 @@ Deliberate differences from the release (documented so the numbers can be compar
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -154,30 +154,33 @@ def _dedupe(paths: list[dict[str, Any]], counts: dict[str, int]) -> list[dict[st
     return list(seen.values())
 
 
-def build_paths(trees: Iterable[dict[str, Any]], cfg: TraverseConfig, seed: int) -> PathSet:
-    """Training paths of ``trees`` (SPEC §4 tree JSON) as described in the module docstring.
+COUNT_NAMES = (
+    "trees_seen",
+    "trees_used",
+    "trees_skipped_root_mc",
+    "positives_found",
+    "negatives_found",
+    "dropped_short",
+    "duplicates",
+    "positives_dropped_by_balance",
+    "positives",
+    "negatives",
+    "paths",
+    "labels",
+)
+
+
+def iter_paths(
+    trees: Iterable[dict[str, Any]], cfg: TraverseConfig, seed: int, counts: dict[str, int]
+) -> Iterator[dict[str, Any]]:
+    """Training paths of ``trees``, tree by tree, as the trees are read (memory does not grow with
+    the number of trees); ``counts`` (keys :data:`COUNT_NAMES`) is updated as it goes.
 
     Deterministic for a given ``seed``: the positives kept for a tree depend only on the seed,
     the tree's ``id`` and its content.
     """
-    counts = dict.fromkeys(
-        (
-            "trees_seen",
-            "trees_used",
-            "trees_skipped_root_mc",
-            "positives_found",
-            "negatives_found",
-            "dropped_short",
-            "duplicates",
-            "positives_dropped_by_balance",
-            "positives",
-            "negatives",
-            "paths",
-            "labels",
-        ),
-        0,
-    )
-    out: list[dict[str, Any]] = []
+    for name in COUNT_NAMES:
+        counts.setdefault(name, 0)
     for index, tree in enumerate(trees):
         counts["trees_seen"] += 1
         root_mc = float(tree["mc_value"])
@@ -190,13 +193,14 @@ def build_paths(trees: Iterable[dict[str, Any]], cfg: TraverseConfig, seed: int)
         counts["negatives_found"] += len(negatives)
         negatives = _dedupe(negatives, counts)
         positives = _dedupe(positives, counts)
+        tree_id = tree.get("id", index)
         if cfg.balance and len(positives) > len(negatives):
-            tree_id = tree.get("id", index)
             rng = random.Random(f"{seed}:{tree_id}")
             kept = sorted(rng.sample(range(len(positives)), len(negatives)))
             counts["positives_dropped_by_balance"] += len(positives) - len(kept)
             positives = [positives[i] for i in kept]
-        tree_id = tree.get("id", index)
+        counts["negatives"] += len(negatives)
+        counts["positives"] += len(positives)
         for polarity, group in (("negative", negatives), ("positive", positives)):
             for p in group:
                 labels = (
@@ -204,9 +208,13 @@ def build_paths(trees: Iterable[dict[str, Any]], cfg: TraverseConfig, seed: int)
                     if cfg.label_mode == "hard"
                     else list(p["mc_values"])
                 )
-                out.append({**p, "labels": labels, "tree_id": tree_id, "polarity": polarity})
-        counts["negatives"] += len(negatives)
-        counts["positives"] += len(positives)
-    counts["paths"] = len(out)
-    counts["labels"] = sum(len(p["labels"]) for p in out)
-    return PathSet(paths=out, counts=counts, label_mode=cfg.label_mode)
+                counts["paths"] += 1
+                counts["labels"] += len(labels)
+                yield {**p, "labels": labels, "tree_id": tree_id, "polarity": polarity}
+
+
+def build_paths(trees: Iterable[dict[str, Any]], cfg: TraverseConfig, seed: int) -> PathSet:
+    """All training paths of ``trees`` in memory (see :func:`iter_paths`)."""
+    counts: dict[str, int] = {}
+    paths = list(iter_paths(trees, cfg, seed, counts))
+    return PathSet(paths=paths, counts=counts, label_mode=cfg.label_mode)

@@ -57,15 +57,16 @@ class ScriptedPolicy:
 
 
 class SeededPolicy(ScriptedPolicy):
-    """Like a sampling backend: the output depends on the call's seed."""
+    """Like a sampling backend: each request's output depends on its own seed (and nothing else
+    in the engine call)."""
 
     def generate(self, requests, *, seed=None):
         self.calls.append(list(requests))
         out = []
-        for j, r in enumerate(requests):
+        for r in requests:
             rollouts = []
             for i in range(r.n):
-                rng = random.Random(f"{seed}|{j}|{i}|{'|'.join(r.prefix_steps)}")
+                rng = random.Random(f"{r.seed}|{i}|{'|'.join(r.prefix_steps)}")
                 rollouts.append(_random_rollout(rng, r.prefix_steps))
             out.append(rollouts)
         return out
@@ -623,8 +624,9 @@ def test_deterministic_under_seed():
     p1, p2 = ScriptedPolicy(random_script), ScriptedPolicy(random_script)
     list(run_search(probs, p1, ExactVerifier(), config, seed=11))
     list(run_search(probs, p2, ExactVerifier(), config, seed=11))
-    assert p1.seeds == p2.seeds and len(set(p1.seeds)) == len(p1.seeds)
-    assert all(isinstance(s, int) and 0 <= s < 2**31 for s in p1.seeds)
+    seeds = lambda p: sorted((r.question, r.seed) for call in p.calls for r in call)  # noqa: E731
+    assert seeds(p1) == seeds(p2) and len({s for _, s in seeds(p1)}) == len(seeds(p1))  # one per request
+    assert all(isinstance(s, int) and 0 <= s < 2**31 for _, s in seeds(p1))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -88,10 +88,14 @@ def test_dir_round_trip(store, tmp_path):
         store.get_dir("checkpoints/none", tmp_path / "none")
 
 
-def test_large_object_multipart(store):
+def test_large_object_multipart(store, tmp_path):
     data = bytes(range(256)) * (6 * 1024 * 1024 // 256 + 1)  # > 5 MiB: multipart on S3
     store.put_bytes("big/blob", data)
     assert store.get_bytes("big/blob") == data
+    source = tmp_path / "spooled.bin"
+    source.write_bytes(data[::-1])
+    store.put_file("big/from-file", source)  # streamed from disk, not read into memory first
+    assert store.get_bytes("big/from-file") == data[::-1]
 
 
 @pytest.mark.parametrize("bad", ["", "/abs", "a/../b", "a//b", "./a"])

@@ -40,13 +40,18 @@ class PolicyError(RuntimeError):
 class GenerationRequest:
     """Sample ``n`` continuations of ``prefix_steps`` for ``question`` about ``image``.
 
-    ``image`` holds the encoded image file (PNG/JPEG bytes), not pixels.
+    ``image`` holds the encoded image file (PNG/JPEG bytes), not pixels.  ``seed``, when set, is
+    the request's own: its rollouts depend only on the request, not on what else shares the
+    engine call (the search derives it from the run's seed, the problem and the node), so
+    annotation is reproducible whatever the batching, chunking or work stealing.  Without it a
+    backend derives one from the call's seed and the request's position.
     """
 
     question: str
     image: bytes
     prefix_steps: tuple[str, ...] = ()
     n: int = 1
+    seed: int | None = None
 
     def __post_init__(self) -> None:
         if self.n < 1:
@@ -95,8 +100,11 @@ def image_data_url(data: bytes) -> str:
     return f"data:{image_mime(data)};base64,{base64.b64encode(data).decode('ascii')}"
 
 
-def request_seed(seed: int | None, index: int) -> int | None:
-    """A per-request seed derived from a call's seed (stable, independent across requests)."""
+def request_seed(seed: int | None, index: int, request: GenerationRequest | None = None) -> int | None:
+    """The seed a backend samples ``request`` with: the request's own when it has one, else one
+    derived from the call's seed and the request's position (stable, independent across requests)."""
+    if request is not None and request.seed is not None:
+        return request.seed
     if seed is None:
         return None
     digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=4).digest()

@@ -2,8 +2,10 @@
 
 One :meth:`TransformersPolicy.generate` call expands every request ``n`` times and runs the
 sequences in batches of ``policy.batch_size`` with left padding.  Sampling follows
-:class:`~mmprm_tasks.settings.SamplingConfig`; with a seed the whole call is reproducible (the
-global RNG is forked, so callers' random state is untouched).
+:class:`~mmprm_tasks.settings.SamplingConfig`.  Every sequence samples from its own random
+generator, seeded from its request's seed and its index among the request's ``n`` (see
+:class:`SeededRowSampler`), so a request's rollouts do not depend on which other requests share
+its batch; an unseeded request draws its seed from torch's global RNG.
 
 :meth:`TransformersPolicy.complete` is the lower-level entry point (chat messages and images
 in, completion texts out) that :mod:`mmprm_tasks.policy.server` serves over HTTP.
@@ -11,6 +13,7 @@ in, completion texts out) that :mod:`mmprm_tasks.policy.server` serves over HTTP
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from collections.abc import Sequence
@@ -18,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmprm_tasks.policy import GenerationRequest, PolicyError, chat_messages, load_image
+from mmprm_tasks.policy import GenerationRequest, PolicyError, chat_messages, load_image, request_seed
 from mmprm_tasks.rollouts import Rollout, parse_rollout
 from mmprm_tasks.settings import PolicyConfig, SamplingConfig
 
@@ -46,6 +49,45 @@ class Completion:
     finish_reason: str  # "stop" (eos) or "length"
     completion_tokens: int
     prompt_tokens: int
+
+
+def row_seed(seed: int, index: int) -> int:
+    """The seed of the ``index``-th sampled sequence of a request seeded with ``seed``."""
+    digest = hashlib.blake2b(f"row:{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") & 0x7FFFFFFFFFFFFFFF
+
+
+class SeededRowSampler:
+    """A logits processor that samples each row of the batch with its own ``torch.Generator``
+    (temperature, then top-k, then top-p, as transformers' own warpers) and leaves only the
+    sampled token finite, so greedy decoding emits it.  transformers samples a whole batch from
+    one generator; this keeps a sequence's tokens a function of its own seed and logits."""
+
+    def __init__(self, seeds: Sequence[int], sampling: SamplingConfig, device: Any) -> None:
+        import torch
+
+        self.torch = torch
+        self.sampling = sampling
+        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        torch = self.torch
+        cfg = self.sampling
+        logits = scores.float() / cfg.temperature
+        if cfg.top_k and cfg.top_k < logits.shape[-1]:
+            kth = torch.topk(logits, cfg.top_k, dim=-1).values[..., -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if cfg.top_p < 1.0:
+            ordered, order = torch.sort(logits, descending=False, dim=-1)
+            cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
+            drop = cumulative <= (1 - cfg.top_p)
+            drop[..., -1:] = False  # always keep the most likely token
+            logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+        probs = logits.softmax(dim=-1)
+        chosen = torch.stack([torch.multinomial(probs[row], 1, generator=g)
+                              for row, g in enumerate(self.generators)])
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter(-1, chosen, 0.0)
 
 
 def resolve_device(device: str) -> str:
@@ -134,7 +176,8 @@ class TransformersPolicy:
         self, requests: Sequence[GenerationRequest], *, seed: int | None = None
     ) -> list[list[Rollout]]:
         prompts = [ChatPrompt(chat_messages(r.prompt), [r.image]) for r in requests]
-        completions = self.complete(prompts, [r.n for r in requests], seed=seed)
+        seeds = [request_seed(seed, i, r) for i, r in enumerate(requests)]
+        completions = self.complete(prompts, [r.n for r in requests], seeds=seeds)
         return [[parse_rollout(c.text) for c in per_request] for per_request in completions]
 
     def render(self, prompt: ChatPrompt) -> str:
@@ -149,32 +192,32 @@ class TransformersPolicy:
         ns: Sequence[int],
         *,
         sampling: SamplingConfig | None = None,
-        seed: int | None = None,
+        seeds: Sequence[int | None] | None = None,
     ) -> list[list[Completion]]:
-        """``ns[i]`` sampled completions of ``prompts[i]`` (texts keep step/answer tags)."""
-        if len(prompts) != len(ns):
-            raise ValueError("one n per prompt")
+        """``ns[i]`` sampled completions of ``prompts[i]`` (texts keep step/answer tags); the
+        ``j``-th sample of prompt ``i`` is drawn with :func:`row_seed` ``(seeds[i], j)``."""
+        if len(prompts) != len(ns) or (seeds is not None and len(seeds) != len(prompts)):
+            raise ValueError("one n (and one seed) per prompt")
         sampling = sampling or self.sampling
+        seeds = [s if s is not None else int(self._torch.randint(0, 2**31 - 1, ()).item())
+                 for s in (seeds or [None] * len(prompts))]
         texts = [self.render(p) for p in prompts]
         images = [[load_image(b) for b in p.images] for p in prompts]
         # Every sequence to sample, identical prompts adjacent; longest prompts first so a batch
         # holds prompts of similar length (less padding).
         rows = [i for i, n in enumerate(ns) for _ in range(n)]
+        seeds_of_rows = [row_seed(seeds[i], j) for i, n in enumerate(ns) for j in range(n)]
         order = sorted(range(len(rows)), key=lambda r: -len(texts[rows[r]]))
         results: list[Completion | None] = [None] * len(rows)
-        torch = self._torch
-        devices = [self._torch.device(self.device).index or 0] if self.device.startswith("cuda") else []
-        with self._lock, torch.random.fork_rng(devices=devices, enabled=seed is not None):
-            if seed is not None:
-                torch.manual_seed(seed)
+        with self._lock:
             bs = self.policy_cfg.batch_size
             for start in range(0, len(order), bs):
                 batch = order[start : start + bs]
                 batch_texts = [texts[rows[r]] for r in batch]
                 batch_images = [img for r in batch for img in images[rows[r]]]
-                for r, completion in zip(
-                    batch, self._generate_batch(batch_texts, batch_images, sampling)
-                ):
+                generated = self._generate_batch(batch_texts, batch_images, sampling,
+                                                 [seeds_of_rows[r] for r in batch])
+                for r, completion in zip(batch, generated):
                     results[r] = completion
         out: list[list[Completion]] = [[] for _ in prompts]
         for r, i in enumerate(rows):
@@ -191,7 +234,7 @@ class TransformersPolicy:
     # ---------------------------------------------------------------------------- internals
 
     def _generate_batch(
-        self, texts: list[str], images: list[Any], sampling: SamplingConfig
+        self, texts: list[str], images: list[Any], sampling: SamplingConfig, seeds: list[int]
     ) -> list[Completion]:
         torch = self._torch
         if self.model is None:
@@ -218,15 +261,9 @@ class TransformersPolicy:
             "pad_token_id": self.tokenizer.pad_token_id,
             "repetition_penalty": sampling.repetition_penalty,
         }
+        kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
         if sampling.temperature > 0:
-            kwargs.update(
-                do_sample=True,
-                temperature=sampling.temperature,
-                top_k=sampling.top_k,
-                top_p=sampling.top_p,
-            )
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
+            kwargs["logits_processor"] = [SeededRowSampler(seeds, sampling, self.device)]
         try:
             with torch.inference_mode():
                 sequences = self.model.generate(**inputs, **kwargs)

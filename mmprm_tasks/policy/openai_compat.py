@@ -98,7 +98,7 @@ class OpenAIChatPolicy:
         if self._closed.is_set():
             raise PolicyError("policy client is closed")
         futures = [
-            self._executor.submit(self._complete, i, r, request_seed(seed, i))
+            self._executor.submit(self._complete, i, r, request_seed(seed, i, r))
             for i, r in enumerate(requests)
         ]
         out: list[list[Rollout]] = []

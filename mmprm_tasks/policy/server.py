@@ -6,9 +6,10 @@ It serves :class:`~mmprm_tasks.policy.hf.TransformersPolicy` over HTTP: ``POST
 /health``.  It is the CPU serving option of the platform (``backend=openai`` pointed at it) and
 the peer the openai backend is tested against.
 
-Concurrent requests are batched: while the model is busy, waiting unseeded requests with the same
-sampling parameters are merged into one ``generate`` pass.  A request with a ``seed`` runs on its
-own, so its samples depend on the seed alone.
+Concurrent requests are batched continuously (:class:`~mmprm_tasks.policy.batching.ContinuousBatcher`):
+while the model is busy, waiting requests with the same sampling parameters are merged into the
+next ``generate`` pass.  Each request samples from its own ``seed`` (or a random one), so a
+seeded request's samples depend on the seed alone, whatever it was batched with.
 
 Run: ``python -m mmprm_tasks.policy.server --model DIR --host 127.0.0.1 --port 8000``.
 """
@@ -24,9 +25,7 @@ import socket
 import threading
 import time
 import uuid
-from collections import deque
 from collections.abc import Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
 from mmprm_tasks.policy import PolicyError, load_image
+from mmprm_tasks.policy.batching import ContinuousBatcher
 from mmprm_tasks.policy.hf import ChatPrompt, Completion, TransformersPolicy
 from mmprm_tasks.settings import PolicyConfig, SamplingConfig
 
@@ -115,85 +115,20 @@ def to_chat_prompt(messages: Sequence[dict[str, Any]]) -> ChatPrompt:
     return ChatPrompt(out, images)
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Job:
     prompt: ChatPrompt
     n: int
     sampling: SamplingConfig
     seed: int | None
-    future: Future
 
 
-class _Batcher:
-    """One worker thread runs the model; compatible waiting jobs share a ``complete`` call."""
+def _batcher(policy: TransformersPolicy, max_sequences: int) -> ContinuousBatcher[_Job]:
+    def run(jobs: list[_Job]) -> list[list[Completion]]:
+        return policy.complete([j.prompt for j in jobs], [j.n for j in jobs], sampling=jobs[0].sampling,
+                               seeds=[j.seed for j in jobs])
 
-    def __init__(self, policy: TransformersPolicy, max_sequences: int) -> None:
-        self.policy = policy
-        self.max_sequences = max_sequences
-        self._pending: deque[_Job] = deque()
-        self._cond = threading.Condition()
-        self._closed = False
-        self.batches = 0  # how many complete() calls were made (observability, tests)
-        self._thread = threading.Thread(target=self._loop, name="policy-batcher", daemon=True)
-        self._thread.start()
-
-    def submit(self, job: _Job) -> None:
-        with self._cond:
-            if self._closed:
-                raise PolicyError("server is shutting down")
-            self._pending.append(job)
-            self._cond.notify()
-
-    def _take(self) -> list[_Job] | None:
-        with self._cond:
-            while not self._pending and not self._closed:
-                self._cond.wait()
-            if self._closed:
-                return None
-            first = self._pending.popleft()
-            batch = [first]
-            if first.seed is None:
-                total = first.n
-                for job in list(self._pending):
-                    if total + job.n > self.max_sequences:
-                        break
-                    if job.seed is None and job.sampling == first.sampling:
-                        self._pending.remove(job)
-                        batch.append(job)
-                        total += job.n
-            return batch
-
-    def _loop(self) -> None:
-        while True:
-            batch = self._take()
-            if batch is None:
-                return
-            batch = [job for job in batch if job.future.set_running_or_notify_cancel()]
-            if not batch:
-                continue
-            try:
-                results = self.policy.complete(
-                    [job.prompt for job in batch],
-                    [job.n for job in batch],
-                    sampling=batch[0].sampling,
-                    seed=batch[0].seed,
-                )
-                self.batches += 1
-            except BaseException as exc:  # noqa: BLE001 - handed to every waiting request
-                for job in batch:
-                    job.future.set_exception(exc)
-                continue
-            for job, result in zip(batch, results):
-                job.future.set_result(result)
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            pending, self._pending = list(self._pending), deque()
-            self._cond.notify_all()
-        for job in pending:
-            job.future.cancel()
-        self._thread.join(timeout=30)
+    return ContinuousBatcher(run, max_sequences, name="policy-server")
 
 
 def create_app(
@@ -207,7 +142,7 @@ def create_app(
     name = served_model_name or policy.model_dir
     # Clients may name the model by its served name or by the checkpoint path (relative or not).
     aliases = {name, policy.model_dir, str(Path(policy.model_dir).resolve())}
-    batcher = _Batcher(policy, max_batch_sequences or max(policy.policy_cfg.batch_size, 1))
+    batcher = _batcher(policy, max_batch_sequences or max(policy.policy_cfg.batch_size, 1))
     defaults = policy.sampling
     app = FastAPI(title="mmprm policy server")
     app.state.batcher = batcher
@@ -253,9 +188,9 @@ def create_app(
                 load_image(image)  # a bad image is the client's fault: 400, not 500
         except (BadRequest, ValueError) as exc:
             return _error(400, str(exc))
-        future: Future = Future()
         try:
-            batcher.submit(_Job(prompt, body.n, sampling, body.seed, future))
+            future = batcher.submit(_Job(prompt, body.n, sampling, body.seed), sequences=body.n,
+                                    key=sampling.model_dump_json())
             completions: list[Completion] = await asyncio.wrap_future(future)
         except PolicyError as exc:
             return _error(500, str(exc), "InternalServerError")

@@ -111,7 +111,7 @@ class VLLMPolicy:
             {"prompt": self.render(r.prompt), "multi_modal_data": {"image": load_image(r.image)}}
             for r in requests
         ]
-        params = [self.sampling_params(r.n, request_seed(seed, i)) for i, r in enumerate(requests)]
+        params = [self.sampling_params(r.n, request_seed(seed, i, r)) for i, r in enumerate(requests)]
         try:
             outputs = self.llm.generate(prompts, params, use_tqdm=False)
         except Exception as exc:  # noqa: BLE001

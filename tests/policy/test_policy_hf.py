@@ -6,7 +6,7 @@ import pytest
 
 from mmprm_tasks.policy import GenerationRequest, PolicyBackend, PolicyError, load_policy
 from mmprm_tasks.policy.hf import ChatPrompt, TransformersPolicy
-from mmprm_tasks.policy import chat_messages, load_image
+from mmprm_tasks.policy import chat_messages, load_image, request_seed
 from mmprm_tasks.rollouts import parse_rollout
 from mmprm_tasks.settings import PolicyConfig, SamplingConfig, Settings
 
@@ -49,15 +49,33 @@ def test_n_rollouts_per_request_in_order(policy, images):
 def test_same_seed_same_rollouts_other_seed_differs(random_policy, images):
     reqs = requests_for(images, ns=(3, 3, 3))
     prompts, ns = prompts_for(reqs), [r.n for r in reqs]
-    first = [[c.text for c in per] for per in random_policy.complete(prompts, ns, seed=7)]
-    again = [[c.text for c in per] for per in random_policy.complete(prompts, ns, seed=7)]
-    other = [[c.text for c in per] for per in random_policy.complete(prompts, ns, seed=8)]
+    seeds = lambda call: [request_seed(call, i) for i in range(len(reqs))]  # noqa: E731 - as generate() derives them
+    first = [[c.text for c in per] for per in random_policy.complete(prompts, ns, seeds=seeds(7))]
+    again = [[c.text for c in per] for per in random_policy.complete(prompts, ns, seeds=seeds(7))]
+    other = [[c.text for c in per] for per in random_policy.complete(prompts, ns, seeds=seeds(8))]
     assert first == again
     assert first != other
     # Samples of one request differ from each other (sampling, not n copies of one draw).
     assert len(set(first[0])) > 1
     # generate() is parse_rollout of exactly those completions.
     assert random_policy.generate(reqs, seed=7) == [[parse_rollout(t) for t in per] for per in first]
+
+
+def test_a_seeded_requests_samples_do_not_depend_on_its_batch(random_policy, images):
+    """Each sequence samples from its own generator: a request's samples are the same alone, in a
+    batch with others, and at another position (what keeps search trees independent of batching)."""
+    reqs = requests_for(images, ns=(3, 3, 3))
+    prompts, ns = prompts_for(reqs), [r.n for r in reqs]
+
+    def texts(order, seeds):
+        out = random_policy.complete([prompts[i] for i in order], [ns[i] for i in order], seeds=seeds)
+        return [[c.text for c in per] for per in out]
+
+    together = texts([0, 1, 2], [100, 101, 102])
+    assert texts([1], [101]) == [together[1]]
+    assert texts([2, 1, 0], [102, 101, 100]) == together[::-1]
+    assert texts([1], [999]) != [together[1]]
+    assert len(set(together[1])) > 1
 
 
 def test_seeded_call_leaves_global_rng_alone(random_policy, images):
@@ -103,7 +121,7 @@ def test_batches_across_requests_and_keeps_order(random_policy_dir, images):
 def test_untagged_completion_is_an_empty_rollout(random_policy, images):
     """A random model writes no <step>/<answer> tags: every rollout is [] (SPEC §2)."""
     reqs = requests_for(images, ns=(2, 2, 2))
-    completions = random_policy.complete(prompts_for(reqs), [r.n for r in reqs], seed=3)
+    completions = random_policy.complete(prompts_for(reqs), [r.n for r in reqs], seeds=[3, 4, 5])
     texts = [c.text for per in completions for c in per]
     assert all(t and "</step>" not in t and "</answer>" not in t for t in texts)
     assert random_policy.generate(reqs, seed=3) == [[[], []], [[], []], [[], []]]
@@ -111,7 +129,7 @@ def test_untagged_completion_is_an_empty_rollout(random_policy, images):
 
 def test_stops_at_eos_and_reports_length(random_policy, images):
     prompt = prompts_for(requests_for(images, ns=(4, 1, 1)))[0]
-    completions = random_policy.complete([prompt], [4], seed=1,
+    completions = random_policy.complete([prompt], [4], seeds=[1],
                                          sampling=SamplingConfig(max_new_tokens=5))[0]
     assert all(c.completion_tokens <= 5 for c in completions)
     assert all(c.finish_reason in ("stop", "length") for c in completions)

@@ -74,7 +74,7 @@ def test_server_rebuilds_the_exact_prompt(served, images):
 
     def in_process(request, seed):
         prompt = ChatPrompt(chat_messages(request.prompt), [request.image])
-        return policy.complete([prompt], [request.n], sampling=SAMPLING, seed=seed)[0]
+        return policy.complete([prompt], [request.n], sampling=SAMPLING, seeds=[seed])[0]
 
     for request in reqs(images):
         body = backend.body(request, seed=21)
