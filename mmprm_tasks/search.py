@@ -419,7 +419,9 @@ class RolloutEngine(Protocol):
     """Where rollout requests go: ``submit`` returns at once with a future of the request's
     ``n`` rollouts; the engine batches what is in flight (vLLM and SGLang servers do it
     themselves; :class:`~mmprm_tasks.policy.batching.BatchingEngine` does it for batch backends).
-    ``capacity``: sequences it runs at once."""
+    ``capacity``: sequences it runs at once.  Optional: ``burst()`` (a lock the driver holds while
+    it reacts) and ``wait(futures)`` (block until one is done; a simulated engine advances its
+    clock there)."""
 
     capacity: int
 
@@ -547,12 +549,13 @@ def run_search(
     # While the driver reacts, a burst-aware engine holds its results and its next batch, so the
     # submissions of one reaction ride together.
     burst = getattr(engine, "burst", nullcontext)
+    wait_any = getattr(engine, "wait", lambda futures: wait(futures, return_when=FIRST_COMPLETED))
     try:
         with burst():
             admit()
         yield from _drain(finished)
         while waiting:
-            wait(list(waiting), return_when=FIRST_COMPLETED)
+            wait_any(list(waiting))
             with burst():
                 react()
             yield from _drain(finished)

@@ -58,3 +58,15 @@ class HTTPPeer:
     def close(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+def load_bench(name: str):
+    """A ``bench/<name>.py`` script imported as a module (benchmarks are scripts, not a package)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
