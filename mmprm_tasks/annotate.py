@@ -9,6 +9,7 @@ back, and nothing is recorded as a label.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import queue
@@ -180,6 +181,39 @@ def _add_run_stats(conn: sa.Connection, run_id: str, delta: dict[str, float]) ->
                  {"s": json.dumps(merged), "r": run_id})
 
 
+# One policy engine and one verifier pool per worker process, kept warm across the chunks it runs
+# (a vLLM engine takes minutes to start; an Airflow worker runs many chunks).  Keyed by the
+# settings that make them what they are; closed when the process exits.
+_warm: dict[str, Any] = {}
+
+
+def _warm_instance(key: str, build: Any) -> Any:
+    if key not in _warm:
+        _warm[key] = build()
+    return _warm[key]
+
+
+@atexit.register
+def _close_warm() -> None:
+    for instance in _warm.values():
+        try:
+            instance.close()
+        except Exception:  # noqa: BLE001 - best effort at exit
+            pass
+    _warm.clear()
+
+
+def warm_policy(settings: Settings) -> PolicyBackend:
+    key = "policy:" + json.dumps([settings.policy.model_dump(mode="json"), settings.sampling.model_dump(mode="json")],
+                                 sort_keys=True, default=str)
+    return _warm_instance(key, lambda: load_policy(settings))
+
+
+def warm_verifier(settings: Settings) -> AnswerVerifier:
+    key = "verifier:" + settings.verify.model_dump_json()
+    return _warm_instance(key, lambda: AnswerVerifier(settings.verify))
+
+
 def annotate_chunk(settings: Settings, run_id: str, chunk_index: int, *, worker: str | None = None,
                    policy: PolicyBackend | None = None, verifier: AnswerVerifier | None = None,
                    steal: bool = True) -> dict[str, Any]:
@@ -195,15 +229,15 @@ def annotate_chunk(settings: Settings, run_id: str, chunk_index: int, *, worker:
     owner = worker or f"{run_id}/chunk-{chunk_index}"
     # A retry of this chunk (same owner) hands the dead attempt's leases back first.
     resumed = release_leases(settings, run_id, owner, "resumed by a new attempt")
-    counting = CountingPolicy(policy or load_policy(settings))
-    own_verifier = verifier is None
-    verifier = verifier or AnswerVerifier(settings.verify)
     stolen: list[str] = []
+    # Nothing to do costs nothing: no engine or verifier is touched before a problem is claimed.
+    first = claim_problems(settings, run_id, chunk_index, owner, limit=1, steal=steal)
+    counting: CountingPolicy | None = None
 
     def problems() -> Iterator[SearchProblem]:
         # Claimed lazily, one at a time, so a fast worker keeps taking work while peers are busy.
+        claimed = first
         while True:
-            claimed = claim_problems(settings, run_id, chunk_index, owner, limit=1, steal=steal)
             if not claimed:
                 return
             problem_id, from_chunk = claimed[0]
@@ -212,11 +246,15 @@ def annotate_chunk(settings: Settings, run_id: str, chunk_index: int, *, worker:
             with engine.connect() as conn:
                 problem = _load_problem(conn, store, problem_id)
             yield problem  # outside the connection: the search may hold this generator for long
+            claimed = claim_problems(settings, run_id, chunk_index, owner, limit=1, steal=steal)
 
     writer = TreeWriter(engine, store, settings, run_id, chash, owner)
     try:
-        for result in run_search(problems(), counting, verifier, settings.search, settings.seed):
-            writer.submit(result)
+        if first:
+            counting = CountingPolicy(policy or warm_policy(settings))
+            for result in run_search(problems(), counting, verifier or warm_verifier(settings), settings.search,
+                                     settings.seed):
+                writer.submit(result)
         writer.close()
     except BaseException as exc:
         try:
@@ -226,27 +264,22 @@ def annotate_chunk(settings: Settings, run_id: str, chunk_index: int, *, worker:
         release_leases(settings, run_id, owner, f"{type(exc).__name__}: {exc}")
         raise
     finally:
-        if own_verifier:
-            verifier.close()
-        if policy is None:
-            counting.close()
-        done = [r.problem_id for r in writer.written]
-        rollouts = sum(r.stats["rollouts"] for r in writer.written)
-        unverifiable = sum(r.stats["unverifiable"] for r in writer.written)
-        mixed = sum(0 < r.tree["mc_value"] < 1 for r in writer.written)
         # What this attempt did. Only the engine's work and the unverifiable answers are added to
         # the run's stats (work done, crashed attempts included); tree and rollout counts of the
         # run are read from the index (run_summary), so a duplicate or killed attempt cannot
         # double or drop them.
-        engine_work = {"unverifiable_answers": unverifiable,
-                       "engine_calls": counting.stats.calls, "engine_requests": counting.stats.requests,
-                       "engine_rollouts": counting.stats.rollouts, "engine_seconds": round(counting.stats.seconds, 3)}
-        stats = {"trees": len(done), "rollouts": rollouts, "trees_mixed_root": mixed, **engine_work}
-        with engine.begin() as conn:
-            _add_run_stats(conn, run_id, engine_work)
+        engine_stats = counting.stats if counting else EngineStats()
+        engine_work = {"unverifiable_answers": sum(r.stats["unverifiable"] for r in writer.written),
+                       "engine_calls": engine_stats.calls, "engine_requests": engine_stats.requests,
+                       "engine_rollouts": engine_stats.rollouts, "engine_seconds": round(engine_stats.seconds, 3)}
+        stats = {"trees": len(writer.written), "rollouts": sum(r.stats["rollouts"] for r in writer.written),
+                 "trees_mixed_root": sum(0 < r.tree["mc_value"] < 1 for r in writer.written), **engine_work}
+        if counting:
+            with engine.begin() as conn:
+                _add_run_stats(conn, run_id, engine_work)
     finish_chunks(settings, run_id)
     return {**stats, "run_id": run_id, "chunk_index": chunk_index, "stolen": len(stolen),
-            "resumed_leases": resumed, "mean_batch_size": counting.stats.mean_batch_size}
+            "resumed_leases": resumed, "mean_batch_size": engine_stats.mean_batch_size}
 
 
 def run_summary(settings: Settings, run_id: str) -> dict[str, Any]:

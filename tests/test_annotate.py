@@ -163,3 +163,25 @@ def test_cli_annotate_all_fails_while_a_dead_worker_holds_leases(cli_settings, t
     result = CliRunner().invoke(cli.app, ["annotate", "--run", "run-d", "--all"])
     assert result.exit_code == 1, result.output
     assert "run-d is not finished" in result.output and "'leased': 3" in result.output
+
+
+def test_an_empty_chunk_loads_nothing_and_chunks_share_one_warm_engine(annotated_settings, monkeypatch):
+    from mmprm_tasks import annotate
+
+    s = annotated_settings
+    loads = []
+
+    def load(settings):
+        loads.append(settings.policy.model)
+        return ScriptedPolicy(arithmetic_script)
+
+    monkeypatch.setattr(annotate, "load_policy", load)
+    monkeypatch.setattr(annotate, "_warm", {})
+    verifier = ExactVerifier()
+    annotate_chunk(s, "run-a", 0, verifier=verifier, steal=False)
+    annotate_chunk(s, "run-a", 1, verifier=verifier, steal=True)  # takes the rest of the run
+    assert run_progress(s, "run-a") == {"done": 7}
+    assert len(loads) == 1  # the second chunk reused the warm engine
+    # A chunk with nothing left to claim never touches an engine (here: one that would be a new load).
+    empty = annotate_chunk(s.with_overrides({"policy.device": "cuda:7"}), "run-a", 2)
+    assert empty["trees"] == 0 and len(loads) == 1
