@@ -66,6 +66,30 @@ class CountingPolicy:
         self.inner.close()
 
 
+@dataclass
+class CountingEngine:
+    """Wraps a backend that takes requests one at a time (``submit``, e.g. an OpenAI-compatible
+    server that batches concurrent requests itself) to count them; each request is one call."""
+
+    inner: Any
+    stats: EngineStats = field(default_factory=EngineStats)
+
+    @property
+    def capacity(self) -> int:
+        return self.inner.capacity
+
+    def submit(self, request: GenerationRequest) -> Any:
+        self.stats.calls += 1
+        self.stats.requests += 1
+        self.stats.rollouts += request.n
+        return self.inner.submit(request)
+
+
+def counted(backend: Any) -> CountingPolicy | CountingEngine:
+    """The backend wrapped to count what the engine was asked (recorded as run stats)."""
+    return CountingEngine(backend) if hasattr(backend, "submit") else CountingPolicy(backend)
+
+
 def persist_tree(engine: sa.Engine, store: ObjectStore, run_id: str, chash: str, result: SearchResult) -> int:
     """Write the tree JSON, then index its nodes and mark the problem done in one transaction
     (upsert by run and problem). Returns the tree id."""
@@ -232,7 +256,7 @@ def annotate_chunk(settings: Settings, run_id: str, chunk_index: int, *, worker:
     stolen: list[str] = []
     # Nothing to do costs nothing: no engine or verifier is touched before a problem is claimed.
     first = claim_problems(settings, run_id, chunk_index, owner, limit=1, steal=steal)
-    counting: CountingPolicy | None = None
+    counting: CountingPolicy | CountingEngine | None = None
 
     def problems() -> Iterator[SearchProblem]:
         # Claimed lazily, one at a time, so a fast worker keeps taking work while peers are busy.
@@ -251,7 +275,7 @@ def annotate_chunk(settings: Settings, run_id: str, chunk_index: int, *, worker:
     writer = TreeWriter(engine, store, settings, run_id, chash, owner)
     try:
         if first:
-            counting = CountingPolicy(policy or warm_policy(settings))
+            counting = counted(policy or warm_policy(settings))
             for result in run_search(problems(), counting, verifier or warm_verifier(settings), settings.search,
                                      settings.seed):
                 writer.submit(result)

@@ -179,7 +179,8 @@ def load_policy(settings: Settings) -> PolicyBackend:
         if not cfg.base_url:
             raise ValueError("policy.backend=openai needs policy.base_url")
         return OpenAIChatPolicy(
-            cfg.base_url, cfg.model, policy=cfg, sampling=settings.sampling
+            cfg.base_url, cfg.model, policy=cfg, sampling=settings.sampling,
+            capacity=settings.search.max_sequences_in_flight,
         )
     raise ValueError(f"unknown policy backend {cfg.backend!r}")
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -45,11 +45,13 @@ class OpenAIChatPolicy:
         *,
         policy: PolicyConfig | None = None,
         sampling: SamplingConfig | None = None,
-        max_concurrency: int = 16,
+        max_concurrency: int = 64,
+        capacity: int = 256,
         backoff_s: float = 0.5,
         max_backoff_s: float = 30.0,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.capacity = capacity  # sequences the search keeps in flight (the server batches them)
         self.model = model
         self.policy_cfg = policy or PolicyConfig(backend="openai", model=model, base_url=base_url)
         self.sampling = sampling or SamplingConfig()
@@ -110,6 +112,15 @@ class OpenAIChatPolicy:
                 future.cancel()
             raise
         return out
+
+    def submit(self, request: GenerationRequest) -> Future:
+        """Send one request now; the future holds its ``n`` rollouts.  Concurrent requests are
+        batched by the server itself (vLLM / SGLang continuous batching): the search's
+        :class:`~mmprm_tasks.search.RolloutEngine`."""
+        if self._closed.is_set():
+            raise PolicyError("policy client is closed")
+        seed = request_seed(None, 0, request)
+        return self._executor.submit(lambda: [parse_rollout(t) for t in self._complete(0, request, seed)])
 
     def _complete(self, index: int, request: GenerationRequest, seed: int | None) -> list[str]:
         body = self.body(request, seed)
