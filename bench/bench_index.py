@@ -9,10 +9,11 @@ measures in one run on one database:
 * **COPY baseline:** the same node rows streamed by a bare ``COPY step_nodes`` (nothing else);
 * **import-trees:** ``mmprm_tasks.tree_index.import_trees`` on the folder (read, parse, validate,
   store each tree JSON, index), nodes/s and the ratio to COPY;
-* **annotate write path:** ``mmprm_tasks.annotate.persist_tree`` one tree per transaction (object
-  write, tree upsert, node COPY, done-mark), on ``--persist-trees`` of the trees, rows/s;
-* **README queries** (``README.md``, "Inspecting the step index") at the loaded size: p50/p90 ms
-  over ``--repeats`` runs, with the rows each returns;
+* **annotate write path:** ``mmprm_tasks.annotate.TreeWriter`` as a chunk uses it (writer threads,
+  one transaction per tree: object write, tree upsert, node COPY, done-mark), on
+  ``--persist-trees`` of the trees, rows/s;
+* **README queries** (read from ``README.md``, "Inspecting the step index") at the loaded size:
+  p50/p90 ms over ``--repeats`` runs, with the rows each returns;
 * **traversal:** ``traverse_stage`` over the imported run in a fresh process, peak RSS and time,
   against the same process only reading every tree JSON from the store (the floor).
 
@@ -42,7 +43,7 @@ from rich.table import Table
 from sqlalchemy.engine import make_url
 
 from mmprm_tasks import db
-from mmprm_tasks.annotate import persist_tree
+from mmprm_tasks.annotate import TreeWriter
 from mmprm_tasks.search import SearchResult, flatten_tree
 from mmprm_tasks.settings import Settings, StoreConfig
 from mmprm_tasks.tree_index import STEP_NODE_COLUMNS, _node_tuples, import_trees
@@ -52,16 +53,24 @@ WORDS = ("the", "area", "of", "triangle", "is", "half", "base", "times", "height
          "substituting", "into", "equation", "gives", "which", "means", "value", "answer", "by", "theorem")
 
 # The README's inspection queries, exactly as documented there (R = the loaded run).
-README_QUERIES = {
-    "first-error steps of a run": (
-        "SELECT t.problem_id, n.prefix_len + jsonb_array_length(n.steps) - 1 AS step, n.steps ->> -1 AS first_error_step"
-        " FROM trees t JOIN step_nodes n USING (tree_id) WHERE t.run_id = 'R' AND n.is_first_error"),
-    "MC distribution per run": (
-        "SELECT t.run_id, h.bucket, sum(h.n) FROM trees t, unnest(t.mc_histogram) WITH ORDINALITY AS h(n, bucket)"
-        " GROUP BY 1, 2 ORDER BY 1, 2"),
-    "problems never annotated": (
-        "SELECT p.problem_id FROM seed_problems p LEFT JOIN trees t USING (problem_id) WHERE t.tree_id IS NULL"),
-}
+def readme_queries(readme: Path = Path(__file__).resolve().parents[1] / "README.md") -> dict[str, str]:
+    """The SQL blocks of README's "Inspecting the step index", keyed by their comment line: the
+    benchmark times exactly what the README tells users to run."""
+    text = readme.read_text()
+    section = text[text.index("## Inspecting the step index"):]
+    section = section[: section.index("\n## ", 1)]
+    queries: dict[str, str] = {}
+    name = None
+    for line in section.splitlines():
+        if not line.startswith("    "):
+            continue
+        line = line.strip()
+        if line.startswith("--"):
+            name = line[2:].split(":")[0].split(" (")[0].strip()  # the comment, up to its detail
+            queries[name] = ""
+        elif name:
+            queries[name] = (queries[name] + " " + line).strip()
+    return {name: sql.rstrip(";") for name, sql in queries.items()}
 
 
 def _step(rng: random.Random) -> str:
@@ -163,6 +172,8 @@ def _copy_baseline(engine: sa.Engine, folder: Path, ids: list[str]) -> dict[str,
 
 
 def _persist(engine: sa.Engine, settings: Settings, folder: Path, ids: list[str]) -> dict[str, float]:
+    """The annotate write path as a chunk uses it: finished trees handed to a TreeWriter
+    (``settings.index_writers`` threads, one transaction per tree with its done-mark)."""
     from mmprm_tasks.storage import open_store
 
     store = open_store(settings)
@@ -171,14 +182,16 @@ def _persist(engine: sa.Engine, settings: Settings, folder: Path, ids: list[str]
     results = []
     for pid in ids:
         tree = json.loads((folder / f"{pid}.json").read_text())
-        results.append(SearchResult(pid, tree, {"rollouts": 0, "searches": 0}))
+        results.append(SearchResult(pid, tree, {"rollouts": 0, "searches": 0, "nodes": 0}))
     nodes = sum(len(flatten_tree(r.tree)) for r in results)
     start = time.perf_counter()
+    writer = TreeWriter(engine, store, settings, "annotated", "bench", "bench-writer")
     for result in results:
-        persist_tree(engine, store, "annotated", "bench", result)
+        writer.submit(result)
+    writer.close()
     seconds = time.perf_counter() - start
     return {"trees": len(results), "rows": nodes, "seconds": seconds, "rows_per_s": nodes / seconds,
-            "ms_per_tree": 1000 * seconds / len(results)}
+            "ms_per_tree": 1000 * seconds / len(results), "writer_threads": settings.index_writers}
 
 
 def _queries(engine: sa.Engine, run_id: str, repeats: int) -> dict[str, dict[str, float]]:
@@ -187,8 +200,11 @@ def _queries(engine: sa.Engine, run_id: str, repeats: int) -> dict[str, dict[str
     with engine.execution_options(isolation_level="AUTOCOMMIT").connect() as conn:
         conn.execute(sa.text("VACUUM ANALYZE"))
     with engine.connect() as conn:
-        for name, sql in README_QUERIES.items():
-            sql = sql.replace("'R'", f"'{run_id}'")
+        problem = conn.execute(sa.text(
+            "SELECT t.problem_id FROM trees t JOIN step_nodes n USING (tree_id) WHERE t.run_id = :r"
+            " AND n.is_first_error LIMIT 1"), {"r": run_id}).scalar_one()
+        for name, sql in readme_queries().items():
+            sql = sql.replace("'R'", f"'{run_id}'").replace("'P'", f"'{problem}'")
             times, rows = [], 0
             for _ in range(repeats):
                 start = time.perf_counter()
@@ -214,7 +230,10 @@ else:  # the floor: read and parse every tree of the run, keep nothing
     with get_engine(settings).connect() as conn:
         rows = pipeline._run_trees(conn, ["imported"])
     out = {"trees": sum(1 for r in rows if json.loads(store.get_bytes(r.tree_key)))}
-print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "counts": out}))
+# VmHWM is this process's own peak (ru_maxrss would carry the forking parent's peak across exec).
+hwm = [line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:")]
+peak = int(hwm[0]) / 1024 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_mb": peak, "counts": out}))
 """
 
 

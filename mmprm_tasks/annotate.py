@@ -90,18 +90,18 @@ def counted(backend: Any) -> CountingPolicy | CountingEngine:
     return CountingEngine(backend) if hasattr(backend, "submit") else CountingPolicy(backend)
 
 
-def persist_tree(engine: sa.Engine, store: ObjectStore, run_id: str, chash: str, result: SearchResult) -> int:
-    """Write the tree JSON, then index its nodes and mark the problem done in one transaction
-    (upsert by run and problem). Returns the tree id."""
+def persist_tree(conn: sa.Connection, store: ObjectStore, run_id: str, chash: str, result: SearchResult) -> int:
+    """Write the tree JSON, then index its nodes and mark the problem done in one transaction on
+    ``conn`` (upsert by run and problem). Returns the tree id."""
     data = json.dumps(result.tree, ensure_ascii=False).encode()
     entry = TreeEntry.build(run_id, result.tree, data, num_rollouts=result.stats["rollouts"],
                             num_searches=result.stats["searches"])
     store.put_bytes(entry.key, data, "application/json")
-    with engine.begin() as conn:
+    with conn.begin():
         # Atomic but not flushed to disk at commit: a database crash can lose the last few
         # hundred milliseconds of trees, and with them their done-marks (same transaction), so
         # those problems are searched again; nothing is half-written.  Saves an fsync per tree.
-        conn.execute(sa.text("SET LOCAL synchronous_commit = off"))
+        conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
         tree_id = write_trees(conn, run_id, chash, [entry])[result.problem_id]
         mark_done(conn, run_id, result.problem_id)
     return tree_id
@@ -111,14 +111,15 @@ _STOP = object()
 
 
 class TreeWriter:
-    """Persists finished trees on a background thread, so the search never waits for the index.
+    """Persists finished trees on background threads, so the search never waits for the index.
 
-    Each tree is still its own transaction with its problem's done-mark (:func:`persist_tree`),
-    in the order submitted, so a crash leaves every problem either done with its tree or leased
-    and searched again.  The thread also renews the owner's leases on a heartbeat (every quarter
-    lease) while the chunk runs, whether or not trees are finishing, so a long search keeps its
-    problems.  A write error stops further writes and is raised on the search thread at the next
-    :meth:`submit` or at :meth:`close`.  ``max_pending`` bounds the trees waiting in memory.
+    ``settings.index_writers`` threads, each on its own connection, take finished trees from a
+    queue; each tree is still one transaction with its problem's done-mark (:func:`persist_tree`),
+    so a crash leaves every problem either done with its tree or leased and searched again.  The
+    first thread also renews the owner's leases on a heartbeat (every quarter lease) while the
+    chunk runs, whether or not trees are finishing, so a long search keeps its problems.  A write
+    error stops further writes and is raised on the search thread at the next :meth:`submit` or at
+    :meth:`close`.  ``max_pending`` bounds the trees waiting in memory.
     """
 
     def __init__(self, engine: sa.Engine, store: ObjectStore, settings: Settings, run_id: str, chash: str,
@@ -128,10 +129,13 @@ class TreeWriter:
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_pending)
         self._error: BaseException | None = None
         self._closed = False
+        self._lock = threading.Lock()
         self.written: list[SearchResult] = []
         self._heartbeat = max(settings.lease_seconds / 4, 0.05)
-        self._thread = threading.Thread(target=self._run, name=f"tree-writer[{owner}]", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._run, args=(i == 0,), name=f"tree-writer-{i}[{owner}]",
+                                          daemon=True) for i in range(settings.index_writers)]
+        for thread in self._threads:
+            thread.start()
 
     def submit(self, result: SearchResult) -> None:
         self._raise_error()
@@ -141,36 +145,53 @@ class TreeWriter:
         """Write what was submitted (unless a write failed), stop, and raise a write error."""
         if not self._closed:
             self._closed = True
-            self._queue.put(_STOP)
-            self._thread.join()
+            for _ in self._threads:
+                self._queue.put(_STOP)
+            for thread in self._threads:
+                thread.join()
         self._raise_error()
 
     def _raise_error(self) -> None:
         if self._error is not None:
             raise self._error
 
-    def _run(self) -> None:
+    def _fail(self, exc: BaseException) -> None:
+        with self._lock:
+            self._error = self._error or exc  # the first cause is the one raised
+
+    def _run(self, renews: bool) -> None:
         next_renewal = time.monotonic() + self._heartbeat
-        while True:
-            try:
-                item = self._queue.get(timeout=max(0.0, next_renewal - time.monotonic()))
-            except queue.Empty:
-                item = None
-            if item is _STOP:
-                return
-            if self._error is not None:
-                continue  # drain: the problems stay leased and are handed back by the caller
-            try:
-                if item is not None:
-                    persist_tree(self._engine, self._store, self._run_id, self._chash, item)
-                    self.written.append(item)
-                    log.info("tree %s: root mc %.3f, %d nodes", item.problem_id, item.tree["mc_value"],
-                             item.stats["nodes"])
-                if time.monotonic() >= next_renewal:
-                    renew_leases(self._settings, self._run_id, self._owner)
-                    next_renewal = time.monotonic() + self._heartbeat
-            except BaseException as exc:  # raised on the search thread
-                self._error = exc
+        conn: sa.Connection | None = None
+        try:
+            conn = self._engine.connect()
+        except BaseException as exc:  # raised on the search thread
+            self._fail(exc)
+        try:
+            while True:
+                try:
+                    timeout = max(0.0, next_renewal - time.monotonic()) if renews else None
+                    item = self._queue.get(timeout=timeout)
+                except queue.Empty:
+                    item = None
+                if item is _STOP:
+                    return
+                if self._error is not None or conn is None:
+                    continue  # drain: the problems stay leased and are handed back by the caller
+                try:
+                    if item is not None:
+                        persist_tree(conn, self._store, self._run_id, self._chash, item)
+                        with self._lock:
+                            self.written.append(item)
+                        log.info("tree %s: root mc %.3f, %d nodes", item.problem_id, item.tree["mc_value"],
+                                 item.stats["nodes"])
+                    if renews and time.monotonic() >= next_renewal:
+                        renew_leases(self._settings, self._run_id, self._owner)
+                        next_renewal = time.monotonic() + self._heartbeat
+                except BaseException as exc:  # raised on the search thread
+                    self._fail(exc)
+        finally:
+            if conn is not None:
+                conn.close()
 
 
 def _load_problem(conn: sa.Connection, store: ObjectStore, problem_id: str) -> SearchProblem:

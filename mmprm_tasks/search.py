@@ -600,30 +600,24 @@ def _bad(path: tuple[int, ...], name: str, problem: str) -> TreeRecordError:
     return TreeRecordError(f"{where}{'.' if where else ''}{name}: {problem}")
 
 
-def _checked_node(node: Any, path: tuple[int, ...], is_root: bool) -> NodeRow:
-    """The fields of one node, checked; the error names the field's path (built only on error)."""
+_NODE_FIELDS = (("mc_value", (int, float)), ("visit_count", int), ("correct_rollouts", list),
+                ("incorrect_rollouts", list), ("children", list))
+
+
+def _node_error(node: Any, path: tuple[int, ...], is_root: bool) -> TreeRecordError:
+    """What is wrong with a node that failed the fast check (built only on error)."""
     if not isinstance(node, dict):
-        raise TreeRecordError(f"{_where(path) or 'record'}: expected an object, got {type(node).__name__}")
-    kinds = (("mc_value", (int, float)), ("visit_count", int), ("correct_rollouts", list),
-             ("incorrect_rollouts", list), ("children", list)) + (() if is_root else (("partial_solution", list),))
-    for name, kind in kinds:
+        return TreeRecordError(f"{_where(path) or 'record'}: expected an object, got {type(node).__name__}")
+    for name, kind in _NODE_FIELDS + (() if is_root else (("partial_solution", list),)):
         value = node.get(name)
         if value is None:
-            raise _bad(path, name, "missing")
-        if not isinstance(value, kind) or value is True or value is False:
-            raise _bad(path, name, f"expected {getattr(kind, '__name__', 'a number')}, got {type(value).__name__}")
-    mc_value = float(node["mc_value"])
+            return _bad(path, name, "missing")
+        if not isinstance(value, kind) or isinstance(value, bool):
+            return _bad(path, name, f"expected {getattr(kind, '__name__', 'a number')}, got {type(value).__name__}")
+    mc_value = node["mc_value"]
     if not 0.0 <= mc_value <= 1.0:
-        raise _bad(path, "mc_value", f"{mc_value} is outside [0, 1]")
-    steps: Steps = ()
-    if not is_root:
-        steps = tuple(node["partial_solution"])
-        for step in steps:
-            if not isinstance(step, str):
-                raise _bad(path, "partial_solution", "expected a list of strings")
-    return NodeRow(node_index=0, parent_index=None, depth=0, steps=steps, mc_value=mc_value,
-                   visit_count=node["visit_count"], num_correct=len(node["correct_rollouts"]),
-                   num_incorrect=len(node["incorrect_rollouts"]))
+        return _bad(path, "mc_value", f"{mc_value} is outside [0, 1]")
+    return _bad(path, "partial_solution", "expected a list of strings")
 
 
 def flatten_tree(tree: dict[str, Any]) -> list[NodeRow]:
@@ -636,12 +630,22 @@ def flatten_tree(tree: dict[str, Any]) -> list[NodeRow]:
     stack: list[tuple[Any, int | None, int, tuple[int, ...]]] = [(tree, None, 0, ())]
     while stack:
         node, parent, depth, path = stack.pop()
+        # The fast path checks types without building messages; _node_error says what failed.
+        try:
+            mc_value = node["mc_value"]
+            visit_count = node["visit_count"]
+            correct, incorrect, children = node["correct_rollouts"], node["incorrect_rollouts"], node["children"]
+            steps: Steps = () if parent is None else tuple(node["partial_solution"])
+            ok = (type(mc_value) in (float, int) and 0.0 <= mc_value <= 1.0 and type(visit_count) is int
+                  and type(correct) is list and type(incorrect) is list and type(children) is list
+                  and (parent is None or type(node["partial_solution"]) is list)
+                  and all(type(step) is str for step in steps))
+        except (KeyError, TypeError):
+            ok = False
+        if not ok:
+            raise _node_error(node, path, parent is None)
         index = len(rows)
-        row = _checked_node(node, path, parent is None)
-        rows.append(NodeRow(node_index=index, parent_index=parent, depth=depth, steps=row.steps,
-                            mc_value=row.mc_value, visit_count=row.visit_count, num_correct=row.num_correct,
-                            num_incorrect=row.num_incorrect))
-        children = node["children"]
+        rows.append(NodeRow(index, parent, depth, steps, float(mc_value), visit_count, len(correct), len(incorrect)))
         for i in range(len(children) - 1, -1, -1):
             stack.append((children[i], index, depth + 1, path + (i,)))
     return rows

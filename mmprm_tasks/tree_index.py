@@ -13,6 +13,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,8 +26,8 @@ from .settings import Settings
 from .storage import open_store, open_uri
 
 MC_BUCKETS = 10
-STEP_NODE_COLUMNS = ("tree_id", "node_index", "parent_index", "depth", "prefix_len", "steps", "mc_value",
-                     "visit_count", "num_correct", "num_incorrect", "is_first_error")
+STEP_NODE_COLUMNS = ("tree_id", "node_index", "parent_index", "depth", "prefix_len", "num_steps", "steps",
+                     "mc_value", "visit_count", "num_correct", "num_incorrect", "is_first_error")
 
 
 def tree_key(run_id: str, problem_id: str) -> str:
@@ -66,51 +67,65 @@ def mc_histogram(nodes: Sequence[NodeRow]) -> list[int]:
     return counts
 
 
+_encode_steps = json.JSONEncoder(ensure_ascii=False).encode
+
+
 def _node_tuples(tree_id: int, nodes: Sequence[NodeRow]):
-    prefix_len: list[int] = []
+    """COPY rows (:data:`STEP_NODE_COLUMNS`) of one tree's nodes, in pre-order."""
+    prefix_len = [0] * len(nodes)
     for node in nodes:
-        parent = nodes[node.parent_index] if node.parent_index is not None else None
-        prefix_len.append(0 if parent is None else prefix_len[parent.node_index] + len(parent.steps))
-        yield (tree_id, node.node_index, node.parent_index, node.depth, prefix_len[-1],
-               json.dumps(list(node.steps), ensure_ascii=False), node.mc_value, node.visit_count,
-               node.num_correct, node.num_incorrect,
-               parent is not None and node.mc_value == 0 and parent.mc_value > 0)
+        parent_index = node.parent_index
+        if parent_index is None:
+            is_first_error = False
+        else:
+            parent = nodes[parent_index]
+            prefix_len[node.node_index] = prefix_len[parent_index] + len(parent.steps)
+            is_first_error = node.mc_value == 0 and parent.mc_value > 0
+        yield (tree_id, node.node_index, parent_index, node.depth, prefix_len[node.node_index], len(node.steps),
+               _encode_steps(list(node.steps)), node.mc_value, node.visit_count, node.num_correct,
+               node.num_incorrect, is_first_error)
 
 
-_UPSERT_TREES = sa.text(
+_UPSERT_TREES = (
     "INSERT INTO trees (run_id, problem_id, root_mc_value, visit_count, num_nodes, num_rollouts,"
     " num_searches, tree_key, tree_sha256, config_hash, mc_histogram)"
-    " SELECT :run, t.problem_id, t.mc, t.visits, t.nodes, t.rollouts, t.searches, t.key, t.sha, :chash,"
+    " SELECT %(run)s, t.problem_id, t.mc, t.visits, t.nodes, t.rollouts, t.searches, t.key, t.sha, %(chash)s,"
     " t.hist::int[]"
-    " FROM unnest(CAST(:pids AS text[]), CAST(:mcs AS float8[]), CAST(:visits AS int[]), CAST(:nodes AS int[]),"
-    " CAST(:rollouts AS int[]), CAST(:searches AS int[]), CAST(:keys AS text[]), CAST(:shas AS text[]),"
-    " CAST(:hists AS text[]))"
+    " FROM unnest(%(pids)s::text[], %(mcs)s::float8[], %(visits)s::int[], %(nodes)s::int[], %(rollouts)s::int[],"
+    " %(searches)s::int[], %(keys)s::text[], %(shas)s::text[], %(hists)s::text[])"
     " AS t(problem_id, mc, visits, nodes, rollouts, searches, key, sha, hist)"
     " ON CONFLICT (run_id, problem_id) DO UPDATE SET root_mc_value = EXCLUDED.root_mc_value,"
     " visit_count = EXCLUDED.visit_count, num_nodes = EXCLUDED.num_nodes,"
     " num_rollouts = EXCLUDED.num_rollouts, num_searches = EXCLUDED.num_searches,"
     " tree_key = EXCLUDED.tree_key, tree_sha256 = EXCLUDED.tree_sha256,"
     " config_hash = EXCLUDED.config_hash, mc_histogram = EXCLUDED.mc_histogram, created_at = now()"
-    " RETURNING problem_id, tree_id")
+    # xmax = 0: the row was inserted now (a new tree has no old nodes to delete)
+    " RETURNING problem_id, tree_id, xmax = 0")
 
 
 def write_trees(conn: sa.Connection, run_id: str, config_hash: str, entries: Sequence[TreeEntry]) -> dict[str, int]:
     """Upsert ``entries`` as trees of ``run_id`` and replace their nodes, inside ``conn``'s
-    transaction.  Returns problem id -> tree id.  Problem ids must be distinct."""
+    transaction.  Returns problem id -> tree id.  Problem ids must be distinct.
+
+    On the driver's cursor (the same transaction): a fixed statement for the trees, a delete of
+    old nodes only for trees that existed, and COPY for the nodes.
+    """
     if not entries:
         return {}
-    ids = dict(conn.execute(_UPSERT_TREES, {
-        "run": run_id, "chash": config_hash,
-        "pids": [e.problem_id for e in entries], "mcs": [float(e.tree["mc_value"]) for e in entries],
-        "visits": [e.nodes[0].visit_count for e in entries], "nodes": [len(e.nodes) for e in entries],
-        "rollouts": [e.num_rollouts for e in entries], "searches": [e.num_searches for e in entries],
-        "keys": [e.key for e in entries], "shas": [e.sha256 for e in entries],
-        "hists": ["{" + ",".join(map(str, mc_histogram(e.nodes))) + "}" for e in entries],
-    }).all())
-    conn.execute(sa.text("DELETE FROM step_nodes WHERE tree_id = ANY(CAST(:ids AS bigint[]))"),
-                 {"ids": list(ids.values())})
-    # COPY on the same driver connection, so it is part of this transaction.
     with conn.connection.driver_connection.cursor() as cursor:
+        cursor.execute(_UPSERT_TREES, {
+            "run": run_id, "chash": config_hash,
+            "pids": [e.problem_id for e in entries], "mcs": [float(e.tree["mc_value"]) for e in entries],
+            "visits": [e.nodes[0].visit_count for e in entries], "nodes": [len(e.nodes) for e in entries],
+            "rollouts": [e.num_rollouts for e in entries], "searches": [e.num_searches for e in entries],
+            "keys": [e.key for e in entries], "shas": [e.sha256 for e in entries],
+            "hists": ["{" + ",".join(map(str, mc_histogram(e.nodes))) + "}" for e in entries],
+        })
+        returned = cursor.fetchall()
+        ids = {problem_id: tree_id for problem_id, tree_id, _ in returned}
+        replaced = [tree_id for _, tree_id, inserted in returned if not inserted]
+        if replaced:
+            cursor.execute("DELETE FROM step_nodes WHERE tree_id = ANY(%s::bigint[])", (replaced,))
         with cursor.copy(f"COPY step_nodes ({', '.join(STEP_NODE_COLUMNS)}) FROM STDIN") as copy:
             for entry in entries:
                 for row in _node_tuples(ids[entry.problem_id], entry.nodes):
@@ -122,6 +137,7 @@ def write_trees(conn: sa.Connection, run_id: str, config_hash: str, entries: Seq
 # Bringing trees made elsewhere (the original release's pipeline) into a run
 
 IMPORT_BATCH_NODES = 50_000  # nodes per transaction: large enough to amortise the commit
+IMPORT_UPLOADS = 8  # tree objects written at once
 
 
 @dataclass
@@ -153,12 +169,16 @@ def _tree_records(source: str, settings: Settings) -> Iterator[tuple[str, bytes]
         if not root.exists():
             raise FileNotFoundError(f"{source}: no such file or folder")
         files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.suffix in (".json", ".jsonl"))
-        for path in files:
-            if path.suffix == ".jsonl":
-                with path.open("rb") as handle:
-                    yield from _split_records(str(path), handle)
-            else:
-                yield str(path), path.read_bytes()
+        jsonl = [path for path in files if path.suffix == ".jsonl"]
+        for path in jsonl:
+            with path.open("rb") as handle:
+                yield from _split_records(str(path), handle)
+        # One tree per .json file: read ahead a few at a time on threads (reads wait on the disk).
+        single = [path for path in files if path.suffix != ".jsonl"]
+        with ThreadPoolExecutor(IMPORT_UPLOADS, thread_name_prefix="import-read") as readers:
+            for start in range(0, len(single), 64):
+                group = single[start : start + 64]
+                yield from zip(map(str, group), readers.map(Path.read_bytes, group))
         return
     store, key = open_uri(source, settings)
     # A key ending in "/" is a prefix (S3 servers may report folder markers as objects).
@@ -210,45 +230,52 @@ def import_trees(settings: Settings, source: str, run_id: str, *, policy_model: 
     batch: list[tuple[TreeEntry, bytes]] = []
     batch_nodes_now = 0
 
-    def flush() -> None:
+    def write(entries: list[tuple[TreeEntry, bytes]]) -> None:
         # Objects first: a crash between the two leaves objects a re-import overwrites, never
-        # index rows pointing at nothing.
-        for entry, data in batch:
-            store.put_bytes(entry.key, data, "application/json")
+        # index rows pointing at nothing.  Object writes wait on the disk or the network, so
+        # several go at once.
+        list(uploads.map(lambda item: store.put_bytes(item[0].key, item[1], "application/json"), entries))
         with engine.begin() as conn:
-            write_trees(conn, run_id, chash, [entry for entry, _ in batch])
-        report.trees += len(batch)
-        report.nodes += batch_nodes_now
+            write_trees(conn, run_id, chash, [entry for entry, _ in entries])
+        report.trees += len(entries)
+        report.nodes += sum(len(entry.nodes) for entry, _ in entries)
         if progress:
-            progress(len(batch))
-        batch.clear()
+            progress(len(entries))
 
-    for record_name, record_bytes in _tree_records(source, settings):
-        try:
-            tree = json.loads(record_bytes)
-            if not isinstance(tree, dict):
-                raise TreeRecordError(f"record: expected an object, got {type(tree).__name__}")
-            for required in ("id", "question", "answer", "image_path"):
-                if not isinstance(tree.get(required), str):
-                    raise TreeRecordError(f"{required}: missing or not a string")
-            problem_id = tree["id"]
-            if problem_id not in known:
-                raise TreeRecordError(f"id: problem {problem_id!r} is not in the step index (ingest its seeds first)")
-            if problem_id in seen:
-                raise TreeRecordError(f"id: problem {problem_id!r} already came earlier in this import")
-            nodes = flatten_tree(tree)
-        except (ValueError, RecursionError) as exc:  # JSONDecodeError and TreeRecordError included
-            report.rejected.append({"record": record_name, "error": str(exc)})
-            continue
-        seen.add(problem_id)
-        batch.append((TreeEntry.build(
-            run_id, tree, record_bytes, nodes=nodes, num_searches=sum(n.visit_count for n in nodes),
-            num_rollouts=sum(n.num_correct + n.num_incorrect for n in nodes)), record_bytes))
-        batch_nodes_now += len(nodes)
-        if batch_nodes_now >= batch_nodes:
-            flush()
-            batch_nodes_now = 0
-    if batch:
-        flush()
+    # One batch is written (object store and COPY, mostly waiting on I/O) while the next is
+    # parsed and checked; at most two batches are in memory.
+    with ThreadPoolExecutor(1, thread_name_prefix="import-writer") as writer, \
+            ThreadPoolExecutor(IMPORT_UPLOADS, thread_name_prefix="import-upload") as uploads:
+        pending: Future | None = None
+        for record_name, record_bytes in _tree_records(source, settings):
+            try:
+                tree = json.loads(record_bytes)
+                if not isinstance(tree, dict):
+                    raise TreeRecordError(f"record: expected an object, got {type(tree).__name__}")
+                for required in ("id", "question", "answer", "image_path"):
+                    if not isinstance(tree.get(required), str):
+                        raise TreeRecordError(f"{required}: missing or not a string")
+                problem_id = tree["id"]
+                if problem_id not in known:
+                    raise TreeRecordError(f"id: problem {problem_id!r} is not in the step index (ingest its seeds first)")
+                if problem_id in seen:
+                    raise TreeRecordError(f"id: problem {problem_id!r} already came earlier in this import")
+                nodes = flatten_tree(tree)
+            except (ValueError, RecursionError) as exc:  # JSONDecodeError and TreeRecordError included
+                report.rejected.append({"record": record_name, "error": str(exc)})
+                continue
+            seen.add(problem_id)
+            batch.append((TreeEntry.build(
+                run_id, tree, record_bytes, nodes=nodes, num_searches=sum(n.visit_count for n in nodes),
+                num_rollouts=sum(n.num_correct + n.num_incorrect for n in nodes)), record_bytes))
+            batch_nodes_now += len(nodes)
+            if batch_nodes_now >= batch_nodes:
+                if pending is not None:
+                    pending.result()
+                pending, batch, batch_nodes_now = writer.submit(write, batch), [], 0
+        if pending is not None:
+            pending.result()
+        if batch:
+            write(batch)
     report.seconds = time.perf_counter() - started
     return report

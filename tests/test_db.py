@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -82,11 +83,13 @@ def test_version_2_backfills_the_mc_histograms_of_existing_trees(pg_admin_url, t
             for index, mc in enumerate([0.5, 1.0, 0.0, 0.95]):
                 conn.execute(sa.text(
                     "INSERT INTO step_nodes (tree_id, node_index, depth, prefix_len, steps, mc_value, visit_count,"
-                    " num_correct, num_incorrect, is_first_error) SELECT tree_id, :i, 0, 0, '[]', :mc, 0, 0, 0, false"
-                    " FROM trees"), {"i": index, "mc": mc})
+                    " num_correct, num_incorrect, is_first_error) SELECT tree_id, :i, 0, 0, CAST(:steps AS JSONB), :mc,"
+                    " 0, 0, 0, false FROM trees"), {"i": index, "mc": mc, "steps": json.dumps(["a step"] * index)})
         assert db.upgrade(engine) == list(range(2, len(db.migrations()) + 1))
         with engine.connect() as conn:
             assert conn.execute(sa.text("SELECT mc_histogram FROM trees")).scalar_one() == [1, 0, 0, 0, 0, 1, 0, 0, 0, 2]
+            assert conn.execute(sa.text("SELECT array_agg(num_steps ORDER BY node_index) FROM step_nodes")).scalar_one() \
+                == [0, 1, 2, 3]
     finally:
         drop()
 

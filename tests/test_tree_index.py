@@ -89,6 +89,15 @@ def test_imported_release_files_index_exactly_like_annotated_trees(cli_settings,
     assert (again.trees, again.rejected) == (5, [])
     assert _nodes(cli_settings, "imported") == _nodes(cli_settings, "run-a")
 
+    # Deleting a run takes its trees (ON DELETE CASCADE) and their nodes (trigger) with it.
+    with get_engine(cli_settings).begin() as conn:
+        total = conn.execute(sa.text("SELECT count(*) FROM step_nodes")).scalar_one()
+        conn.execute(sa.text("DELETE FROM annotation_runs WHERE run_id = 'imported'"))
+        assert conn.execute(sa.text("SELECT count(*) FROM step_nodes")).scalar_one() == total // 2
+        orphans = conn.execute(sa.text(
+            "SELECT count(*) FROM step_nodes n LEFT JOIN trees t USING (tree_id) WHERE t.tree_id IS NULL")).scalar_one()
+    assert orphans == 0 and len(_nodes(cli_settings, "run-a")) == 5
+
 
 def test_bad_records_are_rejected_by_name_and_the_rest_land(cli_settings, tmp_path):
     trees = _annotated(cli_settings, tmp_path, n=3)
