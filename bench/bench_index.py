@@ -177,19 +177,28 @@ def _persist(engine: sa.Engine, settings: Settings, folder: Path, ids: list[str]
     from mmprm_tasks.storage import open_store
 
     store = open_store(settings)
+    owner = "bench-writer"
     with engine.begin() as conn:
         _run_row(conn, "annotated")
+        # The problems leased to the writer, as a chunk's claims leave them.
+        conn.execute(sa.text("INSERT INTO chunks (run_id, chunk_index, status) VALUES ('annotated', 0, 'running')"))
+        conn.execute(sa.text(
+            "INSERT INTO chunk_problems (run_id, chunk_index, problem_id, status, lease_owner, lease_expires_at)"
+            " SELECT 'annotated', 0, p, 'leased', :owner, now() + interval '1 hour'"
+            " FROM unnest(CAST(:ids AS text[])) AS p"), {"owner": owner, "ids": ids})
     results = []
     for pid in ids:
         tree = json.loads((folder / f"{pid}.json").read_text())
         results.append(SearchResult(pid, tree, {"rollouts": 0, "searches": 0, "nodes": 0}))
     nodes = sum(len(flatten_tree(r.tree)) for r in results)
     start = time.perf_counter()
-    writer = TreeWriter(engine, store, settings, "annotated", "bench", "bench-writer")
+    writer = TreeWriter(engine, store, settings, "annotated", "bench", owner)
     for result in results:
         writer.submit(result)
     writer.close()
     seconds = time.perf_counter() - start
+    if writer.lost or len(writer.written) != len(results):
+        raise SystemExit(f"the writer lost leases or trees: {writer.lost[:3]}")
     return {"trees": len(results), "rows": nodes, "seconds": seconds, "rows_per_s": nodes / seconds,
             "ms_per_tree": 1000 * seconds / len(results), "writer_threads": settings.index_writers}
 

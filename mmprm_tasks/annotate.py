@@ -23,7 +23,8 @@ import sqlalchemy as sa
 
 from .db import get_engine, require_schema
 from .policy import GenerationRequest, PolicyBackend, load_policy
-from .runs import claim_problems, config_hash, finish_chunks, mark_done, release_leases, renew_leases
+from .runs import (LeaseLost, attempt_owner, claim_problems, config_hash, end_attempt, finish_chunks, hold_lease,
+                   mark_done, reclaim_dead_attempts, release_leases, renew_leases)
 from .search import SearchProblem, SearchResult, run_search
 from .settings import Settings
 from .storage import ObjectStore, open_store
@@ -90,18 +91,21 @@ def counted(backend: Any) -> CountingPolicy | CountingEngine:
     return CountingEngine(backend) if hasattr(backend, "submit") else CountingPolicy(backend)
 
 
-def persist_tree(conn: sa.Connection, store: ObjectStore, run_id: str, chash: str, result: SearchResult) -> int:
-    """Write the tree JSON, then index its nodes and mark the problem done in one transaction on
-    ``conn`` (upsert by run and problem). Returns the tree id."""
+def persist_tree(conn: sa.Connection, store: ObjectStore, run_id: str, chash: str, result: SearchResult,
+                 owner: str) -> int:
+    """In one transaction on ``conn``: check that ``owner`` still leases the problem (and lock it:
+    :class:`~mmprm_tasks.runs.LeaseLost` otherwise, before anything is written), write the tree
+    JSON, index its nodes (upsert by run and problem) and mark the problem done. Returns the tree id."""
     data = json.dumps(result.tree, ensure_ascii=False).encode()
     entry = TreeEntry.build(run_id, result.tree, data, num_rollouts=result.stats["rollouts"],
                             num_searches=result.stats["searches"])
-    store.put_bytes(entry.key, data, "application/json")
     with conn.begin():
         # Atomic but not flushed to disk at commit: a database crash can lose the last few
         # hundred milliseconds of trees, and with them their done-marks (same transaction), so
         # those problems are searched again; nothing is half-written.  Saves an fsync per tree.
         conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
+        hold_lease(conn, run_id, result.problem_id, owner)
+        store.put_bytes(entry.key, data, "application/json")
         tree_id = write_trees(conn, run_id, chash, [entry])[result.problem_id]
         mark_done(conn, run_id, result.problem_id)
     return tree_id
@@ -131,6 +135,7 @@ class TreeWriter:
         self._closed = False
         self._lock = threading.Lock()
         self.written: list[SearchResult] = []
+        self.lost: list[str] = []  # problems whose lease a peer took before the tree was written
         self._heartbeat = max(settings.lease_seconds / 4, 0.05)
         self._threads = [threading.Thread(target=self._run, args=(i == 0,), name=f"tree-writer-{i}[{owner}]",
                                           daemon=True) for i in range(settings.index_writers)]
@@ -179,7 +184,12 @@ class TreeWriter:
                     continue  # drain: the problems stay leased and are handed back by the caller
                 try:
                     if item is not None:
-                        persist_tree(conn, self._store, self._run_id, self._chash, item)
+                        try:
+                            persist_tree(conn, self._store, self._run_id, self._chash, item, self._owner)
+                        except LeaseLost as lost:  # a peer searches it again; not this chunk's failure
+                            log.warning("%s", lost)
+                            self.lost.append(item.problem_id)
+                            continue
                         with self._lock:
                             self.written.append(item)
                         log.info("tree %s: root mc %.3f, %d nodes", item.problem_id, item.tree["mc_value"],
@@ -271,9 +281,11 @@ def annotate_chunk(settings: Settings, run_id: str, chunk_index: int, *, worker:
     require_schema(engine)
     chash = _check_run_config(engine, settings, run_id)
     store = open_store(settings)
-    owner = worker or f"{run_id}/chunk-{chunk_index}"
-    # A retry of this chunk (same owner) hands the dead attempt's leases back first.
-    resumed = release_leases(settings, run_id, owner, "resumed by a new attempt")
+    # Owners name the attempt (host, pid, token): a retry takes back at once only the leases of
+    # attempts that died on this host; a live attempt's are never taken, others expire.
+    base = worker or f"{run_id}/chunk-{chunk_index}"
+    resumed = reclaim_dead_attempts(settings, run_id, base)
+    owner = attempt_owner(base)
     stolen: list[str] = []
     # Nothing to do costs nothing: no engine or verifier is touched before a problem is claimed.
     first = claim_problems(settings, run_id, chunk_index, owner, limit=1, steal=steal)
@@ -319,12 +331,14 @@ def annotate_chunk(settings: Settings, run_id: str, chunk_index: int, *, worker:
                        "engine_rollouts": engine_stats.rollouts, "engine_seconds": round(engine_stats.seconds, 3)}
         stats = {"trees": len(writer.written), "rollouts": sum(r.stats["rollouts"] for r in writer.written),
                  "trees_mixed_root": sum(0 < r.tree["mc_value"] < 1 for r in writer.written), **engine_work}
+        end_attempt(owner)
         if counting:
             with engine.begin() as conn:
                 _add_run_stats(conn, run_id, engine_work)
     finish_chunks(settings, run_id)
     return {**stats, "run_id": run_id, "chunk_index": chunk_index, "stolen": len(stolen),
-            "resumed_leases": resumed, "mean_batch_size": engine_stats.mean_batch_size}
+            "resumed_leases": resumed, "leases_lost": len(writer.lost),
+            "mean_batch_size": engine_stats.mean_batch_size}
 
 
 def run_summary(settings: Settings, run_id: str) -> dict[str, Any]:

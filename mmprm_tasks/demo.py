@@ -31,6 +31,11 @@ DEMO_SETTINGS = {
     "MMPRM_CHUNK_SIZE": "16",
     # Toy steps are a few words each ("3 + 5 = 8."): SPEC's 10-word floor would drop most paths.
     "MMPRM_TRAVERSE__MIN_WORDS": "3",
+    # Toy solutions are 3-4 steps: with the release's one <prm> per node, a correct rollout's
+    # equations share the answer's label and the PRM learned to score every inner equation ~0
+    # (issue 11).  One <prm> per step of a node above the threshold measured better on both
+    # demo configurations tried (Best-of-8 39.8% -> 43.0%, PRM first-error F1 0.26 -> 0.31).
+    "MMPRM_TRAVERSE__LABEL_GRANULARITY": "step",
     # The paper's small-learning-rate finding holds here too (issue 11: 1e-3 destroys what the
     # foundation knows, 1e-4 keeps it); bench/bench_toy_ablations.py measures 1e-4, 3e-4, 1e-3.
     "MMPRM_TRAIN__LEARNING_RATE": "1e-4",

@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Literal
 
 import sqlalchemy as sa
@@ -139,11 +143,80 @@ def renew_leases(settings: Settings, run_id: str, owner: str) -> int:
             {"run": run_id, "owner": owner, "lease": settings.lease_seconds}).rowcount
 
 
+class LeaseLost(RuntimeError):
+    """The problem's lease is no longer this attempt's (it expired and a peer took it)."""
+
+
+def hold_lease(conn: sa.Connection, run_id: str, problem_id: str, owner: str) -> None:
+    """Lock the problem's row for the rest of ``conn``'s transaction if ``owner`` still leases it
+    (a peer cannot claim it meanwhile); else :class:`LeaseLost`.  Called first in the transaction
+    that writes the problem's tree."""
+    held = conn.execute(sa.text(
+        "SELECT 1 FROM chunk_problems WHERE run_id = :run AND problem_id = :pid AND lease_owner = :owner"
+        " AND status = 'leased' FOR UPDATE"), {"run": run_id, "pid": problem_id, "owner": owner}).first()
+    if held is None:
+        raise LeaseLost(f"problem {problem_id} of run {run_id}: {owner} no longer holds its lease "
+                        "(it expired and another worker took it); this attempt's tree is not written")
+
+
 def mark_done(conn: sa.Connection, run_id: str, problem_id: str) -> None:
-    """Called inside the transaction that writes the problem's tree, so both land or neither."""
+    """Called inside the transaction that writes the problem's tree (after :func:`hold_lease`), so
+    both land or neither."""
     conn.execute(sa.text(
         "UPDATE chunk_problems SET status = 'done', lease_owner = NULL, lease_expires_at = NULL, error = NULL"
         " WHERE run_id = :run AND problem_id = :pid"), {"run": run_id, "pid": problem_id})
+
+
+# Owners of attempts running in this process (an owner naming this pid but not here is over).
+_live_owners: set[str] = set()
+
+
+def attempt_owner(base: str) -> str:
+    """A lease owner naming one attempt: ``<base>@<host>:<pid>:<token>``.  Registered as live in
+    this process until :func:`end_attempt`."""
+    owner = f"{base}@{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    _live_owners.add(owner)
+    return owner
+
+
+def end_attempt(owner: str) -> None:
+    _live_owners.discard(owner)
+
+
+def _is_dead(owner: str) -> bool:
+    """True only for an attempt on this host whose process is gone (or is this process, where
+    the attempt is no longer running).  Anything else is treated as alive: its leases come back
+    when they expire, since a live owner renews them on a heartbeat."""
+    try:
+        host, pid_text, _ = owner.rsplit("@", 1)[1].split(":")
+        pid = int(pid_text)
+    except (IndexError, ValueError):
+        return False
+    if host != socket.gethostname():
+        return False
+    if pid == os.getpid():
+        return owner not in _live_owners
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    try:  # a killed process its parent has not reaped yet is a zombie: dead too
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def reclaim_dead_attempts(settings: Settings, run_id: str, base: str) -> int:
+    """Hand back at once the leases of earlier attempts of ``base`` (e.g. this chunk) that died on
+    this host; a live attempt's leases, or one on another host, are left to their expiry."""
+    with get_engine(settings).connect() as conn:
+        owners = conn.execute(sa.text(
+            "SELECT DISTINCT lease_owner FROM chunk_problems WHERE run_id = :run AND status = 'leased'"
+            " AND left(lease_owner, :n) = :prefix"), {"run": run_id, "n": len(base) + 1, "prefix": base + "@"}).scalars()
+        dead = [owner for owner in owners if _is_dead(owner)]
+    return sum(release_leases(settings, run_id, owner, f"resumed by a new attempt: {owner} died") for owner in dead)
 
 
 def storable_error(error: str, limit: int = 2000) -> str:

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 import sqlalchemy as sa
 
-from mmprm_tasks.annotate import annotate_chunk, run_summary
-from mmprm_tasks.tree_index import tree_key
+from mmprm_tasks.annotate import TreeWriter, _load_problem, annotate_chunk, run_summary
 from mmprm_tasks.db import get_engine
 from mmprm_tasks.policy import PolicyError
-from mmprm_tasks.runs import claim_problems, run_progress, shard_run
-from mmprm_tasks.search import flatten_tree
+from mmprm_tasks.runs import attempt_owner, claim_problems, config_hash, run_progress, shard_run
+from mmprm_tasks.search import flatten_tree, run_search
 from mmprm_tasks.seeds import ingest_file
 from mmprm_tasks.storage import open_store
+from mmprm_tasks.tree_index import tree_key
 from mmprm_tasks.verify import AnswerVerifier, VerificationError
 
 from test_search import ExactVerifier, ScriptedPolicy
@@ -104,14 +105,53 @@ def test_a_duplicate_search_does_not_double_the_run_counts(annotated_settings):
     assert summary["stats"]["engine_rollouts"] == first["engine_rollouts"] + second["engine_rollouts"]
 
 
-def test_retry_takes_back_the_dead_attempts_leases(annotated_settings):
+def _dead_pid() -> int:
+    import subprocess
+
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+def test_retry_takes_back_only_dead_attempts_leases(annotated_settings):
+    import os
+    import socket
+
     s = annotated_settings
-    owner = "run-a/chunk-1"
-    held = claim_problems(s, "run-a", 1, owner, limit=3, steal=False)  # the attempt that was SIGKILLed
-    assert len(held) == 3 and claim_problems(s, "run-a", 1, "peer", limit=3, steal=False) == []
+    host = socket.gethostname()
+    dead = f"run-a/chunk-1@{host}:{_dead_pid()}:aaaa"  # the attempt that was SIGKILLed
+    assert len(claim_problems(s, "run-a", 1, dead, limit=2, steal=False)) == 2
+    alive = f"run-a/chunk-1@{host}:{os.getppid()}:bbbb"  # a first attempt still running on this host
+    assert len(claim_problems(s, "run-a", 1, alive, limit=1, steal=False)) == 1
+    remote = "run-a/chunk-2@another-host:1:cccc"  # on another machine: its lease must expire first
+    assert len(claim_problems(s, "run-a", 2, remote, limit=1, steal=False)) == 1
+
     stats = annotate_chunk(s, "run-a", 1, policy=ScriptedPolicy(arithmetic_script), verifier=ExactVerifier(),
                            steal=False)
-    assert stats["resumed_leases"] == 3 and stats["trees"] == 3
+    assert stats["resumed_leases"] == 2 and stats["trees"] == 2  # the dead attempt's, nothing of the live one
+    with get_engine(s).connect() as conn:
+        owners = dict(conn.execute(sa.text(
+            "SELECT lease_owner, count(*) FROM chunk_problems WHERE run_id = 'run-a' AND status = 'leased'"
+            " GROUP BY 1")).all())
+    assert owners == {alive: 1, remote: 1}
+
+
+def test_a_tree_whose_lease_was_taken_is_not_written(annotated_settings):
+    s = annotated_settings.with_overrides({"lease_seconds": 0.2})
+    slow = attempt_owner("run-a/chunk-0")
+    problem_id = claim_problems(s, "run-a", 0, slow, limit=1, steal=False)[0][0]
+    time.sleep(0.5)  # the slow attempt stalls past its lease (no heartbeat) ...
+    peer = attempt_owner("run-a/peer")
+    assert claim_problems(s, "run-a", 0, peer, limit=1, steal=False)[0][0] == problem_id  # ... a peer takes it
+    store = open_store(s)
+    with get_engine(s).connect() as conn:
+        problem = _load_problem(conn, store, problem_id)
+    result = next(run_search([problem], ScriptedPolicy(arithmetic_script), ExactVerifier(), s.search, 0))
+    writer = TreeWriter(get_engine(s), store, s, "run-a", config_hash(s), slow)
+    writer.submit(result)
+    writer.close()  # not an error for the chunk: the peer owns the problem now
+    assert writer.lost == [problem_id] and writer.written == []
+    assert _trees(s, "run-a") == [] and not store.exists(tree_key("run-a", problem_id))
 
 
 def test_verification_outage_fails_the_chunk_and_writes_no_label(annotated_settings):

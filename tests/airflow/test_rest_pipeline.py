@@ -69,7 +69,8 @@ def _leases(settings, run_id: str) -> dict[int, int]:
         rows = conn.execute(sa.text(
             "SELECT lease_owner, count(*) FROM chunk_problems WHERE run_id = :r AND status = 'leased'"
             " GROUP BY lease_owner"), {"r": run_id}).all()
-    return {int(owner.rsplit("/chunk-", 1)[1]): n for owner, n in rows}
+    # Owners name the attempt: "<run>/chunk-<i>@<host>:<pid>:<token>".
+    return {int(owner.rsplit("/chunk-", 1)[1].split("@")[0]): n for owner, n in rows}
 
 
 def _kill_an_annotating_task(stack, client, task_settings, airflow_run: str, run_id: str,
