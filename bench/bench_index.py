@@ -13,7 +13,8 @@ measures in one run on one database:
   one transaction per tree: object write, tree upsert, node COPY, done-mark), on
   ``--persist-trees`` of the trees, rows/s;
 * **README queries** (read from ``README.md``, "Inspecting the step index") at the loaded size:
-  p50/p90 ms over ``--repeats`` runs, with the rows each returns;
+  p50/p90 ms as a client sees them (psycopg, every row fetched, as psql would) and the server's
+  execution time (EXPLAIN ANALYZE), with the rows each returns;
 * **traversal:** ``traverse_stage`` over the imported run in a fresh process, peak RSS and time,
   against the same process only reading every tree JSON from the store (the floor).
 
@@ -204,6 +205,8 @@ def _persist(engine: sa.Engine, settings: Settings, folder: Path, ids: list[str]
 
 
 def _queries(engine: sa.Engine, run_id: str, repeats: int) -> dict[str, dict[str, float]]:
+    """Each README query as a client runs it (psycopg cursor, every row fetched: what psql does),
+    p50/p90 over ``repeats``, and the server's own execution time (EXPLAIN ANALYZE, p50)."""
     out = {}
     # After a bulk load, as autovacuum would soon do: statistics and the visibility map.
     with engine.execution_options(isolation_level="AUTOCOMMIT").connect() as conn:
@@ -212,15 +215,21 @@ def _queries(engine: sa.Engine, run_id: str, repeats: int) -> dict[str, dict[str
         problem = conn.execute(sa.text(
             "SELECT t.problem_id FROM trees t JOIN step_nodes n USING (tree_id) WHERE t.run_id = :r"
             " AND n.is_first_error LIMIT 1"), {"r": run_id}).scalar_one()
+        cursor = conn.connection.driver_connection.cursor()
         for name, sql in readme_queries().items():
             sql = sql.replace("'R'", f"'{run_id}'").replace("'P'", f"'{problem}'")
-            times, rows = [], 0
+            times, server, rows = [], [], 0
             for _ in range(repeats):
                 start = time.perf_counter()
-                rows = len(conn.execute(sa.text(sql)).all())
+                cursor.execute(sql)
+                rows = len(cursor.fetchall())
                 times.append(1000 * (time.perf_counter() - start))
+                cursor.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + sql)
+                server.append(cursor.fetchone()[0][0]["Execution Time"])
             times.sort()
-            out[name] = {"p50_ms": statistics.median(times), "p90_ms": times[int(0.9 * (len(times) - 1))], "rows": rows}
+            out[name] = {"p50_ms": statistics.median(times), "p90_ms": times[int(0.9 * (len(times) - 1))],
+                         "server_p50_ms": statistics.median(server), "rows": rows}
+        conn.rollback()
     return out
 
 
@@ -335,7 +344,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     table.add_row("annotate write path", f"{persisted['rows_per_s']:,.0f} rows/s ({persisted['ms_per_tree']:.1f} ms/tree)",
                   f"{persisted['ratio_to_copy']:.2f}")
     for name, q in queries.items():
-        table.add_row(f"query: {name}", f"p50 {q['p50_ms']:.1f} ms, p90 {q['p90_ms']:.1f} ms ({q['rows']:,} rows)", "")
+        table.add_row(f"query: {name}", f"p50 {q['p50_ms']:.1f} ms, p90 {q['p90_ms']:.1f} ms, server "
+                      f"{q['server_p50_ms']:.1f} ms ({q['rows']:,} rows)", "")
     for mode in ("read-trees", "traverse"):
         t = traversal[mode]
         table.add_row(f"traversal: {mode}", f"peak RSS {t['peak_rss_mb']:.0f} MB, {t['seconds']:.1f} s",
