@@ -47,7 +47,7 @@ from mmprm_tasks import db
 from mmprm_tasks.annotate import TreeWriter
 from mmprm_tasks.search import SearchResult, flatten_tree
 from mmprm_tasks.settings import Settings, StoreConfig
-from mmprm_tasks.tree_index import STEP_NODE_COLUMNS, _node_tuples, import_trees
+from mmprm_tasks.tree_index import STEP_NODE_COLUMNS, TreeEntry, import_trees
 
 WORDS = ("the", "area", "of", "triangle", "is", "half", "base", "times", "height", "so", "we", "get", "angle",
          "sum", "degrees", "therefore", "circle", "radius", "equals", "from", "figure", "side", "length", "x",
@@ -159,8 +159,9 @@ def _copy_baseline(engine: sa.Engine, folder: Path, ids: list[str]) -> dict[str,
             " tree_key, tree_sha256, config_hash, mc_histogram) SELECT 'copy-baseline', p, 0.5, 0, 0, 0, 0, 'k', 's', 'c',"
             " '{0,0,0,0,0,0,0,0,0,0}' FROM unnest(CAST(:ids AS text[])) AS p RETURNING problem_id, tree_id"),
             {"ids": ids}).all())
-    rows = [row for pid in ids
-            for row in _node_tuples(tree_ids[pid], flatten_tree(json.loads((folder / f"{pid}.json").read_text())))]
+    rows = [(tree_ids[pid], *row) for pid in ids
+            for row in TreeEntry.build("copy-baseline", json.loads((folder / f"{pid}.json").read_text()), b"",
+                                       num_rollouts=0, num_searches=0).rows]
     start = time.perf_counter()
     with engine.begin() as conn, conn.connection.driver_connection.cursor() as cursor:
         with cursor.copy(f"COPY step_nodes ({', '.join(STEP_NODE_COLUMNS)}) FROM STDIN") as copy:

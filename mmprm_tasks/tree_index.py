@@ -10,10 +10,14 @@ COPY (psycopg), which is what keeps the index ahead of the engine at paper scale
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import multiprocessing
+import os
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,22 +40,29 @@ def tree_key(run_id: str, problem_id: str) -> str:
 
 @dataclass(frozen=True)
 class TreeEntry:
-    """A tree ready for the index: its record, flattened nodes, and the stored JSON's key and hash."""
+    """What the index stores of one tree, as plain data (it crosses process boundaries when an
+    import parses in worker processes): the tree row's fields and its node rows for COPY
+    (:data:`STEP_NODE_COLUMNS` without the tree id, which the upsert assigns)."""
 
     problem_id: str
-    tree: dict[str, Any]
-    nodes: list[NodeRow]
     key: str
     sha256: str
+    mc_value: float
+    visit_count: int
     num_rollouts: int
     num_searches: int
+    histogram: tuple[int, ...]
+    rows: list[tuple[Any, ...]]
 
     @classmethod
     def build(cls, run_id: str, tree: dict[str, Any], data: bytes, *, num_rollouts: int,
               num_searches: int, nodes: list[NodeRow] | None = None) -> "TreeEntry":
-        return cls(problem_id=tree["id"], tree=tree, nodes=nodes if nodes is not None else flatten_tree(tree),
-                   key=tree_key(run_id, tree["id"]), sha256=hashlib.sha256(data).hexdigest(),
-                   num_rollouts=num_rollouts, num_searches=num_searches)
+        """``tree`` (a SPEC §4 record, checked by :func:`flatten_tree` unless ``nodes`` are
+        given) stored as ``data``."""
+        nodes = nodes if nodes is not None else flatten_tree(tree)
+        return cls(problem_id=tree["id"], key=tree_key(run_id, tree["id"]), sha256=hashlib.sha256(data).hexdigest(),
+                   mc_value=float(tree["mc_value"]), visit_count=nodes[0].visit_count, num_rollouts=num_rollouts,
+                   num_searches=num_searches, histogram=tuple(mc_histogram(nodes)), rows=list(_node_rows(nodes)))
 
 
 def mc_bucket(mc_value: float) -> int:
@@ -70,8 +81,8 @@ def mc_histogram(nodes: Sequence[NodeRow]) -> list[int]:
 _encode_steps = json.JSONEncoder(ensure_ascii=False).encode
 
 
-def _node_tuples(tree_id: int, nodes: Sequence[NodeRow]):
-    """COPY rows (:data:`STEP_NODE_COLUMNS`) of one tree's nodes, in pre-order."""
+def _node_rows(nodes: Sequence[NodeRow]):
+    """COPY rows of one tree's nodes in pre-order: :data:`STEP_NODE_COLUMNS` but the tree id."""
     prefix_len = [0] * len(nodes)
     for node in nodes:
         parent_index = node.parent_index
@@ -81,7 +92,7 @@ def _node_tuples(tree_id: int, nodes: Sequence[NodeRow]):
             parent = nodes[parent_index]
             prefix_len[node.node_index] = prefix_len[parent_index] + len(parent.steps)
             is_first_error = node.mc_value == 0 and parent.mc_value > 0
-        yield (tree_id, node.node_index, parent_index, node.depth, prefix_len[node.node_index], len(node.steps),
+        yield (node.node_index, parent_index, node.depth, prefix_len[node.node_index], len(node.steps),
                _encode_steps(list(node.steps)), node.mc_value, node.visit_count, node.num_correct,
                node.num_incorrect, is_first_error)
 
@@ -115,11 +126,11 @@ def write_trees(conn: sa.Connection, run_id: str, config_hash: str, entries: Seq
     with conn.connection.driver_connection.cursor() as cursor:
         cursor.execute(_UPSERT_TREES, {
             "run": run_id, "chash": config_hash,
-            "pids": [e.problem_id for e in entries], "mcs": [float(e.tree["mc_value"]) for e in entries],
-            "visits": [e.nodes[0].visit_count for e in entries], "nodes": [len(e.nodes) for e in entries],
+            "pids": [e.problem_id for e in entries], "mcs": [e.mc_value for e in entries],
+            "visits": [e.visit_count for e in entries], "nodes": [len(e.rows) for e in entries],
             "rollouts": [e.num_rollouts for e in entries], "searches": [e.num_searches for e in entries],
             "keys": [e.key for e in entries], "shas": [e.sha256 for e in entries],
-            "hists": ["{" + ",".join(map(str, mc_histogram(e.nodes))) + "}" for e in entries],
+            "hists": ["{" + ",".join(map(str, e.histogram)) + "}" for e in entries],
         })
         returned = cursor.fetchall()
         ids = {problem_id: tree_id for problem_id, tree_id, _ in returned}
@@ -128,8 +139,9 @@ def write_trees(conn: sa.Connection, run_id: str, config_hash: str, entries: Seq
             cursor.execute("DELETE FROM step_nodes WHERE tree_id = ANY(%s::bigint[])", (replaced,))
         with cursor.copy(f"COPY step_nodes ({', '.join(STEP_NODE_COLUMNS)}) FROM STDIN") as copy:
             for entry in entries:
-                for row in _node_tuples(ids[entry.problem_id], entry.nodes):
-                    copy.write_row(row)
+                tree_id = ids[entry.problem_id]
+                for row in entry.rows:
+                    copy.write_row((tree_id, *row))
     return ids
 
 
@@ -192,6 +204,47 @@ def _tree_records(source: str, settings: Settings) -> Iterator[tuple[str, bytes]
             yield store.uri(name), data
 
 
+IMPORT_PROCESSES = 2  # records are parsed and checked on up to this many worker processes
+_GROUP = 64  # records per task sent to a worker
+
+
+def _prepare_records(run_id: str, records: list[tuple[str, bytes]]) -> list[TreeEntry | str]:
+    """Parse and check ``records`` (in a worker process): each becomes a :class:`TreeEntry`, or
+    the reason it is rejected (the field at fault)."""
+    out: list[TreeEntry | str] = []
+    for _, data in records:
+        try:
+            tree = json.loads(data)
+            if not isinstance(tree, dict):
+                raise TreeRecordError(f"record: expected an object, got {type(tree).__name__}")
+            for required in ("id", "question", "answer", "image_path"):
+                if not isinstance(tree.get(required), str):
+                    raise TreeRecordError(f"{required}: missing or not a string")
+            nodes = flatten_tree(tree)
+            entry: TreeEntry | str = TreeEntry.build(
+                run_id, tree, data, nodes=nodes, num_searches=sum(n.visit_count for n in nodes),
+                num_rollouts=sum(n.num_correct + n.num_incorrect for n in nodes))
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError and TreeRecordError included
+            entry = str(exc)
+        out.append(entry)
+    return out
+
+
+def _prepared(parsers: ProcessPoolExecutor, workers: int, records: Iterator[tuple[str, bytes]], run_id: str
+              ) -> Iterator[list[tuple[str, bytes, TreeEntry | str]]]:
+    """Groups of prepared records in input order, with at most two groups per worker in flight."""
+    in_flight: deque[tuple[list[tuple[str, bytes]], Future]] = deque()
+    while True:
+        group = list(itertools.islice(records, _GROUP))
+        if group:
+            in_flight.append((group, parsers.submit(_prepare_records, run_id, group)))
+        if in_flight and (not group or len(in_flight) > 2 * workers):
+            sent, future = in_flight.popleft()
+            yield [(name, data, entry) for (name, data), entry in zip(sent, future.result())]
+        elif not group:
+            return
+
+
 def _import_run(conn: sa.Connection, run_id: str, source: str, policy_model: str) -> str:
     """The run's config hash; an unknown run is created as an imported, finished run."""
     found = conn.execute(sa.text("SELECT config_hash FROM annotation_runs WHERE run_id = :r"),
@@ -238,41 +291,38 @@ def import_trees(settings: Settings, source: str, run_id: str, *, policy_model: 
         with engine.begin() as conn:
             write_trees(conn, run_id, chash, [entry for entry, _ in entries])
         report.trees += len(entries)
-        report.nodes += sum(len(entry.nodes) for entry, _ in entries)
+        report.nodes += sum(len(entry.rows) for entry, _ in entries)
         if progress:
             progress(len(entries))
 
-    # One batch is written (object store and COPY, mostly waiting on I/O) while the next is
-    # parsed and checked; at most two batches are in memory.
-    with ThreadPoolExecutor(1, thread_name_prefix="import-writer") as writer, \
+    # Worker processes parse and check the records (the CPU-bound part); this process keeps the
+    # order, rejects unknown and repeated problems, and writes one batch (object store and COPY,
+    # mostly waiting on I/O) while the next is prepared.
+    workers = max(1, min(IMPORT_PROCESSES, os.cpu_count() or 1))
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as parsers, \
+            ThreadPoolExecutor(1, thread_name_prefix="import-writer") as writer, \
             ThreadPoolExecutor(IMPORT_UPLOADS, thread_name_prefix="import-upload") as uploads:
         pending: Future | None = None
-        for record_name, record_bytes in _tree_records(source, settings):
-            try:
-                tree = json.loads(record_bytes)
-                if not isinstance(tree, dict):
-                    raise TreeRecordError(f"record: expected an object, got {type(tree).__name__}")
-                for required in ("id", "question", "answer", "image_path"):
-                    if not isinstance(tree.get(required), str):
-                        raise TreeRecordError(f"{required}: missing or not a string")
-                problem_id = tree["id"]
-                if problem_id not in known:
-                    raise TreeRecordError(f"id: problem {problem_id!r} is not in the step index (ingest its seeds first)")
-                if problem_id in seen:
-                    raise TreeRecordError(f"id: problem {problem_id!r} already came earlier in this import")
-                nodes = flatten_tree(tree)
-            except (ValueError, RecursionError) as exc:  # JSONDecodeError and TreeRecordError included
-                report.rejected.append({"record": record_name, "error": str(exc)})
-                continue
-            seen.add(problem_id)
-            batch.append((TreeEntry.build(
-                run_id, tree, record_bytes, nodes=nodes, num_searches=sum(n.visit_count for n in nodes),
-                num_rollouts=sum(n.num_correct + n.num_incorrect for n in nodes)), record_bytes))
-            batch_nodes_now += len(nodes)
-            if batch_nodes_now >= batch_nodes:
-                if pending is not None:
-                    pending.result()
-                pending, batch, batch_nodes_now = writer.submit(write, batch), [], 0
+        for prepared in _prepared(parsers, workers, _tree_records(source, settings), run_id):
+            for record_name, record_bytes, entry in prepared:
+                if isinstance(entry, str):
+                    report.rejected.append({"record": record_name, "error": entry})
+                    continue
+                if entry.problem_id not in known:
+                    report.rejected.append({"record": record_name, "error": f"id: problem {entry.problem_id!r} is "
+                                            "not in the step index (ingest its seeds first)"})
+                    continue
+                if entry.problem_id in seen:
+                    report.rejected.append({"record": record_name, "error": f"id: problem {entry.problem_id!r} "
+                                            "already came earlier in this import"})
+                    continue
+                seen.add(entry.problem_id)
+                batch.append((entry, record_bytes))
+                batch_nodes_now += len(entry.rows)
+                if batch_nodes_now >= batch_nodes:
+                    if pending is not None:
+                        pending.result()
+                    pending, batch, batch_nodes_now = writer.submit(write, batch), [], 0
         if pending is not None:
             pending.result()
         if batch:
