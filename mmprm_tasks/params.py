@@ -14,7 +14,9 @@ TRIGGER_PARAMS: dict[str, tuple[str | None, dict[str, Any]]] = {
                            "Seed file (JSON array or JSONL, SPEC §1) to ingest first; null: use what is indexed"}),
     "run_id": (None, {"type": ["string", "null"], "pattern": "^[A-Za-z0-9._-]{1,100}$",
                       "description": "Annotation run id; null: derived from the config and the date"}),
-    "split": (None, {"type": ["string", "null"], "description": "Only annotate problems of this split"}),
+    "split": (None, {"type": ["string", "null"],
+                     "description": "Only annotate problems of this split (default train: evaluation problems "
+                                    "never become training data); null annotates every split"}),
     "policy_backend": ("policy.backend", {"type": "string", "enum": ["transformers", "vllm", "openai"]}),
     "policy_model": ("policy.model", {"type": "string", "minLength": 1,
                                       "description": "Checkpoint path/URI, or served model name (openai)"}),
@@ -38,7 +40,7 @@ TRIGGER_PARAMS: dict[str, tuple[str | None, dict[str, Any]]] = {
     "eval_limit": (None, {"type": ["integer", "null"], "minimum": 1, "description": "At most this many test problems"}),
 }
 
-_STAGE_DEFAULTS: dict[str, Any] = {"seed_source": None, "run_id": None, "split": None, "eval_split": "test",
+_STAGE_DEFAULTS: dict[str, Any] = {"seed_source": None, "run_id": None, "split": "train", "eval_split": "test",
                                    "eval_limit": None, "dataset_id": None, "checkpoint_id": None}
 
 

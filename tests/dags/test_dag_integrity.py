@@ -99,3 +99,23 @@ def test_airflow_cli_lists_dags_without_import_errors(tmp_path):
     errors = subprocess.run([airflow, "dags", "list-import-errors"], env=env, check=True, capture_output=True,
                             text=True).stdout
     assert "No data found" in errors
+
+
+@pytest.mark.parametrize("dag_id", ["mmprm_pipeline", "mmprm_nightly_refresh"])
+def test_annotation_defaults_never_annotate_the_test_split(dagbag, dag_id, settings, tmp_path):
+    """Evaluation problems must not become training data: the default split the DAGs shard is
+    train, and sharding with it leaves every test problem out."""
+    import json
+
+    from mmprm_tasks import pipeline
+    from mmprm_tasks.seeds import ingest_file
+    from mmprm_tasks.toy.world import generate_seeds
+
+    default = dagbag.dags[dag_id].params["split"]
+    assert default == "train"
+    seeds = generate_seeds(tmp_path / "seeds", n_train=5, n_test=4, seed=2)
+    for split in ("train", "test"):
+        ingest_file(seeds[split], settings)
+    sharded = pipeline.shard_stage(settings, f"nightly-{dag_id}", selection="stale", split=default)
+    train_ids = {r["id"] for r in json.loads(seeds["train"].read_text())}
+    assert sharded["problems"] == len(train_ids) == 5
