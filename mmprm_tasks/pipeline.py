@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from .db import get_engine, require_schema
 from .policy import resolve_model_path
 from .runs import Selection, default_run_id, shard_run
-from .settings import Settings
+from .settings import ConfigurationError, Settings
 from .storage import ObjectStore, open_store, open_uri
 
 log = logging.getLogger(__name__)
@@ -238,7 +238,7 @@ def _eval_problems(conn: sa.Connection, store: ObjectStore, split: str, limit: i
         "SELECT problem_id, question, correct_answer, image_key, extra FROM seed_problems WHERE split = :s"
         " ORDER BY problem_id" + (" LIMIT :n" if limit else "")), {"s": split, "n": limit}).all()
     if not rows:
-        raise LookupError(f"no seed problems of split {split!r} to evaluate on")
+        raise ConfigurationError(f"no seed problems of split {split!r} to evaluate on (ingest them first)")
     return [{"id": r.problem_id, "question": r.question, "answer": r.correct_answer,
              "image": store.get_bytes(r.image_key), "extra": r.extra} for r in rows]
 

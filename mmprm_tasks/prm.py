@@ -42,7 +42,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
 from mmprm_tasks.formats import PROCESS_MARK, chat_messages
-from mmprm_tasks.settings import PACKAGE_DIR, TrainConfig
+from mmprm_tasks.settings import PACKAGE_DIR, ConfigurationError, TrainConfig
 from mmprm_tasks.traverse import PRM_SEPARATOR, render_process
 
 log = logging.getLogger(__name__)
@@ -561,7 +561,8 @@ def train_prm(
         cfg = PRMTrainingConfig.from_train_config(cfg)
     records = list(train_records)
     if not records:
-        raise ValueError("no training records")
+        raise ConfigurationError("no training records: the dataset is empty (annotate problems whose root MC "
+                                 "value lies strictly between 0 and 1 first)")
     set_seed(seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

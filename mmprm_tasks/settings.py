@@ -23,6 +23,12 @@ TOY_FOUNDATION_DIR = PACKAGE_DIR / "assets" / "toy_foundation"
 TOY_POLICY_DIR = PACKAGE_DIR / "assets" / "toy_policy"
 
 
+class ConfigurationError(ValueError):
+    """A setting or input that no retry can fix: a policy checkpoint that is not there, an empty
+    dataset, an evaluation split with no problems.  The DAG tasks fail at once on it instead of
+    retrying with back-off."""
+
+
 class SamplingConfig(BaseModel):
     """Rollout sampling (SPEC §2)."""
 

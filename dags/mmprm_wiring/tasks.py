@@ -6,18 +6,35 @@ counts and object URIs go through XCom.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
 from airflow.sdk import get_current_context, task
+from airflow.sdk.exceptions import AirflowFailException
 
 from mmprm_tasks import pipeline
 from mmprm_tasks.params import TRIGGER_PARAMS, settings_from_params
-from mmprm_tasks.settings import get_settings
+from mmprm_tasks.settings import ConfigurationError, get_settings
 
 from .assets import CHECKPOINT, DATASET, REPORT, SEEDS, TREES
 
 _ORCH = get_settings().orchestration
+
+
+def fails_at_once_on_configuration_errors(function: Callable[..., Any]) -> Callable[..., Any]:
+    """A :class:`~mmprm_tasks.settings.ConfigurationError` (a missing checkpoint, an empty dataset,
+    a split with no problems) fails the task without retries: waiting cannot fix it."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except ConfigurationError as exc:
+            raise AirflowFailException(f"configuration error (not retried): {exc}") from exc
+
+    return wrapper
 
 
 def run_settings():
@@ -31,11 +48,13 @@ def _param(name: str) -> Any:
 
 
 @task(outlets=[SEEDS])
+@fails_at_once_on_configuration_errors
 def ingest_seeds() -> dict[str, Any]:
     return pipeline.ingest_stage(run_settings(), _param("seed_source"))
 
 
 @task
+@fails_at_once_on_configuration_errors
 def shard(selection: str = "all") -> dict[str, Any]:
     context = get_current_context()
     run_id = _param("run_id")
@@ -45,6 +64,7 @@ def shard(selection: str = "all") -> dict[str, Any]:
 
 
 @task
+@fails_at_once_on_configuration_errors
 def chunk_indices(sharded: dict[str, Any]) -> list[int]:
     """The mapping input: chunks, never single problems."""
     return sharded["chunks"]
@@ -61,11 +81,13 @@ def chunk_indices(sharded: dict[str, Any]) -> list[int]:
     execution_timeout=timedelta(seconds=_ORCH.annotate_timeout_s),
     map_index_template="chunk {{ task.op_kwargs['chunk_index'] }}",
 )
+@fails_at_once_on_configuration_errors
 def annotate_chunk(sharded: dict[str, Any], chunk_index: int) -> dict[str, Any]:
     return pipeline.annotate_stage(run_settings(), sharded["run_id"], chunk_index)
 
 
 @task(outlets=[TREES], trigger_rule="all_done")
+@fails_at_once_on_configuration_errors
 def index_summary(sharded: dict[str, Any], annotated: list[dict[str, Any]]) -> dict[str, Any]:
     summary = pipeline.summary_stage(run_settings(), sharded["run_id"])
     if summary["status"] != "succeeded":
@@ -76,6 +98,7 @@ def index_summary(sharded: dict[str, Any], annotated: list[dict[str, Any]]) -> d
 
 
 @task(inlets=[TREES])
+@fails_at_once_on_configuration_errors
 def traverse(sharded: dict[str, Any], all_current_runs: bool = False) -> dict[str, Any]:
     settings = run_settings()
     run_ids = pipeline.current_runs(settings) if all_current_runs else [sharded["run_id"]]
@@ -83,6 +106,7 @@ def traverse(sharded: dict[str, Any], all_current_runs: bool = False) -> dict[st
 
 
 @task(outlets=[DATASET])
+@fails_at_once_on_configuration_errors
 def format_dataset(traversed: dict[str, Any]) -> dict[str, Any]:
     result = pipeline.format_stage(run_settings(), traversed["dataset_id"])
     get_current_context()["outlet_events"][DATASET].extra = {"dataset_id": result["dataset_id"]}
@@ -102,6 +126,7 @@ def _triggering(key: str) -> str | None:
 @task(inlets=[DATASET], outlets=[CHECKPOINT], queue=_ORCH.gpu_queue, pool=_ORCH.gpu_pool,
       retries=_ORCH.retries, retry_delay=timedelta(seconds=_ORCH.retry_delay_s), retry_exponential_backoff=2.0,
       execution_timeout=timedelta(seconds=_ORCH.train_timeout_s))
+@fails_at_once_on_configuration_errors
 def train_prm() -> dict[str, Any]:
     dataset_id = _param("dataset_id") or _triggering("dataset_id")
     result = pipeline.train_stage(run_settings(), dataset_id)
@@ -111,6 +136,7 @@ def train_prm() -> dict[str, Any]:
 
 @task(inlets=[CHECKPOINT], outlets=[REPORT], queue=_ORCH.gpu_queue, pool=_ORCH.gpu_pool,
       retries=_ORCH.retries, retry_delay=timedelta(seconds=_ORCH.retry_delay_s), retry_exponential_backoff=2.0)
+@fails_at_once_on_configuration_errors
 def evaluate_best_of_n() -> dict[str, Any]:
     checkpoint_id = _param("checkpoint_id") or _triggering("checkpoint_id")
     result = pipeline.evaluate_stage(run_settings(), checkpoint_id, split=_param("eval_split") or "test",

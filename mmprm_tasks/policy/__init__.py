@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from mmprm_tasks.rollouts import Rollout, build_prompt
+from mmprm_tasks.settings import ConfigurationError
 
 if TYPE_CHECKING:
     from mmprm_tasks.settings import Settings
@@ -34,6 +35,10 @@ if TYPE_CHECKING:
 
 class PolicyError(RuntimeError):
     """The policy could not produce rollouts (infrastructure failure). Never a label."""
+
+
+class PolicyConfigError(PolicyError, ConfigurationError):
+    """The policy as configured cannot exist (e.g. no checkpoint at the path): not retried."""
 
 
 @dataclass(frozen=True)

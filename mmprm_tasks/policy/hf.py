@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmprm_tasks.policy import GenerationRequest, PolicyError, chat_messages, load_image, request_seed
+from mmprm_tasks.policy import (GenerationRequest, PolicyConfigError, PolicyError, chat_messages, load_image,
+                                request_seed)
 from mmprm_tasks.rollouts import Rollout, parse_rollout
 from mmprm_tasks.settings import PolicyConfig, SamplingConfig
 
@@ -137,7 +138,7 @@ class TransformersPolicy:
         dtype = resolve_dtype(self.policy_cfg.dtype, self.device)
         if not (Path(self.model_dir) / "config.json").is_file():
             # Never a hub id: nothing is downloaded at run time.
-            raise PolicyError(f"cannot load policy checkpoint {self.model_dir}: no config.json there")
+            raise PolicyConfigError(f"cannot load policy checkpoint {self.model_dir}: no config.json there")
         try:
             self.processor = AutoProcessor.from_pretrained(self.model_dir)
             self.model = AutoModelForImageTextToText.from_pretrained(self.model_dir, dtype=dtype)

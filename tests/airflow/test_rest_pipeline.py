@@ -143,3 +143,15 @@ def test_pipeline_survives_a_killed_annotation_task(stack, client, toy_seeds, ta
     print("retry of the killed chunk:", retry)
     if killed["leases_after_kill"]:
         assert retry["resumed_leases"] == killed["leases_after_kill"]
+
+
+def test_a_configuration_error_fails_with_one_try(stack, client, toy_seeds):
+    """A policy checkpoint that is not there cannot appear by waiting: the annotation task fails
+    on its first try (retries are for outages), and the run fails with the cause in its log."""
+    conf = {"seed_source": str(toy_seeds["train"]), "run_id": "bad-policy", "split": "train",
+            "policy_model": "/nonexistent/policy-checkpoint"}
+    dag_run = trigger(client, conf)
+    assert wait_for_run(client, dag_run["dag_run_id"], timeout=300) == "failed"
+    annotate = [ti for ti in task_instances(client, dag_run["dag_run_id"]) if ti["task_id"] == "annotate_chunk"]
+    assert annotate and all(ti["try_number"] == 1 for ti in annotate), annotate
+    assert any(ti["state"] == "failed" for ti in annotate), annotate
