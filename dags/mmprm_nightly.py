@@ -15,6 +15,8 @@ from mmprm_wiring import tasks as T
     schedule="@daily",
     start_date=pendulum.datetime(2025, 1, 1, tz="UTC"),
     catchup=False,
+    # Paused until someone turns it on: on a fresh stack it would run at once on an empty index.
+    is_paused_upon_creation=True,
     max_active_runs=1,
     tags=["mmprm", "annotation", "nightly"],
     params=P.params("run_id", "split", *P.ANNOTATION),

@@ -50,6 +50,14 @@ def test_pipeline_order(dagbag):
         assert downstream in dag.get_task(upstream).get_flat_relative_ids(upstream=False), (upstream, downstream)
 
 
+def test_only_the_nightly_refresh_starts_paused(dagbag):
+    """A fresh stack must not annotate an empty index at once; triggered and asset-scheduled DAGs
+    run as soon as they are asked to."""
+    assert dagbag.dags["mmprm_nightly_refresh"].is_paused_upon_creation is True
+    for dag_id in ("mmprm_pipeline", "mmprm_train", "mmprm_evaluate"):
+        assert not dagbag.dags[dag_id].is_paused_upon_creation, dag_id
+
+
 def test_nightly_is_daily_without_catchup(dagbag):
     dag = dagbag.dags["mmprm_nightly_refresh"]
     assert dag.catchup is False
