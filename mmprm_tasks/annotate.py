@@ -25,13 +25,14 @@ from .db import get_engine, require_schema
 from .policy import GenerationRequest, PolicyBackend, load_policy
 from .runs import (LeaseLost, attempt_owner, claim_problems, config_hash, end_attempt, finish_chunks, hold_lease,
                    mark_done, reclaim_dead_attempts, release_leases, renew_leases)
-from .search import SearchProblem, SearchResult, run_search
+from .search import SearchProblem, SearchResult, is_rollout_engine, run_search
 from .settings import Settings
 from .storage import ObjectStore, open_store
 from .tree_index import TreeEntry, write_trees
 from .verify import AnswerVerifier
 
 log = logging.getLogger(__name__)
+
 
 @dataclass
 class EngineStats:
@@ -63,9 +64,6 @@ class CountingPolicy:
         self.stats.seconds += time.perf_counter() - start
         return out
 
-    def close(self) -> None:
-        self.inner.close()
-
 
 @dataclass
 class CountingEngine:
@@ -88,7 +86,7 @@ class CountingEngine:
 
 def counted(backend: Any) -> CountingPolicy | CountingEngine:
     """The backend wrapped to count what the engine was asked (recorded as run stats)."""
-    return CountingEngine(backend) if hasattr(backend, "submit") else CountingPolicy(backend)
+    return CountingEngine(backend) if is_rollout_engine(backend) else CountingPolicy(backend)
 
 
 def persist_tree(conn: sa.Connection, store: ObjectStore, run_id: str, chash: str, result: SearchResult,

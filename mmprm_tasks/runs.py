@@ -119,7 +119,8 @@ def claim_problems(settings: Settings, run_id: str, chunk_index: int, owner: str
     """Lease up to ``limit`` problems: the chunk's own first, then (``steal``) other chunks'.
 
     A problem is claimable when pending or leased by someone whose lease has expired (a dead
-    worker).  A retried task first gives its own stale leases back with :func:`release_leases`.
+    worker).  A retried task first takes back its dead attempts' leases with
+    :func:`reclaim_dead_attempts`.
     """
     engine = get_engine(settings)
     params = {"run": run_id, "chunk": chunk_index, "owner": owner, "limit": limit,

@@ -54,6 +54,7 @@ __all__ = [
     "StopReason",
     "TreeRecordError",
     "flatten_tree",
+    "is_rollout_engine",
     "q_value",
     "run_search",
     "u_value",
@@ -428,6 +429,12 @@ class RolloutEngine(Protocol):
     def submit(self, request: GenerationRequest) -> Future: ...
 
 
+def is_rollout_engine(policy: Any) -> bool:
+    """Whether ``policy`` takes requests one at a time (:class:`RolloutEngine`) rather than in
+    batches (``generate``)."""
+    return hasattr(policy, "submit")
+
+
 @dataclass(eq=False)
 class _Active:
     tree: _Tree
@@ -472,7 +479,7 @@ def run_search(
     """
     from mmprm_tasks.policy.batching import BatchingEngine
 
-    own_engine = not hasattr(policy, "submit")
+    own_engine = not is_rollout_engine(policy)
     engine: RolloutEngine = BatchingEngine(policy, cfg.max_sequences_in_flight) if own_engine else policy  # type: ignore[arg-type,assignment]
     admit_below = 2 * engine.capacity
     source = iter(problems)
