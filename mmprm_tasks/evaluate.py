@@ -15,8 +15,10 @@ where noted):
   ``sum_logprob``/``sum_logit``).
 * **Ties** between the best aggregate scores are broken by a seeded random choice among the tied
   candidates (``random.Random(f"{seed}:{problem}:{N}:{aggregator}")``), so a PRM that cannot tell
-  candidates apart scores the random-pick expectation, not the first candidate's correctness.
-  The number of problems with a tie is reported (``prm_ties``).
+  candidates apart scores the random-pick expectation, not the first candidate's correctness
+  (the release takes the first).  Per aggregator and N the report counts the problems whose best
+  score is tied (``prm_ties``) and, among them, those where the tied candidates differ in
+  correctness (``prm_ties_decisive``: the draw, not the PRM, decided the pick).
 * **First N.** For each N the first N candidates of every problem are used (problems with fewer
   use all they have; one with none counts as wrong everywhere).
 * **Random pick** is the exact expectation: mean correctness of the first N candidates.
@@ -149,7 +151,8 @@ def best_of_n(
 
     Returns ``{"num_problems", "ns", "seed", "epsilon", "aggregators", "ks", "max_candidates",
     "rows": [{"n", "accuracy": {aggregator: acc}, "random", "majority_vote", "oracle",
-    "pass_at_k": {"k": acc}, "prm_ties": {aggregator: problems}}], "headline": {"n",
+    "pass_at_k": {"k": acc}, "prm_ties": {aggregator: problems}, "prm_ties_decisive":
+    {aggregator: problems}}], "headline": {"n",
     "aggregator", "accuracy"}, "best": {...}}``; accuracies are fractions in [0, 1].
     ``headline`` is the aggregator named before the results are seen (a setting), so the number
     to quote is not the best of eight tried on the test set; ``best`` is that best, for reference.
@@ -170,6 +173,7 @@ def best_of_n(
             raise ValueError(f"N must be >= 1, got {n}")
         correct = dict.fromkeys(names, 0)
         ties = dict.fromkeys(names, 0)
+        decisive_ties = dict.fromkeys(names, 0)
         random_sum = majority = oracle = 0.0
         pass_sums = {k: 0.0 for k in ks if k <= n}
         for index, cands in enumerate(problems):
@@ -188,6 +192,7 @@ def best_of_n(
                 tied = [i for i, s in enumerate(scores) if s == top]
                 if len(tied) > 1:
                     ties[name] += 1
+                    decisive_ties[name] += len({head[i].correct for i in tied}) > 1
                     pick = random.Random(f"{seed}:{index}:{n}:{name}").choice(tied)
                 else:
                     pick = tied[0]
@@ -202,6 +207,7 @@ def best_of_n(
                 "oracle": oracle / denom,
                 "pass_at_k": {str(k): v / denom for k, v in pass_sums.items()},
                 "prm_ties": ties,
+                "prm_ties_decisive": decisive_ties,
             }
         )
     best = top = None
@@ -484,6 +490,12 @@ def render_table(report: dict[str, Any]):
         table.add_row(label, *(f"{100 * r[key]:.2f}" for r in rows))
     for name in rows[0].get("baselines", {}) if rows else ():
         table.add_row(f"{name} ({headline})", *(f"{100 * r['baselines'][name]:.2f}" for r in rows))
+    if headline and rows and "prm_ties" in rows[0]:
+        # Ties are broken by a seeded random pick; how often that pick, not the PRM, chose.
+        table.add_row(f"problems tied ({headline})", *(str(r["prm_ties"][headline]) for r in rows))
+        if "prm_ties_decisive" in rows[0]:
+            table.add_row(f"  tied right/wrong ({headline})",
+                          *(str(r["prm_ties_decisive"][headline]) for r in rows))
     for k in report["ks"]:
         table.add_row(
             f"pass@{k}",

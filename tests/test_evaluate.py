@@ -171,8 +171,18 @@ def test_ties_are_broken_at_random_not_by_position():
     report = best_of_n(problems, ns=[2], seed=7)
     row = _row(report, 2)
     assert all(row["prm_ties"][name] == 400 for name in AGGREGATORS)
+    assert all(row["prm_ties_decisive"][name] == 400 for name in AGGREGATORS)
     assert 0.4 < row["accuracy"]["min"] < 0.6  # first-index picking would give 1.0
     assert best_of_n(problems, ns=[2], seed=7)["rows"] == report["rows"]  # seeded
+
+
+def test_decisive_ties_count_only_ties_between_right_and_wrong():
+    both_right = [([0.5], True, "7"), ([0.5], True, "7.0"), ([0.1], False, "8")]
+    right_wrong = [([0.5], True, "7"), ([0.5], False, "8")]
+    no_tie = [([0.9], False, "8"), ([0.5], True, "7")]
+    row = _row(best_of_n([both_right, right_wrong, no_tie], ns=[3], aggregators=["min"], ks=()), 3)
+    assert row["prm_ties"] == {"min": 2}
+    assert row["prm_ties_decisive"] == {"min": 1}
 
 
 def test_pass_at_k_formula():
@@ -237,10 +247,11 @@ def test_render_table():
     report = best_of_n([P1, P2], ns=[1, 2, 4])
     table = render_table(report)
     assert isinstance(table, Table)
-    assert table.row_count == len(AGGREGATORS) + 3 + 4
+    assert table.row_count == len(AGGREGATORS) + 3 + 2 + 4
     console = Console(record=True, width=160)
     console.print(table)
     text = console.export_text()
+    assert "problems tied (min)" in text and "tied right/wrong (min)" in text
     assert "PRM min" in text and "N=4" in text and "majority vote" in text and "pass@2" in text
     assert "37.50" in text  # random pick at N=4
     assert "label PRM" not in text  # no label mode in this report
