@@ -17,6 +17,8 @@ app = typer.Typer(help="MM-PRM platform: step-level annotation, PRM training and
                   no_args_is_help=True, pretty_exceptions_enable=False)
 db_app = typer.Typer(help="The Postgres step index.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+export_app = typer.Typer(help="Write the platform's outputs in other tools' formats.", no_args_is_help=True)
+app.add_typer(export_app, name="export")
 
 
 def _mount_toy() -> None:
@@ -217,6 +219,45 @@ def evaluate(
     store, key = open_uri(result["report_uri"], settings)
     console.print(render_table(store.get_json(key)))
     console.print_json(data=result)
+
+
+@app.command()
+def score(
+    candidates: Annotated[str, typer.Argument(help="Candidate file (path or object URI): the release's evaluation "
+                                                   "format (solutions_splits, labels) or mmprm candidate JSONL")],
+    checkpoint: Annotated[str, typer.Option(help="PRM checkpoint: an id in the index, a directory or a URI")],
+    out: Annotated[Optional[Path], typer.Option(help="Output file (default: <name>.scored.json[l] beside the input)")] = None,
+    name: Annotated[str, typer.Option(help="Scorer name the scores are kept under (mmprm format)")] = "prm",
+    image_root: Annotated[Optional[Path], typer.Option(help="Root of relative image paths (default: the file's folder)")] = None,
+) -> None:
+    """Score every step of every candidate with a PRM; writes prm_scores (release format) or
+    step_scores (mmprm format) and prints the Best-of-N table of the file."""
+    from .candidates import score_file
+    from .evaluate import render_table
+
+    result = score_file(_settings(), candidates, checkpoint, out, name=name, image_root=image_root)
+    if result["report"]:
+        console.print(render_table(result["report"]))
+    for line in result["rejected"]:
+        console.print(f"rejected {line}", style="red", markup=False, soft_wrap=True, highlight=False)
+    console.print(f"{result['format']} file: {result['problems']} problems, {result['candidates']} candidates, "
+                  f"{result['steps_scored']} steps scored -> {result['out']}", soft_wrap=True, highlight=False)
+    if result["rejected"]:
+        raise typer.Exit(1)
+
+
+@export_app.command("eval")
+def export_eval(
+    evaluation_id: Annotated[Optional[str], typer.Argument(help="Evaluation (default: the latest with candidates)")] = None,
+    out: Annotated[Path, typer.Option(help="Output folder: <evaluation_id>.json and images/")] = Path("eval-export"),
+    scorer: Annotated[str, typer.Option(help="Whose step scores become prm_scores")] = "prm",
+) -> None:
+    """An evaluation's candidates in the release's evaluation format ({question, image_path,
+    solutions_splits, labels, prm_scores}), so its extract_calculate.py runs on them."""
+    from .candidates import export_evaluation
+
+    path = export_evaluation(_settings(), evaluation_id, out, scorer=scorer)
+    console.print(str(path), soft_wrap=True, highlight=False)
 
 
 def headline_lines(reports: dict[str, dict]) -> list[str]:

@@ -240,7 +240,8 @@ def _eval_problems(conn: sa.Connection, store: ObjectStore, split: str, limit: i
     if not rows:
         raise ConfigurationError(f"no seed problems of split {split!r} to evaluate on (ingest them first)")
     return [{"id": r.problem_id, "question": r.question, "answer": r.correct_answer,
-             "image": store.get_bytes(r.image_key), "extra": r.extra} for r in rows]
+             "image": store.get_bytes(r.image_key), "image_uri": store.uri(r.image_key), "extra": r.extra}
+            for r in rows]
 
 
 def _model_fingerprint(model_dir: str) -> str:
@@ -287,7 +288,9 @@ def candidates_stage(settings: Settings, problems: list[dict[str, Any]]) -> tupl
 
 def evaluate_stage(settings: Settings, checkpoint_id: str | None = None, *, split: str = "test",
                    limit: int | None = None) -> dict[str, Any]:
-    """Best-of-N with the PRM on a split: report JSON + PNG in the store, rows in Postgres."""
+    """Best-of-N with the PRM on a split: report JSON + PNG in the store, rows in Postgres, and
+    every candidate with its step scores (JSONL + ``bon_candidates`` rows, see candidates.py)."""
+    from .candidates import BASE_LIKELIHOOD_SCORER, PRM_SCORER, candidates_key, from_sampled, store_candidates
     from .evaluate import add_baseline, best_of_n, plot_report, score_candidates
     from .prm import PRMScorer, StepLikelihoodScorer
 
@@ -308,13 +311,19 @@ def evaluate_stage(settings: Settings, checkpoint_id: str | None = None, *, spli
     scored = score_candidates(scorer, problems, candidates)
     del scorer
     report = best_of_n(scored, settings.eval.ns, settings.seed, headline=settings.eval.headline_aggregator)
+    step_scores = {PRM_SCORER: [[c["step_scores"] for c in cands] for cands in scored]}
     if settings.eval.base_likelihood_baseline:
         base = StepLikelihoodScorer(resolve_model_path(ckpt.base_model, settings),
                                     batch_size=settings.eval.prm_batch_size)
-        add_baseline(report, "base-model likelihood", score_candidates(base, problems, candidates),
-                     seed=settings.seed)
+        base_scored = score_candidates(base, problems, candidates)
+        add_baseline(report, BASE_LIKELIHOOD_SCORER, base_scored, seed=settings.seed)
+        step_scores[BASE_LIKELIHOOD_SCORER] = [[c["step_scores"] for c in cands] for cands in base_scored]
+    records = [from_sampled(p["id"], p["question"], p["answer"], p["image_uri"], cands,
+                            {name: per_problem[i] for name, per_problem in step_scores.items()})
+               for i, (p, cands) in enumerate(zip(problems, candidates, strict=True))]
     report = {**report, "evaluation_id": evaluation_id, "checkpoint_id": checkpoint_id,
-              "candidates_id": candidates_id, "label_mode": ckpt.config.get("label_mode"),
+              "candidates_id": candidates_id, "candidates_key": candidates_key(evaluation_id),
+              "label_mode": ckpt.config.get("label_mode"),
               "policy_model": settings.policy.model, "base_model": ckpt.base_model,
               "split": split, "num_problems": len(problems)}
     first_error = _toy_first_error_report(problems, scored, toy_trees)
@@ -326,8 +335,9 @@ def evaluate_stage(settings: Settings, checkpoint_id: str | None = None, *, spli
         plot_uri = store.put_file(f"{prefix}/bon.png", plot_path, "image/png")
     _record_evaluation(engine, evaluation_id, checkpoint_id, settings, len(problems), f"{prefix}/report.json",
                        f"{prefix}/bon.png", report)
+    candidates_uri = store_candidates(engine, store, evaluation_id, records)
     return {"evaluation_id": evaluation_id, "report_uri": report_uri, "plot_uri": plot_uri,
-            "checkpoint_id": checkpoint_id}
+            "candidates_uri": candidates_uri, "checkpoint_id": checkpoint_id}
 
 
 def _toy_first_error_report(problems: list[dict[str, Any]], scored: list[list[dict[str, Any]]],
