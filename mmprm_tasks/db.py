@@ -14,19 +14,22 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import psycopg
 import sqlalchemy as sa
+from psycopg.errors import _WaitTimeout
 from sqlalchemy.engine import Engine, make_url
 
-from .settings import PACKAGE_DIR, Settings
+from .resources import package_folder
+from .settings import Settings, TimeoutConfig
 
 log = logging.getLogger(__name__)
 
-SQL_DIR = PACKAGE_DIR.parent / "sql"
+SQL_DIR = package_folder("sql")
 _MIGRATION_NAME = re.compile(r"^(\d{3})_([a-z0-9_]+)\.sql$")
 # Arbitrary constant naming the migration advisory lock.
 _MIGRATION_LOCK = 0x6D6D707260
 
-_engines: dict[str, Engine] = {}
+_engines: dict[tuple[str, str], Engine] = {}
 
 
 class SchemaError(RuntimeError):
@@ -45,6 +48,8 @@ class Migration:
 
 
 def migrations(sql_dir: Path = SQL_DIR) -> list[Migration]:
+    if not sql_dir.is_dir():
+        raise SchemaError(f"no migrations folder at {sql_dir}: the package is installed without its sql/ data")
     found = []
     for path in sorted(sql_dir.glob("*.sql")):
         match = _MIGRATION_NAME.match(path.name)
@@ -85,13 +90,52 @@ def database_url(settings: Settings) -> str:
     return embedded_url(settings.home.resolve())
 
 
+class ReplyDeadlineConnection(psycopg.Connection):
+    """A psycopg connection that waits at most ``reply_timeout_s`` for any one reply (a query,
+    a COPY block, a commit).  A frozen server (SIGSTOPped, a hung VM) keeps the TCP connection
+    open and its kernel acknowledges what we send, so neither keepalives nor the server's
+    statement_timeout can end the wait; this does, by closing the connection with an error."""
+
+    reply_timeout_s: float | None = None
+
+    def wait(self, gen, interval=0.1, timeout=None):  # type: ignore[override]
+        try:
+            return super().wait(gen, interval=interval,
+                                timeout=timeout if timeout is not None else self.reply_timeout_s)
+        except _WaitTimeout:
+            self.pgconn.finish()  # its state is unknown: never reuse it
+            raise psycopg.OperationalError(
+                f"Postgres sent no reply within {self.reply_timeout_s:g} s (server frozen or unreachable; "
+                "timeouts.db_reply_s)") from None
+
+
+def _connect_args(timeouts: TimeoutConfig) -> dict:
+    return {
+        "connect_timeout": max(1, round(timeouts.db_connect_s)),  # libpq takes whole seconds
+        "options": f"-c statement_timeout={int(timeouts.db_statement_s * 1000)}",
+        "keepalives": 1, "keepalives_idle": timeouts.db_keepalives_idle_s,
+        "keepalives_interval": timeouts.db_keepalives_interval_s,
+        "keepalives_count": timeouts.db_keepalives_count,
+    }
+
+
 def get_engine(settings: Settings) -> Engine:
-    """A pooled engine for the configured (or embedded) database; one per URL per process."""
+    """A pooled engine for the configured (or embedded) database with the settings' time-outs;
+    one per URL and time-outs per process."""
     url = database_url(settings)
-    engine = _engines.get(url)
+    timeouts = settings.timeouts
+    key = (url, timeouts.model_dump_json())
+    engine = _engines.get(key)
     if engine is None:
-        engine = sa.create_engine(url, pool_pre_ping=True, future=True)
-        _engines[url] = engine
+        engine = sa.create_engine(url, pool_pre_ping=True, future=True, connect_args=_connect_args(timeouts))
+
+        @sa.event.listens_for(engine, "do_connect")
+        def _connect(dialect, conn_rec, cargs, cparams):  # noqa: ANN001 - SQLAlchemy's hook
+            connection = ReplyDeadlineConnection.connect(*cargs, **cparams)
+            connection.reply_timeout_s = timeouts.db_reply_s
+            return connection
+
+        _engines[key] = engine
     return engine
 
 

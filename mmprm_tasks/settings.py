@@ -67,6 +67,10 @@ class PolicyConfig(BaseModel):
     api_key: SecretStr | None = None
     device: str = "auto"
     dtype: str = "auto"
+    # The rollout prompt's layout (rollouts.PROMPT_PRESETS): "platform" (SPEC §2, what the shipped
+    # toy policy is trained on) or "release" (the original release's InternVL prompt, for a policy
+    # fine-tuned on it).
+    prompt_preset: Literal["platform", "release"] = "platform"
     # Sequences per forward pass on the transformers backend.
     batch_size: int = Field(64, ge=1)
     request_timeout_s: float = Field(600.0, gt=0)
@@ -87,6 +91,27 @@ class VerifyConfig(BaseModel):
     judge_temperature: float = 0.5
     judge_max_tokens: int = 8
     judge_timeout_s: float = Field(60.0, gt=0)
+
+
+class TimeoutConfig(BaseModel):
+    """How long a dependency may stay silent before its call fails (and a retry takes over):
+    without these a frozen Postgres or S3 server stalls a task until Airflow's task timeout."""
+
+    db_connect_s: float = Field(10.0, gt=0)
+    # Server side: a statement running longer is cancelled by Postgres.
+    db_statement_s: float = Field(300.0, gt=0)
+    # Client side: no reply at all for this long (the server is frozen or the network gone)
+    # closes the connection with an error; longer than db_statement_s so a slow statement ends
+    # with Postgres's own error first.
+    db_reply_s: float = Field(330.0, gt=0)
+    # TCP keepalives find a peer that vanished (host down, cable cut) on idle connections.
+    db_keepalives_idle_s: int = Field(30, ge=1)
+    db_keepalives_interval_s: int = Field(10, ge=1)
+    db_keepalives_count: int = Field(3, ge=1)
+    s3_connect_s: float = Field(10.0, gt=0)
+    s3_read_s: float = Field(120.0, gt=0)
+    # Retries of one S3 request on connection errors and 5xx answers (with back-off).
+    s3_retries: int = Field(3, ge=0)
 
 
 class StoreConfig(BaseModel):
@@ -181,6 +206,11 @@ class Settings(BaseSettings):
     # s3:// image paths in seed files must start with one of these ("s3://bucket/prefix/"); none
     # by default, so a seed file cannot make the workers read any bucket their credentials reach.
     image_s3_roots: list[str] = Field(default_factory=list)
+    # Airflow Connection ids a DAG trigger may pick as the policy or judge endpoint
+    # (policy_connection / judge_connection): the URL and the key come from the Connection, never
+    # from the trigger.  None listed: a trigger cannot change the endpoints (the deployment's
+    # policy.base_url / verify.judge_base_url and keys apply).
+    allowed_connections: list[str] = Field(default_factory=list)
     seed: int = 0
     chunk_size: int = Field(16, ge=1)
     # A chunk lease expires after this long without a heartbeat, so another worker may take it.
@@ -198,6 +228,7 @@ class Settings(BaseSettings):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
+    timeouts: TimeoutConfig = Field(default_factory=TimeoutConfig)
 
     @property
     def allowed_seed_roots(self) -> list[Path]:

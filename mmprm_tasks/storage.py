@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import urlparse
 
-from .settings import Settings
+from .settings import Settings, TimeoutConfig
 
 
 class ObjectNotFound(KeyError):
@@ -190,6 +190,18 @@ class LocalStore(ObjectStore):
         return (self.root / key).as_uri() if key else self.root.as_uri() + "/"
 
 
+def s3_http_client(timeouts: TimeoutConfig) -> Any:
+    """The S3 client's connection pool: a frozen or silent server fails a request after the
+    configured time-outs instead of stalling the task; connection errors and 5xx answers are
+    retried a bounded number of times with back-off.  (minio's default waits 5 minutes per try.)"""
+    import urllib3
+
+    retries = urllib3.Retry(total=timeouts.s3_retries, connect=timeouts.s3_retries, read=timeouts.s3_retries,
+                            backoff_factor=0.2, status_forcelist=[500, 502, 503, 504], raise_on_status=False)
+    return urllib3.PoolManager(timeout=urllib3.Timeout(connect=timeouts.s3_connect_s, read=timeouts.s3_read_s),
+                               maxsize=16, retries=retries)
+
+
 class S3Store(ObjectStore):
     """A bucket on MinIO or any S3-compatible server, through the ``minio`` SDK."""
 
@@ -213,6 +225,7 @@ class S3Store(ObjectStore):
             secret_key=cfg.secret_key.get_secret_value(),
             secure=cfg.secure,
             region=cfg.region,
+            http_client=s3_http_client(settings.timeouts),
         )
         return cls(client, cfg.bucket, create_bucket=create_bucket)
 
