@@ -22,6 +22,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from .db import get_engine, require_schema
+from .failures import best_effort
 from .policy import GenerationRequest, PolicyBackend, load_policy
 from .runs import (LeaseLost, attempt_owner, claim_problems, config_hash, end_attempt, finish_chunks, hold_lease,
                    mark_done, reclaim_dead_attempts, release_leases, renew_leases)
@@ -97,16 +98,40 @@ def persist_tree(conn: sa.Connection, store: ObjectStore, run_id: str, chash: st
     data = json.dumps(result.tree, ensure_ascii=False).encode()
     entry = TreeEntry.build(run_id, result.tree, data, num_rollouts=result.stats["rollouts"],
                             num_searches=result.stats["searches"])
-    with conn.begin():
-        # Atomic but not flushed to disk at commit: a database crash can lose the last few
-        # hundred milliseconds of trees, and with them their done-marks (same transaction), so
-        # those problems are searched again; nothing is half-written.  Saves an fsync per tree.
-        conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
-        hold_lease(conn, run_id, result.problem_id, owner)
-        store.put_bytes(entry.key, data, "application/json")
-        tree_id = write_trees(conn, run_id, chash, [entry])[result.problem_id]
-        mark_done(conn, run_id, result.problem_id)
+    put = False
+    try:
+        with conn.begin():
+            # Atomic but not flushed to disk at commit: a database crash can lose the last few
+            # hundred milliseconds of trees, and with them their done-marks (same transaction), so
+            # those problems are searched again; nothing is half-written.  Saves an fsync per tree.
+            conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
+            hold_lease(conn, run_id, result.problem_id, owner)
+            store.put_bytes(entry.key, data, "application/json")
+            put = True
+            tree_id = write_trees(conn, run_id, chash, [entry])[result.problem_id]
+            mark_done(conn, run_id, result.problem_id)
+    except BaseException as exc:
+        if put:
+            best_effort(lambda: remove_uncommitted_tree(conn.engine, store, run_id, result.problem_id, entry.key),
+                        f"removing the uncommitted tree object {entry.key}", exc)
+        raise
     return tree_id
+
+
+def remove_uncommitted_tree(engine: sa.Engine, store: ObjectStore, run_id: str, problem_id: str, key: str) -> None:
+    """Delete the object of a tree whose transaction failed after the object was put, if its row
+    is not in the index (the commit may have landed before the connection broke).  Holds the
+    problem's row lock, as a writer does from before its put to its commit, so no peer's put is
+    deleted.  If Postgres is unreachable the object stays: the tree's key is fixed per run and
+    problem, so the retry that finishes the problem overwrites it, and a run is not finished
+    while the problem is not done; an object for a problem that is not done is never read."""
+    with engine.begin() as check:
+        check.execute(sa.text("SELECT 1 FROM chunk_problems WHERE run_id = :run AND problem_id = :pid FOR UPDATE"),
+                      {"run": run_id, "pid": problem_id})
+        landed = check.execute(sa.text("SELECT 1 FROM trees WHERE run_id = :run AND problem_id = :pid"),
+                               {"run": run_id, "pid": problem_id}).first()
+        if landed is None:
+            store.delete(key)
 
 
 _STOP = object()
@@ -204,10 +229,12 @@ class TreeWriter:
 
 def _load_problem(conn: sa.Connection, store: ObjectStore, problem_id: str) -> SearchProblem:
     row = conn.execute(sa.text(
-        "SELECT problem_id, question, correct_answer, image_key FROM seed_problems WHERE problem_id = :p"),
+        "SELECT problem_id, question, correct_answer, image_path, image_key FROM seed_problems WHERE problem_id = :p"),
         {"p": problem_id}).one()
+    # The tree names the image as the seed did (the release's tools read that path); problems
+    # ingested before schema v4 never recorded it, so theirs name the stored copy.
     return SearchProblem(id=row.problem_id, question=row.question, answer=row.correct_answer,
-                         image=store.get_bytes(row.image_key), image_path=store.uri(row.image_key))
+                         image=store.get_bytes(row.image_key), image_path=row.image_path or store.uri(row.image_key))
 
 
 def _check_run_config(engine: sa.Engine, settings: Settings, run_id: str) -> str:
@@ -304,6 +331,7 @@ def annotate_chunk(settings: Settings, run_id: str, chunk_index: int, *, worker:
             claimed = claim_problems(settings, run_id, chunk_index, owner, limit=1, steal=steal)
 
     writer = TreeWriter(engine, store, settings, run_id, chash, owner)
+    failure: BaseException | None = None
     try:
         if first:
             counting = counted(policy or warm_policy(settings))
@@ -312,13 +340,16 @@ def annotate_chunk(settings: Settings, run_id: str, chunk_index: int, *, worker:
                 writer.submit(result)
         writer.close()
     except BaseException as exc:
-        try:
-            writer.close()  # trees finished before the failure still land
-        except BaseException:
-            log.exception("writing finished trees after %s failed", type(exc).__name__)
-        release_leases(settings, run_id, owner, f"{type(exc).__name__}: {exc}")
+        # Clean-up may fail on the same outage: its failures are logged in one line and the first
+        # cause is raised.  Leases it cannot release stay named after this attempt, which ends
+        # below, so a retry on this host takes them back at once (others get them on expiry).
+        failure = exc
+        best_effort(writer.close, "writing finished trees", exc)  # trees finished before still land
+        best_effort(lambda: release_leases(settings, run_id, owner, f"{type(exc).__name__}: {exc}"),
+                    "releasing leases", exc)
         raise
     finally:
+        end_attempt(owner)
         # What this attempt did. Only the engine's work and the unverifiable answers are added to
         # the run's stats (work done, crashed attempts included); tree and rollout counts of the
         # run are read from the index (run_summary), so a duplicate or killed attempt cannot
@@ -329,10 +360,14 @@ def annotate_chunk(settings: Settings, run_id: str, chunk_index: int, *, worker:
                        "engine_rollouts": engine_stats.rollouts, "engine_seconds": round(engine_stats.seconds, 3)}
         stats = {"trees": len(writer.written), "rollouts": sum(r.stats["rollouts"] for r in writer.written),
                  "trees_mixed_root": sum(0 < r.tree["mc_value"] < 1 for r in writer.written), **engine_work}
-        end_attempt(owner)
         if counting:
-            with engine.begin() as conn:
-                _add_run_stats(conn, run_id, engine_work)
+            def add_stats() -> None:
+                with engine.begin() as conn:
+                    _add_run_stats(conn, run_id, engine_work)
+            if failure is None:
+                add_stats()
+            else:
+                best_effort(add_stats, "adding the attempt's engine stats", failure)
     finish_chunks(settings, run_id)
     return {**stats, "run_id": run_id, "chunk_index": chunk_index, "stolen": len(stolen),
             "resumed_leases": resumed, "leases_lost": len(writer.lost),

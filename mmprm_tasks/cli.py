@@ -7,14 +7,34 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+import typer.core
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from .settings import Settings, get_settings
 
+class _ReportsFailures(typer.core.TyperGroup):
+    """An outage or configuration error ends a command with its first cause in one line and a
+    hint (mmprm_tasks.failures), not a chain of tracebacks; anything else (a bug) keeps its traceback."""
+
+    def invoke(self, ctx):  # noqa: ANN001, ANN201 - click's signature
+        from .failures import describe
+
+        try:
+            return super().invoke(ctx)
+        except Exception as exc:
+            failure = describe(exc)
+            if failure is None:
+                raise
+            Console(stderr=True).print(f"[red]error:[/red] {escape(failure.cause)}\nhint: {escape(failure.hint)}",
+                                       soft_wrap=True, highlight=False)
+            raise typer.Exit(failure.exit_code) from None
+
+
 app = typer.Typer(help="MM-PRM platform: step-level annotation, PRM training and Best-of-N evaluation.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
+                  no_args_is_help=True, pretty_exceptions_enable=False, cls=_ReportsFailures)
 db_app = typer.Typer(help="The Postgres step index.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 export_app = typer.Typer(help="Write the platform's outputs in other tools' formats.", no_args_is_help=True)
@@ -97,9 +117,13 @@ def ingest(
         rejected = Table(title="rejected records", show_lines=False)
         for col in ["record", "id", "field", "reason"]:
             rejected.add_column(col, overflow="fold")
-        for r in report.rejected:
+        shown = 20  # a long list is summarised here; the quarantine report holds all of it
+        for r in report.rejected[:shown]:
             rejected.add_row(str(r.record_index), r.record_id or "", r.field, r.message)
         console.print(rejected)
+        if len(report.rejected) > shown:
+            reasons = ", ".join(f"{field} {n}" for field, n in report.reasons().most_common())
+            console.print(f"... and {len(report.rejected) - shown} more rejected records (by field: {reasons})")
         console.print(f"quarantine report: {report.quarantine_uri}")
         raise typer.Exit(1)
 
@@ -258,6 +282,47 @@ def export_eval(
 
     path = export_evaluation(_settings(), evaluation_id, out, scorer=scorer)
     console.print(str(path), soft_wrap=True, highlight=False)
+
+
+@export_app.command("internvl")
+def export_internvl_cmd(
+    dataset_id: Annotated[str, typer.Argument(help="Dataset version (from `mmprm traverse`)")],
+    out_dir: Annotated[Path, typer.Argument(file_okay=False, help="Folder to write (created if missing)")],
+) -> None:
+    """A dataset as the original release's InternVL training folder: annotation.jsonl, images/
+    and meta.json (the dataset description to list in the trainer's meta file)."""
+    from .exports import export_internvl
+
+    _export(export_internvl, dataset_id, out_dir)
+
+
+@export_app.command("hf")
+def export_hf_cmd(
+    dataset_id: Annotated[str, typer.Argument(help="Dataset version (from `mmprm traverse`)")],
+    out_dir: Annotated[Path, typer.Argument(file_okay=False, help="Folder to write (created if missing)")],
+) -> None:
+    """A dataset as Parquet with an image column and a dataset card, for datasets.load_dataset."""
+    from .exports import write_hf_dataset
+
+    _export(write_hf_dataset, dataset_id, out_dir)
+
+
+def _export(write, dataset_id: str, out_dir: Path) -> None:
+    from .exports import ExportError
+
+    try:
+        console.print_json(data=write(_settings(), dataset_id, out_dir))
+    except (LookupError, ExportError) as exc:
+        console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True, highlight=False)
+        raise typer.Exit(1) from None
+
+
+@app.command("dags-path")
+def dags_path() -> None:
+    """Print the folder holding the installed DAGs (set it as AIRFLOW__CORE__DAGS_FOLDER)."""
+    from .resources import dags_folder
+
+    typer.echo(str(dags_folder()))
 
 
 def headline_lines(reports: dict[str, dict]) -> list[str]:
