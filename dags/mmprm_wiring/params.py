@@ -12,9 +12,9 @@ def params(*names: str) -> dict[str, Param]:
     return {name: Param(defaults[name], **TRIGGER_PARAMS[name][1]) for name in names}
 
 
-ANNOTATION = ("policy_backend", "policy_model", "policy_base_url", "num_rollouts", "max_search_count",
+ANNOTATION = ("policy_backend", "policy_model", "policy_connection", "judge_connection", "num_rollouts", "max_search_count",
               "rollout_budget", "concurrent_problems", "max_new_tokens", "temperature", "chunk_size")
 TRAINING = ("dataset_id", "label_mode", "learning_rate", "num_train_epochs", "max_steps",
             "per_device_train_batch_size")
-EVALUATION = ("checkpoint_id", "policy_backend", "policy_model", "policy_base_url", "eval_num_candidates",
+EVALUATION = ("checkpoint_id", "policy_backend", "policy_model", "policy_connection", "judge_connection", "eval_num_candidates",
               "eval_split", "eval_limit", "max_new_tokens", "temperature")

@@ -15,7 +15,7 @@ from airflow.sdk import get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
 from mmprm_tasks import pipeline
-from mmprm_tasks.params import TRIGGER_PARAMS, settings_from_params
+from mmprm_tasks.params import TRIGGER_PARAMS, Endpoint, endpoint_from_connection, settings_from_params
 from mmprm_tasks.settings import ConfigurationError, get_settings
 
 from .assets import CHECKPOINT, DATASET, REPORT, SEEDS, TREES
@@ -37,10 +37,19 @@ def fails_at_once_on_configuration_errors(function: Callable[..., Any]) -> Calla
     return wrapper
 
 
+def airflow_endpoint(conn_id: str) -> Endpoint:
+    """A policy or judge endpoint from an Airflow Connection (URL and key never travel in Params)."""
+    from airflow.sdk import Connection
+
+    conn = Connection.get(conn_id)
+    return endpoint_from_connection(conn_id, conn.host, conn.schema, conn.port, conn.password, conn.extra_dejson)
+
+
 def run_settings():
-    """The settings of this DAG run: environment + the run's Params."""
+    """The settings of this DAG run: environment + the run's Params (endpoints from Connections)."""
     params = get_current_context()["params"]
-    return settings_from_params({k: v for k, v in params.items() if k in TRIGGER_PARAMS})
+    return settings_from_params({k: v for k, v in params.items() if k in TRIGGER_PARAMS},
+                                connections=airflow_endpoint)
 
 
 def _param(name: str) -> Any:
