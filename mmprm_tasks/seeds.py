@@ -7,18 +7,20 @@ batch).  Re-ingesting the same file adds nothing: identical records are recognis
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import io
 import json
 import os
 import re
+import tempfile
 import warnings
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB
@@ -41,7 +43,8 @@ ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@+=-]{0,199}$"
 # The columns ingestion writes (the schema itself lives in sql/).
 _SEED_TABLE = sa.table(
     "seed_problems", *(sa.column(name) for name in [
-        "problem_id", "question", "correct_answer", "image_key", "image_sha256", "content_hash", "source", "split"]),
+        "problem_id", "question", "correct_answer", "image_path", "image_key", "image_sha256", "content_hash",
+        "source", "split"]),
     sa.column("extra", JSONB),
 )
 _IMAGE_SUFFIX = {"PNG": ".png", "JPEG": ".jpg", "GIF": ".gif", "WEBP": ".webp", "BMP": ".bmp", "TIFF": ".tiff"}
@@ -146,35 +149,138 @@ class _Accepted:
     content_hash: str
     split: str | None
 
+    def raw(self) -> dict[str, Any]:
+        return self.record.model_dump()
 
-def read_records(path: Path) -> list[tuple[int, Any] | tuple[int, RecordRejected]]:
-    """The file's records with their index; undecodable/unparsable lines become rejections.
 
-    A JSON array is parsed whole (one syntax error fails the file); JSONL line by line.
-    Bytes that are not UTF-8 are carried as surrogates and rejected per record.
-    """
-    raw = path.read_bytes()
-    text = raw.decode("utf-8", errors="surrogateescape")
-    if text.startswith("\ufeff"):
-        text = text[1:]
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        try:
-            records = json.loads(stripped)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not a valid JSON array: {exc}") from None
-        return list(enumerate(records))
-    out: list[Any] = []
-    for index, line in enumerate(text.splitlines()):
-        if not line.strip():
-            continue
-        try:
-            out.append((index, json.loads(line)))
-        except json.JSONDecodeError as exc:
-            out.append((index, RecordRejected("<record>", f"invalid JSON: {exc.msg} at column {exc.colno}")))
-        except RecursionError:
-            out.append((index, RecordRejected("<record>", "JSON nested too deeply to read")))
-    return out
+# Seed files are read as a stream: at most one record's text (plus one read block) is held,
+# whatever the file's size.
+READ_BLOCK_CHARS = 1 << 20
+MAX_RECORD_CHARS = 64 * 1024 * 1024
+# Images held for one batch's transaction at most (a batch also ends at BATCH_SIZE records).
+BATCH_IMAGE_BYTES = 64 * 1024 * 1024
+
+
+def _text_blocks(path: Path) -> Iterator[str]:
+    """The file as text blocks; bytes that are not UTF-8 are carried as lone surrogates (and
+    rejected per record), a leading BOM is dropped."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="surrogateescape")
+    first = True
+    with path.open("rb") as stream:
+        while True:
+            raw = stream.read(READ_BLOCK_CHARS)
+            text = decoder.decode(raw, final=not raw)
+            if first and text:
+                text, first = text.removeprefix("\ufeff"), False
+            if text:
+                yield text
+            if not raw:
+                return
+
+
+def _is_json_array(path: Path) -> bool:
+    for block in _text_blocks(path):
+        stripped = block.lstrip()
+        if stripped:
+            return stripped.startswith("[")
+    return False
+
+
+def _iter_json_array(path: Path) -> Iterator[Any]:
+    """The elements of a JSON array, one at a time; ValueError for a file that is not one."""
+    decoder = json.JSONDecoder()
+    blocks = _text_blocks(path)
+    buffer, pos, eof = "", 0, False
+
+    def more() -> bool:
+        nonlocal buffer, pos, eof
+        block = next(blocks, None)
+        if block is None:
+            eof = True
+            return False
+        buffer, pos = buffer[pos:] + block, 0
+        return True
+
+    def skip_space() -> str:
+        nonlocal pos
+        while True:
+            while pos < len(buffer) and buffer[pos] in " \t\r\n":
+                pos += 1
+            if pos < len(buffer) or not more():
+                return buffer[pos] if pos < len(buffer) else ""
+
+    def fail(message: str) -> ValueError:
+        return ValueError(f"{path}: not a valid JSON array: {message}")
+
+    if skip_space() != "[":
+        raise fail("it does not start with '['")
+    pos += 1
+    index = 0
+    if skip_space() == "]":
+        pos += 1
+    else:
+        while True:
+            skip_space()
+            while True:
+                try:
+                    value, end = decoder.raw_decode(buffer, pos)
+                except json.JSONDecodeError as exc:
+                    if eof:
+                        raise fail(f"record {index}: {exc.msg}") from None
+                    if len(buffer) - pos > MAX_RECORD_CHARS:
+                        raise fail(f"record {index} is longer than {MAX_RECORD_CHARS} characters") from None
+                    more()
+                    continue
+                except RecursionError:
+                    raise fail(f"record {index} is nested too deeply to read") from None
+                if end == len(buffer) and not eof and more():
+                    continue  # the value touched the block's end (a number may go on): read on
+                break
+            pos = end
+            yield value
+            index += 1
+            separator = skip_space()
+            pos += 1
+            if separator == "]":
+                break
+            if separator != ",":
+                raise fail(f"expected ',' or ']' after record {index - 1}")
+    if skip_space():
+        raise fail("text after the closing ']'")
+
+
+def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+    with path.open("rb") as stream:
+        for index, raw_line in enumerate(stream):
+            line = raw_line.decode("utf-8", errors="surrogateescape")
+            if index == 0:
+                line = line.removeprefix("\ufeff")
+            if not line.strip():
+                continue
+            try:
+                yield index, json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield index, RecordRejected("<record>", f"invalid JSON: {exc.msg} at column {exc.colno}")
+            except RecursionError:
+                yield index, RecordRejected("<record>", "JSON nested too deeply to read")
+
+
+def count_records(path: Path) -> int:
+    """How many records the file holds, read as a stream without keeping any (a JSON array is
+    parsed through once: one syntax error fails the file before anything lands)."""
+    if _is_json_array(path):
+        return sum(1 for _ in _iter_json_array(path))
+    with path.open("rb") as stream:
+        return sum(1 for line in stream if line.strip() and line.strip() != b"\xef\xbb\xbf")
+
+
+def read_records(path: Path) -> Iterator[tuple[int, Any] | tuple[int, RecordRejected]]:
+    """The file's records with their index, streamed; undecodable/unparsable JSONL lines become
+    rejections.  A JSON array must be valid as a whole (see :func:`count_records`); JSONL is
+    judged line by line.  Bytes that are not UTF-8 are carried as surrogates and rejected per record."""
+    if _is_json_array(path):
+        return enumerate(_iter_json_array(path))
+    return _iter_jsonl(path)
 
 
 def _non_utf8_field(obj: Any, path: str = "") -> str | None:
@@ -318,50 +424,72 @@ def ingest_file(path: str | Path, settings: Settings, *, store: ObjectStore | No
     store = store or open_store(settings)
     resolver = ImageResolver(path, settings)
     report = IngestReport(source=str(path.resolve()))
-    records = read_records(path)
-    report.total = len(records)
+    report.total = count_records(path)
 
     seen_ids: dict[str, int] = {}
     seen_hashes: dict[str, str] = {}
     batch: list[_Accepted] = []
+    batch_bytes = 0
+    # Raw excerpts of rejected records wait on disk, in the order of report.rejected, for the
+    # quarantine report: a file of many bad records is never held in memory.
+    excerpts = tempfile.TemporaryFile("w+", encoding="utf-8")
 
     def reject(index: int, raw: Any, exc: RecordRejected) -> None:
         rid = raw.get("id") if isinstance(raw, dict) else None
         rid = str(rid)[:200] if isinstance(rid, (str, int)) and not isinstance(rid, bool) else None
         report.rejected.append(Rejection(index, rid, exc.field, exc.message))
+        excerpts.write(json.dumps(_raw_excerpt(raw)) + "\n")
 
-    for done, (index, raw) in enumerate(records, start=1):
-        try:
-            accepted = _validate(index, raw, resolver)
-            rid = accepted.record.id
-            if rid in seen_ids:
-                raise RecordRejected("id", f"duplicate id {rid!r}: already used by record {seen_ids[rid]} of this file")
-            if accepted.content_hash in seen_hashes:
-                raise RecordRejected("<record>", f"duplicate content: same question, answer and image as id {seen_hashes[accepted.content_hash]!r}")
-            seen_ids[rid] = index
-            seen_hashes[accepted.content_hash] = rid
-            batch.append(accepted)
-        except RecordRejected as exc:
-            reject(index, raw, exc)
-        if len(batch) >= BATCH_SIZE:
-            _land(batch, engine, store, report)
-            batch = []
-        if progress is not None:
-            progress(done, report.total)
-    if batch:
-        _land(batch, engine, store, report)
-    if report.rejected:
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
-        key = f"quarantine/ingest/{path.stem}-{stamp}.json"
-        # Raw excerpts only from a file that is a seed file (some record was valid): a file with no
-        # valid record at all may be anything (a passwords file), and is not copied.
-        raw_by_index = dict(records) if report.inserted + report.unchanged else {}
-        report.quarantine_uri = store.put_json(key, {
-            "source": report.source,
-            "rejected": [asdict(r) | ({"raw": _raw_excerpt(raw_by_index[r.record_index])}
-                                      if r.record_index in raw_by_index else {}) for r in report.rejected],
-        })
+    def land(items: list[_Accepted]) -> None:
+        before = len(report.rejected)
+        _land(items, engine, store, report)
+        by_index = {item.index: item for item in items}
+        for rejection in report.rejected[before:]:  # already in the index under another content
+            excerpts.write(json.dumps(_raw_excerpt(by_index[rejection.record_index].raw())) + "\n")
+
+    with excerpts:
+        for done, (index, raw) in enumerate(read_records(path), start=1):
+            try:
+                accepted = _validate(index, raw, resolver)
+                rid = accepted.record.id
+                if rid in seen_ids:
+                    raise RecordRejected("id", f"duplicate id {rid!r}: already used by record {seen_ids[rid]} of this file")
+                if accepted.content_hash in seen_hashes:
+                    raise RecordRejected("<record>", f"duplicate content: same question, answer and image as id {seen_hashes[accepted.content_hash]!r}")
+                seen_ids[rid] = index
+                seen_hashes[accepted.content_hash] = rid
+                batch.append(accepted)
+                batch_bytes += len(accepted.image_bytes)
+            except RecordRejected as exc:
+                reject(index, raw, exc)
+            if len(batch) >= BATCH_SIZE or batch_bytes >= BATCH_IMAGE_BYTES:
+                land(batch)
+                batch, batch_bytes = [], 0
+            if progress is not None:
+                progress(done, report.total)
+        if batch:
+            land(batch)
+        if report.rejected:
+            report.quarantine_uri = _write_quarantine(path, store, report, excerpts)
     return report
+
+
+def _write_quarantine(path: Path, store: ObjectStore, report: IngestReport, excerpts: IO[str]) -> str:
+    """The quarantine report (every rejection, with its raw excerpt), written through a temporary
+    file and streamed up.  Raw excerpts only from a file that is a seed file (some record was
+    valid): a file with no valid record at all may be anything (a passwords file), and is not copied."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    key = f"quarantine/ingest/{path.stem}-{stamp}.json"
+    with_raw = bool(report.inserted + report.unchanged)
+    excerpts.seek(0)
+    with tempfile.NamedTemporaryFile("w", encoding="utf-8", suffix=".json") as out:
+        out.write('{"source": ' + json.dumps(report.source) + ', "rejected": [')
+        for i, (rejection, excerpt) in enumerate(zip(report.rejected, excerpts)):
+            entry = asdict(rejection) | ({"raw": json.loads(excerpt)} if with_raw and excerpt.strip() != '""' else {})
+            out.write((", " if i else "") + json.dumps(entry, ensure_ascii=False))
+        out.write("]}")
+        out.flush()
+        return store.put_file(key, out.name, "application/json")
 
 
 def _raw_excerpt(raw: Any, limit: int = 2000) -> str:
@@ -405,7 +533,8 @@ def _land(batch: list[_Accepted], engine: sa.Engine, store: ObjectStore, report:
                 report.images_stored += 1
             rows.append({
                 "problem_id": item.record.id, "question": item.record.question,
-                "correct_answer": str(item.record.correct_answer), "image_key": image_key,
+                "correct_answer": str(item.record.correct_answer), "image_path": item.record.image_path,
+                "image_key": image_key,
                 "image_sha256": item.image_sha, "content_hash": item.content_hash, "source": report.source,
                 "split": item.split, "extra": item.record.extra_fields(),
             })
