@@ -35,9 +35,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .settings import PACKAGE_DIR
+from .resources import dags_folder
 
-DAGS_DIR = PACKAGE_DIR.parent / "dags"
+DAGS_DIR = dags_folder()
 CORE_SERVICES = ("api-server", "scheduler", "dag-processor", "triggerer")
 # The health report's names for the services the stack starts.
 _HEALTH_KEYS = {"scheduler": "scheduler", "dag-processor": "dag_processor", "triggerer": "triggerer"}

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .settings import PACKAGE_DIR
+from .resources import dags_folder
 
-DAGS_DIR = PACKAGE_DIR.parent / "dags"
+DAGS_DIR = dags_folder()
 
 # Small budgets so the whole run fits in minutes on 2 CPU cores; every one is a normal setting.
 DEMO_SETTINGS = {
