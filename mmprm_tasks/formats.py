@@ -119,15 +119,17 @@ def chat_messages(question: str, process: str) -> list[dict[str, Any]]:
 def to_chat(paths: Iterable[dict[str, Any]]) -> list[str]:
     """Generic chat JSONL lines (no trailing newlines).
 
-    Line ``n``: ``{"id": n, "image": image_path, "messages": [user turn], "labels": [...],
-    "question", "process", "answer", "mc_values"}`` (question and process are repeated in clear
-    so readers never parse the text back).
+    Line ``n``: ``{"id": n, "image": image_uri or image_path, "messages": [user turn], "labels":
+    [...], "question", "process", "answer", "mc_values"}`` (question and process are repeated in
+    clear so readers never parse the text back).  ``image`` is the stored copy's URI when the path
+    has one (what training reads); paths of datasets built before it existed name only
+    ``image_path``.
     """
     lines = []
     for n, p in enumerate(_records(paths)):
         record = {
             "id": n,
-            "image": p["image_path"],
+            "image": p.get("image_uri") or p["image_path"],
             "messages": chat_messages(p["question"], p["process"]),
             "labels": [float(v) for v in p["labels"]],
             "question": p["question"],

@@ -99,6 +99,16 @@ def database_url(pg_admin_url, pg_template) -> str:
 
 
 @pytest.fixture
+def empty_database_url(pg_admin_url) -> str:
+    """A fresh database without the schema (for tests of ``mmprm db upgrade`` itself)."""
+    name = f"mmprm_e_{os.getpid()}_{next(_counter)}"
+    _admin_exec(pg_admin_url, f'CREATE DATABASE "{name}"')
+    yield _db_url(pg_admin_url, name)
+    db.dispose_engines()
+    _admin_exec(pg_admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
 def settings(tmp_path, database_url) -> Settings:
     """Settings for a test: its own database and a local object store under tmp_path."""
     return Settings(home=tmp_path / "home", database_url=database_url,
