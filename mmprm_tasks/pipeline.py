@@ -89,13 +89,10 @@ def summary_stage(settings: Settings, run_id: str) -> dict[str, Any]:
 
 
 def _run_trees(conn: sa.Connection, run_ids: list[str]) -> list[sa.Row]:
-    """The newest tree of each problem among the runs (a problem re-annotated counts once), with
-    the key of the problem's stored image."""
+    """The newest tree of each problem among the runs (a problem re-annotated counts once)."""
     return conn.execute(sa.text(
-        "SELECT DISTINCT ON (t.problem_id) t.tree_id, t.run_id, t.problem_id, t.tree_key, t.tree_sha256,"
-        " s.image_key FROM trees t JOIN seed_problems s USING (problem_id)"
-        " WHERE t.run_id = ANY(:runs) ORDER BY t.problem_id, t.created_at DESC, t.tree_id DESC"),
-        {"runs": run_ids}).all()
+        "SELECT DISTINCT ON (problem_id) tree_id, run_id, problem_id, tree_key, tree_sha256 FROM trees"
+        " WHERE run_id = ANY(:runs) ORDER BY problem_id, created_at DESC, tree_id DESC"), {"runs": run_ids}).all()
 
 
 def current_runs(settings: Settings) -> list[str]:
@@ -126,14 +123,10 @@ def traverse_stage(settings: Settings, run_ids: list[str]) -> dict[str, Any]:
     # Streamed tree by tree into a spooled file, then uploaded (multipart on S3): memory does not
     # grow with the number of trees.
     trees = (store.get_json(row.tree_key) for row in rows)
-    # A path keeps the seed's image_path (the release's format) and gains image_uri, the stored
-    # copy that training and the exports read (trees are keyed by their problem's id).
-    image_uris = {row.problem_id: store.uri(row.image_key) for row in rows}
     counts: dict[str, int] = {}
     paths_key = f"datasets/{dataset_id}/paths.jsonl"
     with tempfile.NamedTemporaryFile("w", suffix=".jsonl", encoding="utf-8") as spool:
         for path in iter_paths(trees, settings.traverse, settings.seed, counts):
-            path["image_uri"] = image_uris[path["tree_id"]]
             spool.write(json.dumps(path, ensure_ascii=False) + "\n")
         spool.flush()
         store.put_file(paths_key, spool.name, "application/x-ndjson")
@@ -152,21 +145,22 @@ def _dataset_paths(conn: sa.Connection, store: ObjectStore, dataset_id: str) -> 
 
 
 def format_stage(settings: Settings, dataset_id: str) -> dict[str, Any]:
-    """The dataset as the release's InternVL folder (annotation, images, description; see
-    :mod:`mmprm_tasks.exports`) and in the generic chat format."""
-    from .exports import INTERNVL_ANNOTATION, INTERNVL_META, dataset_paths, write_internvl_folder
-    from .formats import jsonl_text, to_chat
+    """The dataset in the InternVL conversation format (+ description) and the generic chat format."""
+    from .formats import jsonl_text, to_chat, to_internvl
 
     engine = get_engine(settings)
     store = open_store(settings)
-    paths = dataset_paths(settings, dataset_id)
+    with engine.connect() as conn:
+        paths = _dataset_paths(conn, store, dataset_id)
     prefix = f"datasets/{dataset_id}"
+    lines, description = to_internvl(paths, name=dataset_id, root="", annotation=store.uri(f"{prefix}/internvl.jsonl"))
     keys = {
-        "internvl": f"{prefix}/internvl/{INTERNVL_ANNOTATION}",
-        "internvl_description": f"{prefix}/internvl/{INTERNVL_META}",
+        "internvl": f"{prefix}/internvl.jsonl",
+        "internvl_description": f"{prefix}/internvl_description.json",
         "chat": f"{prefix}/chat.jsonl",
     }
-    write_internvl_folder(settings, dataset_id, paths, store, f"{prefix}/internvl")
+    store.put_bytes(keys["internvl"], jsonl_text(lines).encode(), "application/x-ndjson")
+    store.put_json(keys["internvl_description"], description)
     store.put_bytes(keys["chat"], jsonl_text(to_chat(paths)).encode(), "application/x-ndjson")
     with engine.begin() as conn:
         conn.execute(sa.text("UPDATE datasets SET formats = CAST(:f AS JSONB) WHERE dataset_id = :d"),
@@ -273,7 +267,9 @@ def candidates_stage(settings: Settings, problems: list[dict[str, Any]]) -> tupl
         "policy": settings.policy.model, "backend": settings.policy.backend,
         "files": _model_fingerprint(policy_dir) if policy_dir else None,
         "problems": [p["id"] for p in problems], "n": settings.eval.num_candidates,
-        "sampling": settings.sampling.model_dump(), "seed": settings.seed})
+        "sampling": settings.sampling.model_dump(), "seed": settings.seed,
+        # the default preset leaves existing candidate ids as they were
+        **({"prompt": settings.policy.prompt_preset} if settings.policy.prompt_preset != "platform" else {})})
     key = f"candidates/{candidates_id}.jsonl"
     if store.exists(key):
         lines = [json.loads(line) for line in store.get_bytes(key).decode().splitlines() if line.strip()]

@@ -29,12 +29,15 @@ Selection = Literal["all", "stale"]
 
 def run_config(settings: Settings) -> dict:
     """What makes two annotations of a problem comparable: the policy and the search settings."""
-    return {
+    config = {
         "policy": {"backend": settings.policy.backend, "model": settings.policy.model},
         "sampling": settings.sampling.model_dump(),
         "search": settings.search.model_dump(exclude={"concurrent_problems", "max_sequences_in_flight"}),
         "seed": settings.seed,
     }
+    if settings.policy.prompt_preset != "platform":  # the default leaves existing config hashes as they were
+        config["policy"]["prompt_preset"] = settings.policy.prompt_preset
+    return config
 
 
 def config_hash(settings: Settings) -> str:

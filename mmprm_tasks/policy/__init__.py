@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from mmprm_tasks.rollouts import Rollout, build_prompt
+from mmprm_tasks.rollouts import IMAGE_PLACEHOLDER, Rollout, build_prompt, prompt_preset
 from mmprm_tasks.settings import ConfigurationError
 
 if TYPE_CHECKING:
@@ -66,8 +66,12 @@ class GenerationRequest:
 
     @property
     def prompt(self) -> str:
-        """The user text (SPEC §2 prompt)."""
+        """The user text (SPEC §2 prompt, the ``platform`` preset)."""
         return build_prompt(self.question, self.prefix_steps)
+
+    def prompt_for(self, preset: str) -> str:
+        """The user text under a prompt preset (:data:`mmprm_tasks.rollouts.PROMPT_PRESETS`)."""
+        return build_prompt(self.question, self.prefix_steps, preset)
 
 
 @runtime_checkable
@@ -81,11 +85,33 @@ class PolicyBackend(Protocol):
     def close(self) -> None: ...
 
 
-def chat_messages(prompt: str) -> list[dict[str, Any]]:
-    """The transformers chat messages of one rollout prompt (the format the policy is trained on)."""
-    return [
-        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}
-    ]
+def chat_messages(prompt: str, preset: str = "platform") -> list[dict[str, Any]]:
+    """The transformers chat messages of one rollout prompt (the format the policy is trained
+    on): the preset's system message if any, then the user turn; the image is an image part
+    before the text, unless the preset writes its placeholder into the text (the processor
+    expands ``<image>`` there, as the release's engine does)."""
+    layout = prompt_preset(preset)
+    messages: list[dict[str, Any]] = []
+    if layout.system:
+        messages.append({"role": "system", "content": [{"type": "text", "text": layout.system}]})
+    parts = [] if layout.image_in_text else [{"type": "image"}]
+    messages.append({"role": "user", "content": [*parts, {"type": "text", "text": prompt}]})
+    return messages
+
+
+def openai_messages(prompt: str, image: bytes, preset: str = "platform") -> list[dict[str, Any]]:
+    """The chat-completions messages of one rollout prompt: the image always travels as an
+    ``image_url`` part before the text, where the server's chat template puts its placeholder
+    (InternVL's: ``<image>\n``), so a preset's own leading placeholder is left out of the text."""
+    layout = prompt_preset(preset)
+    if layout.image_in_text and prompt.startswith(IMAGE_PLACEHOLDER):
+        prompt = prompt[len(IMAGE_PLACEHOLDER):]
+    messages: list[dict[str, Any]] = []
+    if layout.system:
+        messages.append({"role": "system", "content": layout.system})
+    messages.append({"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": image_data_url(image)}}, {"type": "text", "text": prompt}]})
+    return messages
 
 
 def image_mime(data: bytes) -> str:

@@ -176,7 +176,8 @@ class TransformersPolicy:
     def generate(
         self, requests: Sequence[GenerationRequest], *, seed: int | None = None
     ) -> list[list[Rollout]]:
-        prompts = [ChatPrompt(chat_messages(r.prompt), [r.image]) for r in requests]
+        preset = self.policy_cfg.prompt_preset
+        prompts = [ChatPrompt(chat_messages(r.prompt_for(preset), preset), [r.image]) for r in requests]
         seeds = [request_seed(seed, i, r) for i, r in enumerate(requests)]
         completions = self.complete(prompts, [r.n for r in requests], seeds=seeds)
         return [[parse_rollout(c.text) for c in per_request] for per_request in completions]

@@ -24,7 +24,7 @@ import httpx
 from mmprm_tasks.policy import (
     GenerationRequest,
     PolicyError,
-    image_data_url,
+    openai_messages,
     request_seed,
 )
 from mmprm_tasks.rollouts import Rollout, parse_rollout
@@ -73,15 +73,8 @@ class OpenAIChatPolicy:
         s = self.sampling
         body: dict[str, Any] = {
             "model": self.model,
-            "messages": [
-                {
-                    "role": "user",
-                    "content": [
-                        {"type": "image_url", "image_url": {"url": image_data_url(request.image)}},
-                        {"type": "text", "text": request.prompt},
-                    ],
-                }
-            ],
+            "messages": openai_messages(request.prompt_for(self.policy_cfg.prompt_preset), request.image,
+                                        self.policy_cfg.prompt_preset),
             "n": request.n,
             "temperature": s.temperature,
             "top_p": s.top_p,

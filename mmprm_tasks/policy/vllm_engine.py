@@ -84,7 +84,7 @@ class VLLMPolicy:
 
     def render(self, prompt: str) -> str:
         return self.processor.apply_chat_template(
-            chat_messages(prompt), add_generation_prompt=True, tokenize=False
+            chat_messages(prompt, self.policy_cfg.prompt_preset), add_generation_prompt=True, tokenize=False
         )
 
     def sampling_params(self, n: int, seed: int | None) -> Any:
@@ -108,7 +108,8 @@ class VLLMPolicy:
         if not requests:
             return []
         prompts = [
-            {"prompt": self.render(r.prompt), "multi_modal_data": {"image": load_image(r.image)}}
+            {"prompt": self.render(r.prompt_for(self.policy_cfg.prompt_preset)),
+             "multi_modal_data": {"image": load_image(r.image)}}
             for r in requests
         ]
         params = [self.sampling_params(r.n, request_seed(seed, i, r)) for i, r in enumerate(requests)]
