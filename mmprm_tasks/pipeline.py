@@ -89,10 +89,13 @@ def summary_stage(settings: Settings, run_id: str) -> dict[str, Any]:
 
 
 def _run_trees(conn: sa.Connection, run_ids: list[str]) -> list[sa.Row]:
-    """The newest tree of each problem among the runs (a problem re-annotated counts once)."""
+    """The newest tree of each problem among the runs (a problem re-annotated counts once), with
+    the key of the problem's stored image."""
     return conn.execute(sa.text(
-        "SELECT DISTINCT ON (problem_id) tree_id, run_id, problem_id, tree_key, tree_sha256 FROM trees"
-        " WHERE run_id = ANY(:runs) ORDER BY problem_id, created_at DESC, tree_id DESC"), {"runs": run_ids}).all()
+        "SELECT DISTINCT ON (t.problem_id) t.tree_id, t.run_id, t.problem_id, t.tree_key, t.tree_sha256,"
+        " s.image_key FROM trees t JOIN seed_problems s USING (problem_id)"
+        " WHERE t.run_id = ANY(:runs) ORDER BY t.problem_id, t.created_at DESC, t.tree_id DESC"),
+        {"runs": run_ids}).all()
 
 
 def current_runs(settings: Settings) -> list[str]:
@@ -123,10 +126,14 @@ def traverse_stage(settings: Settings, run_ids: list[str]) -> dict[str, Any]:
     # Streamed tree by tree into a spooled file, then uploaded (multipart on S3): memory does not
     # grow with the number of trees.
     trees = (store.get_json(row.tree_key) for row in rows)
+    # A path keeps the seed's image_path (the release's format) and gains image_uri, the stored
+    # copy that training and the exports read (trees are keyed by their problem's id).
+    image_uris = {row.problem_id: store.uri(row.image_key) for row in rows}
     counts: dict[str, int] = {}
     paths_key = f"datasets/{dataset_id}/paths.jsonl"
     with tempfile.NamedTemporaryFile("w", suffix=".jsonl", encoding="utf-8") as spool:
         for path in iter_paths(trees, settings.traverse, settings.seed, counts):
+            path["image_uri"] = image_uris[path["tree_id"]]
             spool.write(json.dumps(path, ensure_ascii=False) + "\n")
         spool.flush()
         store.put_file(paths_key, spool.name, "application/x-ndjson")
@@ -145,22 +152,21 @@ def _dataset_paths(conn: sa.Connection, store: ObjectStore, dataset_id: str) -> 
 
 
 def format_stage(settings: Settings, dataset_id: str) -> dict[str, Any]:
-    """The dataset in the InternVL conversation format (+ description) and the generic chat format."""
-    from .formats import jsonl_text, to_chat, to_internvl
+    """The dataset as the release's InternVL folder (annotation, images, description; see
+    :mod:`mmprm_tasks.exports`) and in the generic chat format."""
+    from .exports import INTERNVL_ANNOTATION, INTERNVL_META, dataset_paths, write_internvl_folder
+    from .formats import jsonl_text, to_chat
 
     engine = get_engine(settings)
     store = open_store(settings)
-    with engine.connect() as conn:
-        paths = _dataset_paths(conn, store, dataset_id)
+    paths = dataset_paths(settings, dataset_id)
     prefix = f"datasets/{dataset_id}"
-    lines, description = to_internvl(paths, name=dataset_id, root="", annotation=store.uri(f"{prefix}/internvl.jsonl"))
     keys = {
-        "internvl": f"{prefix}/internvl.jsonl",
-        "internvl_description": f"{prefix}/internvl_description.json",
+        "internvl": f"{prefix}/internvl/{INTERNVL_ANNOTATION}",
+        "internvl_description": f"{prefix}/internvl/{INTERNVL_META}",
         "chat": f"{prefix}/chat.jsonl",
     }
-    store.put_bytes(keys["internvl"], jsonl_text(lines).encode(), "application/x-ndjson")
-    store.put_json(keys["internvl_description"], description)
+    write_internvl_folder(settings, dataset_id, paths, store, f"{prefix}/internvl")
     store.put_bytes(keys["chat"], jsonl_text(to_chat(paths)).encode(), "application/x-ndjson")
     with engine.begin() as conn:
         conn.execute(sa.text("UPDATE datasets SET formats = CAST(:f AS JSONB) WHERE dataset_id = :d"),
