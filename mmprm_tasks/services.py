@@ -51,7 +51,8 @@ class SeaweedS3:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         names = ["master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc", "s3", "s3.grpc",
                  "admin", "admin.grpc"]
-        self.ports = {name: free_port() for name in names}
+        # A restart keeps the ports (clients hold the endpoint) and the data directory.
+        self.ports = self.ports or {name: free_port() for name in names}
         logs = self.data_dir / "logs"
         logs.mkdir(exist_ok=True)
         args = [weed_binary(), f"-logdir={logs}", "mini", f"-dir={self.data_dir}",
