@@ -86,7 +86,7 @@ def db_status() -> None:
     if version:
         with engine.connect() as conn:
             for name in ["seed_problems", "annotation_runs", "chunks", "trees", "step_nodes", "datasets",
-                         "checkpoints", "evaluations"]:
+                         "checkpoints", "evaluations", "bon_candidates"]:
                 table.add_row(name, str(conn.execute(sa.text(f"SELECT count(*) FROM {name}")).scalar_one()))
     console.print(table)
     console.print(f"schema version {version} of {latest}" + ("" if version == latest else ": run `mmprm db upgrade`"))
