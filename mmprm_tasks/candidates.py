@@ -149,6 +149,9 @@ def _from_release(record: dict[str, Any], position: int, scorer: str) -> Problem
     scores = record.get("prm_scores")
     if scores is not None and (not isinstance(scores, list) or len(scores) != len(splits)):
         raise _FieldError("prm_scores", f"must hold one score list per candidate ({len(splits)})")
+    for i, (steps, given) in enumerate(zip(splits, scores or [], strict=False)):
+        if not isinstance(given, list) or len(given) != len(steps):
+            raise _FieldError("prm_scores", f"candidate {i}: needs one score per step ({len(steps)})")
     cands = []
     for i, (steps, label) in enumerate(zip(splits, labels, strict=True)):
         step_scores = {scorer: scores[i]} if scores is not None else {}

@@ -89,7 +89,7 @@ def test_bad_release_records_are_named_and_good_ones_kept():
     assert [r.record_index for r in rejected] == [1, 2, 3, 4, 5]
     assert "field 'labels'" in described[0]
     assert "field 'image_path'" in described[1] and "missing" in described[1]
-    assert "(id 'x9')" in described[2] and "step_scores" in described[2] and "1 scores for 2 steps" in described[2]
+    assert "(id 'x9')" in described[2] and "field 'prm_scores'" in described[2] and "candidate 0" in described[2]
     assert "0 or 1" in described[3]
     assert "record 5" in described[4]
 
@@ -198,6 +198,20 @@ def test_score_and_export_of_mmprm_candidates(cli_settings, tmp_path):
     records = json.loads((tmp_path / "release" / "eval-2.json").read_text())
     assert [r["prm_scores"] for r in records] == [[c.step_scores["toy"] for c in p.candidates] for p in scored]
     assert (tmp_path / "release" / records[0]["image_path"]).read_bytes() == (tmp_path / "x.png").read_bytes()
+
+
+def test_score_takes_a_checkpoint_id_of_the_index(settings):
+    from mmprm_tasks.candidates import resolve_checkpoint
+
+    with get_engine(settings).begin() as conn:
+        conn.execute(sa.text("INSERT INTO datasets (dataset_id, run_ids, params, counts, paths_key)"
+                             " VALUES ('ds-1', '{}', '{}', '{}', 'datasets/ds-1/paths.jsonl')"))
+        conn.execute(sa.text("INSERT INTO checkpoints (checkpoint_id, dataset_id, base_model, uri, config)"
+                             " VALUES ('ckpt-toy', 'ds-1', 'base', :u, '{}')"), {"u": str(TOY_POLICY_DIR)})
+    assert resolve_checkpoint(settings, "ckpt-toy") == str(TOY_POLICY_DIR)
+    assert resolve_checkpoint(settings, str(TOY_POLICY_DIR)) == str(TOY_POLICY_DIR)
+    with pytest.raises(LookupError, match="'ckpt-none' is neither a checkpoint id in the index nor a path"):
+        resolve_checkpoint(settings, "ckpt-none")
 
 
 @pytest.mark.parametrize("given", ["not json at all\n", '[{"question": '])
