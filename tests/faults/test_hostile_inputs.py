@@ -1,0 +1,109 @@
+"""Hostile files and trigger parameters.  (Per-record hostile seed files — bad fields, non-UTF-8,
+deep nesting, links escaping the image roots, s3 paths outside their roots, a seed_source outside
+the seed roots, a file that is not seed data — are tested in tests/test_seeds.py; here: what a
+large or malformed file does to memory and output, and endpoints chosen at trigger time.)"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from mmprm_tasks import seeds
+from mmprm_tasks.params import TRIGGER_PARAMS, settings_from_params
+from mmprm_tasks.policy import load_policy
+from mmprm_tasks.settings import ConfigurationError, Settings
+from mmprm_tasks.storage import open_store
+
+from helpers import write_png
+from test_seeds import count, make_seed_file
+
+DAGS = Path(__file__).resolve().parents[2] / "dags"
+
+
+def test_many_rejections_are_summarised_and_all_quarantined(cli_settings, tmp_path):
+    from mmprm_tasks import cli
+
+    data = tmp_path / "data"
+    write_png(data / "images" / "ok.png")
+    lines = [json.dumps({"id": "ok", "question": "What is 1 + 1?", "correct_answer": "2", "image_path": "images/ok.png"})]
+    lines += [json.dumps({"id": f"bad{i}", "question": "", "correct_answer": "1", "image_path": "images/ok.png"})
+              for i in range(300)]
+    (data / "seeds.jsonl").write_text("\n".join(lines) + "\n")
+    result = CliRunner().invoke(cli.app, ["ingest", str(data / "seeds.jsonl")])
+    assert result.exit_code == 1, result.output
+    assert "... and 280 more rejected records (by field: question 300)" in result.output
+    assert len(result.output.splitlines()) < 80  # was one table row per rejected record
+    assert "quarantine report:" in result.output
+    store = open_store(cli_settings)
+    [key] = store.list_keys("quarantine/ingest/")
+    report = store.get_json(key)
+    assert len(report["rejected"]) == 300 and all('"question": ""' in r["raw"] for r in report["rejected"])
+
+
+def test_a_json_array_broken_at_its_end_lands_nothing(settings, tmp_path):
+    good = make_seed_file(tmp_path / "data", 6)
+    broken = tmp_path / "data" / "broken.json"
+    broken.write_text(good.read_text()[:-1] + ', {"id": "late", ')  # valid records, then a cut
+    with pytest.raises(ValueError, match="not a valid JSON array: record 6"):
+        seeds.ingest_file(broken, settings)
+    assert count(settings, "seed_problems") == 0
+
+
+def test_streaming_reader_matches_the_whole_file_parse_at_any_block_size(settings, tmp_path, monkeypatch):
+    """Records and numbers cut across read blocks, a BOM, non-UTF-8 bytes: the same records as
+    json.loads of the whole file; and with a one-byte image bound every record is its own batch."""
+    records = [{"id": i, "question": f"Q{i} \u00e9\u4e2d", "correct_answer": 10 ** i + 0.5, "image_path": "x"}
+               for i in range(12)]
+    path = tmp_path / "array.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(records).encode() + b" \n")
+    for block in (1, 2, 7, 64, 1 << 20):
+        monkeypatch.setattr(seeds, "READ_BLOCK_CHARS", block)
+        assert [raw for _, raw in seeds.read_records(path)] == records
+        assert seeds.count_records(path) == 12
+    bad_bytes = tmp_path / "bad.json"
+    bad_bytes.write_bytes(b'[{"id": "a", "question": "caf\xe9"}]')
+    assert [raw["question"] for _, raw in seeds.read_records(bad_bytes)] == ["caf\udce9"]  # rejected per record
+
+    monkeypatch.setattr(seeds, "READ_BLOCK_CHARS", 5)
+    monkeypatch.setattr(seeds, "BATCH_IMAGE_BYTES", 1)
+    landed: list[int] = []
+    real_land = seeds._land
+    monkeypatch.setattr(seeds, "_land", lambda batch, *a: (landed.append(len(batch)), real_land(batch, *a)))
+    report = seeds.ingest_file(make_seed_file(tmp_path / "data", 4), settings)
+    assert report.inserted == 4 and landed == [1, 1, 1, 1]
+
+
+def test_a_trigger_cannot_name_an_endpoint_url():
+    assert not [name for name in TRIGGER_PARAMS if "url" in name or "key" in name]
+    with pytest.raises(KeyError, match="unknown"):
+        settings_from_params({"policy_base_url": "http://attacker.example/v1"}, Settings())
+
+
+def test_a_trigger_picks_only_allowed_connections_and_their_key_alone(monkeypatch):
+    monkeypatch.syspath_prepend(str(DAGS))
+    from mmprm_wiring.tasks import airflow_endpoint
+
+    monkeypatch.setenv("AIRFLOW_CONN_POLICY_A", json.dumps({"conn_type": "http", "host": "http://vllm-a:8000/v1",
+                                                             "password": "key-a"}))
+    monkeypatch.setenv("AIRFLOW_CONN_JUDGE_B", json.dumps({"conn_type": "http", "host": "judge-b", "port": 9000,
+                                                            "extra": {"path": "/v1"}}))
+    base = Settings(allowed_connections=["policy_a", "judge_b"],
+                    policy={"backend": "openai", "model": "m", "api_key": "platform-secret"},
+                    verify={"judge_model": "j", "judge_api_key": "platform-judge-secret"})
+    with pytest.raises(ConfigurationError, match="not an allowed connection"):
+        settings_from_params({"policy_connection": "someone_elses"}, base, connections=airflow_endpoint)
+    with pytest.raises(ConfigurationError, match="only in a DAG run"):
+        settings_from_params({"policy_connection": "policy_a"}, base)
+    s = settings_from_params({"policy_connection": "policy_a", "judge_connection": "judge_b"}, base,
+                             connections=airflow_endpoint)
+    assert s.policy.base_url == "http://vllm-a:8000/v1" and s.policy.api_key.get_secret_value() == "key-a"
+    # A Connection without a password gets no key: the platform's never goes to its URL.
+    assert s.verify.judge_base_url == "http://judge-b:9000/v1" and s.verify.judge_api_key is None
+    policy = load_policy(s)
+    try:
+        assert policy._client.headers["authorization"] == "Bearer key-a"
+    finally:
+        policy.close()
