@@ -129,10 +129,17 @@ def test_internvl_export_from_s3_store(s3_settings, tmp_path, monkeypatch):
     report = export_internvl(s3_settings, dataset_id, tmp_path / "out")
     monkeypatch.chdir(tmp_path)
     assert len(_open_as_release_trainer(tmp_path / "out" / "meta.json")) == report["records"] >= 2
-    # The format stage's copy in the bucket names its files relative to the folder (for a sync).
+    # The format stage's copy in the bucket names its files relative to the folder: synced to
+    # disk (as `aws s3 sync` would), the trainer run from inside it reads it unchanged.
     format_stage(s3_settings, dataset_id)
-    meta = open_store(s3_settings).get_json(f"datasets/{dataset_id}/internvl/meta.json")[dataset_id]
+    store, prefix = open_store(s3_settings), f"datasets/{dataset_id}/internvl/"
+    meta = store.get_json(prefix + "meta.json")[dataset_id]
     assert (meta["root"], meta["annotation"]) == ("", "annotation.jsonl")
+    synced = tmp_path / "synced"
+    for key in store.iter_keys(prefix):
+        store.get_file(key, synced / key[len(prefix):])
+    monkeypatch.chdir(synced)
+    assert len(_open_as_release_trainer(synced / "meta.json")) == report["records"]
 
 
 def test_hf_export_loads_with_datasets(cli_settings, tmp_path):
