@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,14 +101,30 @@ class ReplyDeadlineConnection(psycopg.Connection):
     reply_timeout_s: float | None = None
 
     def wait(self, gen, interval=0.1, timeout=None):  # type: ignore[override]
+        limit = timeout if timeout is not None else self.reply_timeout_s
         try:
-            return super().wait(gen, interval=interval,
-                                timeout=timeout if timeout is not None else self.reply_timeout_s)
+            return super().wait(gen, interval=interval, timeout=limit)
         except _WaitTimeout:
             self.pgconn.finish()  # its state is unknown: never reuse it
             raise psycopg.OperationalError(
-                f"Postgres sent no reply within {self.reply_timeout_s:g} s (server frozen or unreachable; "
+                f"Postgres sent no reply within {limit:g} s (server frozen or unreachable; "
                 "timeouts.db_reply_s)") from None
+
+
+@contextmanager
+def without_time_limits(conn: sa.Connection) -> Iterator[None]:
+    """Inside ``conn``'s transaction, no statement time-out and no reply deadline: for work that
+    may legitimately run for long (a migration backfilling a large index)."""
+    conn.exec_driver_sql("SET LOCAL statement_timeout = 0")
+    driver = conn.connection.driver_connection
+    previous = getattr(driver, "reply_timeout_s", None)
+    if isinstance(driver, ReplyDeadlineConnection):
+        driver.reply_timeout_s = None
+    try:
+        yield
+    finally:
+        if isinstance(driver, ReplyDeadlineConnection):
+            driver.reply_timeout_s = previous
 
 
 def _connect_args(timeouts: TimeoutConfig) -> dict:
@@ -159,7 +177,7 @@ def upgrade(engine: Engine, sql_dir: Path = SQL_DIR) -> list[int]:
     """Apply the missing migrations in order; returns the versions applied (idempotent)."""
     available = migrations(sql_dir)
     applied_now = []
-    with engine.begin() as conn:
+    with engine.begin() as conn, without_time_limits(conn):
         conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
         _ensure_version_table(conn)
         applied = applied_versions(conn)

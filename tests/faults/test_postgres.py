@@ -62,6 +62,28 @@ def test_frozen_postgres_fails_the_chunk_within_the_reply_deadline(fault_setting
     assert_consistent(s, "run-f", finished=True)
 
 
+def test_a_frozen_server_ends_a_query_at_the_reply_deadline_and_migrations_have_none(fault_settings, own_pg):
+    from mmprm_tasks.db import without_time_limits
+
+    s = fault_settings.with_overrides({"timeouts.db_reply_s": 1.5, "timeouts.db_statement_s": 1})
+    engine = get_engine(s)
+    with engine.connect() as conn:
+        conn.execute(sa.text("SELECT 1"))
+        own_pg.freeze()
+        started = time.monotonic()
+        try:
+            with pytest.raises(sa.exc.OperationalError, match="sent no reply within 1.5 s"):
+                conn.execute(sa.text("SELECT 1"))
+        finally:
+            own_pg.thaw()
+        assert time.monotonic() - started < 10
+    with engine.begin() as conn, without_time_limits(conn):  # as a migration runs
+        assert conn.execute(sa.text("SHOW statement_timeout")).scalar_one() == "0"
+        conn.execute(sa.text("SELECT pg_sleep(2)"))  # longer than both limits
+    with engine.connect() as conn, pytest.raises(sa.exc.OperationalError, match="statement timeout"):
+        conn.execute(sa.text("SELECT pg_sleep(2)"))
+
+
 def test_cli_with_postgres_down_prints_one_line_and_a_hint(fault_settings, own_pg, tmp_path):
     s = seeded_run(fault_settings, tmp_path / "data")
     own_pg.stop()
