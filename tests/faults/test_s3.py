@@ -72,3 +72,24 @@ def test_ingest_with_s3_down_lands_no_row_without_its_image(s3_fault_settings, o
     assert count(s3_fault_settings, "seed_problems") == 0
     own_s3.start()
     assert ingest_file(seeds, s3_fault_settings).inserted == 5
+
+
+def test_cli_ingest_with_s3_down_prints_one_line_and_exits_3(s3_fault_settings, own_s3, tmp_path):
+    import subprocess
+    import sys
+
+    from mmprm_tasks.failures import EXIT_DEPENDENCY
+
+    seeds = make_seed_file(tmp_path / "data", 3)
+    own_s3.stop()
+    s = s3_fault_settings
+    env = {"PATH": "/usr/bin:/bin", "MMPRM_DATABASE_URL": s.database_url, "MMPRM_HOME": str(s.home),
+           "MMPRM_STORE__KIND": "s3", "MMPRM_STORE__ENDPOINT": s.store.endpoint, "MMPRM_STORE__BUCKET": s.store.bucket,
+           "MMPRM_STORE__ACCESS_KEY": s.store.access_key,
+           "MMPRM_STORE__SECRET_KEY": s.store.secret_key.get_secret_value(), "MMPRM_TIMEOUTS__S3_RETRIES": "1"}
+    done = subprocess.run([sys.executable, "-m", "mmprm_tasks", "ingest", str(seeds)], capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert done.returncode == EXIT_DEPENDENCY, done.stdout + done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 2 and lines[0].startswith("error: ") and "the S3 object store" in lines[1], lines
+    assert "Traceback" not in done.stdout + done.stderr
