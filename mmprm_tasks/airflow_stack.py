@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .browser import PLUGINS_DIR as BROWSER_PLUGINS_DIR
 from .resources import dags_folder
 
 DAGS_DIR = dags_folder()
@@ -342,6 +343,8 @@ class AirflowStack:
             **base,
             "AIRFLOW_HOME": str(self.airflow_home),
             "AIRFLOW__CORE__DAGS_FOLDER": str(self.dags_folder),
+            # The annotation browser (mmprm_tasks/browser) in the api-server and the UI.
+            "AIRFLOW__CORE__PLUGINS_FOLDER": str(BROWSER_PLUGINS_DIR),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": str(self.paused_at_creation),
             "AIRFLOW__CORE__EXECUTOR": self.executor,

@@ -32,8 +32,10 @@ def bar_chart(labels: Sequence[str], values: Sequence[float], *, title: str, xla
 
 def mc_histogram_png(histogram: dict[str, int]) -> bytes:
     """Node counts per MC decile (``run_summary``'s ``mc_histogram``; empty deciles shown as 0)."""
+    if not histogram:
+        return bar_chart([], [], title="MC values of the run's step nodes", xlabel="MC value", ylabel="nodes")
     labels = [f"{b / 10:.1f}-{(b + 1) / 10:.1f}" for b in range(10)]
-    return bar_chart(labels, [histogram.get(label, 0) for label in labels] if histogram else [],
+    return bar_chart(labels, [histogram.get(label, 0) for label in labels],
                      title="MC values of the run's step nodes", xlabel="MC value", ylabel="nodes")
 
 

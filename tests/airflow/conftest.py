@@ -148,9 +148,11 @@ def stack_factory(tmp_path_factory, metadata_url, step_index_url, mmprm_home, po
     made: list[AirflowStack] = []
 
     def make(**kwargs: Any) -> AirflowStack:
+        # Extra users (name -> (role, password)) join the admin and the viewer "ops".
+        users = {"admin": ("admin", "admin-" + uuid.uuid4().hex[:8]), "ops": ("viewer", "ops-pw"),
+                 **kwargs.pop("extra_users", {})}
         stack = AirflowStack(
-            home=tmp_path_factory.mktemp("airflow_stack"), metadata_url=metadata_url,
-            users={"admin": ("admin", "admin-" + uuid.uuid4().hex[:8]), "ops": ("viewer", "ops-pw")},
+            home=tmp_path_factory.mktemp("airflow_stack"), metadata_url=metadata_url, users=users,
             parallelism=4,
             # Only the DAG under test runs: with every DAG unpaused at creation, the daily
             # nightly refresh would start at once and compete for the two cores.

@@ -252,6 +252,19 @@ def test_evaluation_table_ties_and_scored_steps(stocked):
     assert f"hsl({120 * first:.0f}, 75%, 82%)" in page
 
 
+def test_run_being_annotated(settings, tmp_path):
+    """A sharded run with nothing annotated yet: progress counts its problems as left, charts say so."""
+    ingest_file(make_seed_file(tmp_path / "data", 3), settings)
+    shard_run(settings, "run-new", chunk_size=2)
+    client = _client(settings)
+    html = client.get(f"{PREFIX}/runs/run-new").text
+    assert re.search(r'id="done">0<', html) and re.search(r'id="left">3<', html)
+    assert '<meta http-equiv="refresh"' in html  # reloads while the run is not finished
+    for chart in ("mc-histogram.png", "first-errors.png"):
+        response = client.get(f"{PREFIX}/runs/run-new/{chart}")
+        assert response.status_code == 200 and _png_size(response.content) == (600, 320)
+
+
 def test_unknown_records_are_404_naming_them(settings):
     client = _client(settings)
     response = client.get(f"{PREFIX}/runs/no-such-run")

@@ -1,8 +1,11 @@
 """The Airflow plugin that puts the annotation browser into the UI.
 
-Registered through the ``airflow.plugins`` entry point (pyproject.toml), so every Airflow that has
-the package installed loads it: the local stack, the compose stack and the in-process demo.  The
-api-server mounts the app under ``/mmprm``; the UI shows it in the nav and on every DAG run's
+This folder is Airflow's plugins folder (``AIRFLOW__CORE__PLUGINS_FOLDER``, set by
+:mod:`mmprm_tasks.airflow_stack` and the compose stack; ``mmprm_tasks.browser.PLUGINS_DIR``).
+A folder rather than a package entry point: an editable install leaves a second copy of the
+package metadata in the source tree, and Airflow would find the plugin twice from there.
+
+The api-server mounts the app under ``/mmprm``; the UI shows it in the nav and on every DAG run's
 page (which opens what that run made: its annotation run, dataset, checkpoint or evaluation).
 """
 
@@ -10,7 +13,7 @@ from __future__ import annotations
 
 from airflow.plugins_manager import AirflowPlugin
 
-from .app import MOUNT_PREFIX, app
+from mmprm_tasks.browser.app import MOUNT_PREFIX, app
 
 
 class MMPRMBrowserPlugin(AirflowPlugin):

@@ -1,0 +1,220 @@
+"""The annotation browser inside the Airflow UI, driven headless in Debian's chromium (Playwright
+with ``executable_path``; no browser is downloaded) against real Airflow services.
+
+Logs in through Airflow's own login page, triggers a small ``mmprm_pipeline`` run from the
+trigger form, opens the DAG run's Annotation tab (the plugin's view, in the UI's frame), one
+problem's tree with its image and first-error step, and an evaluation with its Best-of-N plot.
+Anonymous and role-less sessions are refused.  A screenshot of every page is saved under
+``.mmprm/test-artifacts/browser/``.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import sqlalchemy as sa
+
+from af_helpers import DAG_ID, wait_for_run
+from browser_data import candidates_from_trees, record_evaluation, register_checkpoint
+from mmprm_tasks.db import get_engine
+
+pytestmark = pytest.mark.airflow_services
+
+ARTIFACTS = Path(__file__).resolve().parents[2] / ".mmprm" / "test-artifacts" / "browser"
+RUN_ID = "browser-run"
+NOBODY = ("nobody", "nobody-pw")  # a user with no role: may read nothing
+
+
+@pytest.fixture(scope="module")
+def toy_seeds(mmprm_home):
+    from mmprm_tasks.toy.world import generate_seeds
+
+    # Four train problems in two chunks: small, and (the trees are seeded) with first errors.
+    return generate_seeds(mmprm_home / "seeds", n_train=4, n_test=2, seed=0)
+
+
+@pytest.fixture(scope="module")
+def stack(stack_factory):
+    return stack_factory(executor="LocalExecutor", extra_users={NOBODY[0]: ("", NOBODY[1])})
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    executable = shutil.which("chromium")
+    if executable is None:
+        pytest.skip("Debian's chromium is not installed (scripts/setup.sh installs it: apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    for old in ARTIFACTS.glob("*.png"):  # the folder shows this run's pages only
+        old.unlink()
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+        yield browser
+        browser.close()
+
+
+def _shot(page, name: str) -> None:
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def _login(page, api: str, user: str, password: str, start: str) -> None:
+    """Open ``start``; Airflow sends the browser to its login page, then back."""
+    page.goto(f"{api}{start}")
+    page.wait_for_url(re.compile(r".*/auth/login.*"))
+    page.fill("input[name=username]", user)
+    page.fill("input[name=password]", password)
+    page.click("button[type=submit]")
+    page.wait_for_url(re.compile(re.escape(api + start.split("?")[0]) + ".*"))
+
+
+def _until(page, predicate, timeout: float, what: str) -> None:
+    """Poll ``predicate`` while Playwright keeps processing the page's events (``time.sleep``
+    would freeze them: frames and navigations would never update)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        page.wait_for_timeout(500)
+
+
+def _images_loaded(page, selector: str, frame=None) -> None:
+    for image in (frame or page).locator(selector).all():
+        image.scroll_into_view_if_needed()
+        _until(page, lambda img=image: img.evaluate("e => e.complete && e.naturalWidth > 0"), 30,
+               f"image {selector} to load")
+
+
+def test_anonymous_and_roleless_sessions_are_refused(stack, chromium):
+    api = stack.api_url
+    assert httpx.get(f"{api}/mmprm/").status_code == 401
+    assert httpx.get(f"{api}/mmprm/runs/{RUN_ID}/mc-histogram.png").status_code == 401
+    redirect = httpx.get(f"{api}/mmprm/runs/{RUN_ID}", headers={"accept": "text/html"})
+    assert redirect.status_code == 303 and redirect.headers["location"].startswith("/auth/login")
+    with stack.client(*NOBODY) as nobody:
+        assert nobody.get("/mmprm/").status_code == 403
+        assert nobody.get(f"/mmprm/problems/x/image").status_code == 403
+    with stack.client("ops", "ops-pw") as viewer:
+        assert viewer.get("/mmprm/").status_code == 200
+    plugins = httpx.get(f"{api}/api/v2/plugins", headers={"authorization": f"Bearer {stack.token()}"}).json()
+    assert [p["name"] for p in plugins["plugins"]] == ["mmprm_browser"]
+    errors = httpx.get(f"{api}/api/v2/plugins/importErrors", headers={"authorization": f"Bearer {stack.token()}"})
+    assert errors.json()["total_entries"] == 0, errors.text
+
+    context = chromium.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.goto(f"{api}/mmprm/")
+    page.wait_for_url(re.compile(r".*/auth/login\?next=.*mmprm.*"))  # the login page, not the browser
+    page.wait_for_selector("input[name=username]")
+    _shot(page, "00-anonymous-sent-to-login")
+    assert "Annotation runs" not in page.content()
+    page.fill("input[name=username]", NOBODY[0])
+    page.fill("input[name=password]", NOBODY[1])
+    page.click("button[type=submit]")
+    page.wait_for_url(re.compile(r".*/mmprm/$"))
+    assert page.locator("h1").inner_text() == "403"
+    assert "may not read DAG runs" in page.locator("#detail").inner_text()
+    _shot(page, "01-roleless-user-refused")
+    context.close()
+
+
+def test_trigger_from_the_form_then_browse(stack, client, chromium, toy_seeds, task_settings):
+    api = stack.api_url
+    context = chromium.new_context(viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    _login(page, api, "admin", stack.users["admin"][1], f"/dags/{DAG_ID}")
+
+    # Trigger a small run from the form (seed file and run id; the rest are the form's defaults).
+    page.get_by_role("button", name="Trigger").first.click()
+    dialog = page.get_by_role("dialog")
+    dialog.locator("input[name=element_seed_source]").fill(str(toy_seeds["train"]))
+    dialog.locator("input[name=element_run_id]").fill(RUN_ID)
+    _shot(page, "02-trigger-form")
+    dialog.get_by_role("button", name="Trigger").last.click()
+    page.wait_for_url(re.compile(rf".*/dags/{DAG_ID}/runs/.+"))
+    dag_run_id = page.url.split("/runs/", 1)[1].split("/")[0]
+
+    # The DAG run page's Annotation tab shows the plugin's view of its annotation run in a frame
+    # (once the shard task has created it; until then the view says so and reloads).
+    try:
+        page.locator("a[href$='/plugin/mmprm-dag-run']").click()
+        page.wait_for_url(re.compile(r".*/plugin/mmprm-dag-run$"))
+        _until(page, lambda: any(f.url.endswith(f"/mmprm/runs/{RUN_ID}") for f in page.frames), 120,
+               "the Annotation tab to show the annotation run")
+    except Exception:
+        _shot(page, "zz-failure-annotation-tab")
+        print("frames:", [f.url for f in page.frames])
+        raise
+    _shot(page, "03-dag-run-annotation-tab-running")
+    assert wait_for_run(client, dag_run_id, timeout=420) == "success"
+
+    page.reload()
+
+    def run_frame():
+        return next((f for f in page.frames if f.url.endswith(f"/mmprm/runs/{RUN_ID}")), None)
+
+    _until(page, lambda: run_frame() is not None, 60, "the Annotation tab to load again")
+    frame = run_frame()
+    _until(page, lambda: frame.locator("#run-status").inner_text() == "succeeded", 30, "the run page to show success")
+    with get_engine(task_settings).connect() as conn:
+        problems = conn.execute(sa.text("SELECT count(*) FROM chunk_problems WHERE run_id = :r"),
+                                {"r": RUN_ID}).scalar_one()
+        first_error = conn.execute(sa.text(
+            "SELECT t.problem_id, n.node_index, n.prefix_len + n.num_steps - 1 AS step FROM trees t"
+            " JOIN step_nodes n USING (tree_id) WHERE t.run_id = :r AND n.is_first_error"
+            " ORDER BY t.problem_id, n.node_index LIMIT 1"), {"r": RUN_ID}).first()
+    assert problems == 4
+    assert frame.locator("#done").inner_text() == "4" and frame.locator("#left").inner_text() == "0"
+    _images_loaded(page, "div.charts img", frame)
+    _shot(page, "04-dag-run-annotation-tab-done")
+    page.goto(f"{api}/mmprm/runs/{RUN_ID}")
+    _images_loaded(page, "div.charts img")
+    _shot(page, "05-run")
+
+    # run -> problem: the tree with its image and the first-error step marked.
+    assert first_error is not None, "the seeded run found no first error to show"
+    page.get_by_role("link", name=first_error.problem_id, exact=True).click()
+    page.wait_for_url(re.compile(rf".*/mmprm/runs/{RUN_ID}/problems/.+"))
+    _images_loaded(page, "#problem-image")
+    marked = page.locator(f"#node-{first_error.node_index}")
+    assert "first-error" in marked.get_attribute("class")
+    assert f"first error at step {first_error.step}" in marked.inner_text()
+    _shot(page, "06-problem-tree")
+    # ... -> node: the summary links the first-error node's anchor.
+    page.locator("#first-error-summary a").first.click()
+    assert page.url.endswith(f"#node-{first_error.node_index}")
+
+    # An evaluation of candidates from this run (real policy rollouts), registered as the
+    # evaluation stage registers one; then index -> evaluation -> candidate -> problem.
+    with get_engine(task_settings).connect() as conn:
+        dataset_id = conn.execute(sa.text("SELECT dataset_id FROM datasets WHERE :r = ANY(run_ids)"),
+                                  {"r": RUN_ID}).scalar_one()
+    evaluation_id = record_evaluation(task_settings, register_checkpoint(task_settings, dataset_id),
+                                      candidates_from_trees(task_settings, RUN_ID))
+    page.goto(f"{api}/mmprm/")
+    _shot(page, "07-index")
+    page.get_by_role("link", name=evaluation_id).click()
+    _images_loaded(page, "#bon-plot")
+    assert page.locator("#bon-table tr").count() > 1 and "tied PRM scores" in page.locator("#bon-table").inner_text()
+    _shot(page, "08-evaluation")
+    page.locator("#eval-problems a").first.click()
+    page.wait_for_url(re.compile(rf".*/mmprm/evaluations/{evaluation_id}/problems/.+"))
+    _images_loaded(page, "#problem-image")
+    assert page.locator(".candidate-step[style*='hsl(']").count() > 0
+    _shot(page, "09-evaluation-candidates")
+    page.locator("h1 a").first.click()
+    page.wait_for_url(re.compile(r".*/mmprm/problems/.+"))
+    _shot(page, "10-problem")
+    page.goto(f"{api}/mmprm/datasets/{dataset_id}")
+    assert page.locator("#balance").is_visible()
+    _shot(page, "11-dataset")
+    page.locator("a[href*='/mmprm/checkpoints/']").first.click()
+    assert page.locator("#checkpoint-uri").inner_text()
+    assert "from_pretrained" in page.locator("#snippet").inner_text()
+    _shot(page, "12-checkpoint")
+    context.close()
