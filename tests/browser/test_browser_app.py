@@ -293,3 +293,22 @@ def test_no_token_is_refused(settings, auth_manager):
     # A token Airflow did not sign is refused before any page is built.
     bad = client.get(f"{PREFIX}/", headers={"authorization": "Bearer not-a-jwt"})
     assert bad.status_code == 403
+
+
+def test_every_airflow_deployment_loads_the_plugin_folder():
+    """The local stack and the compose stack point Airflow's plugins folder at the package's
+    (the compose images install the checkout at /opt/mmprm)."""
+    from pathlib import Path
+
+    import yaml
+
+    from mmprm_tasks.airflow_stack import AirflowStack
+    from mmprm_tasks.browser import PLUGINS_DIR
+
+    assert (PLUGINS_DIR / "mmprm_browser.py").is_file()
+    stack = AirflowStack(home=Path("/nonexistent"), metadata_url="postgresql://x@127.0.0.1/x")
+    assert stack.environment()["AIRFLOW__CORE__PLUGINS_FOLDER"] == str(PLUGINS_DIR)
+    repo = Path(__file__).resolve().parents[2]
+    compose = yaml.safe_load((repo / "docker-compose.yml").read_text())
+    env = compose["x-airflow-common"]["environment"]
+    assert env["AIRFLOW__CORE__PLUGINS_FOLDER"] == f"/opt/mmprm/{PLUGINS_DIR.relative_to(repo)}"
