@@ -217,4 +217,12 @@ def test_trigger_from_the_form_then_browse(stack, client, chromium, toy_seeds, t
     assert page.locator("#checkpoint-uri").inner_text()
     assert "from_pretrained" in page.locator("#snippet").inner_text()
     _shot(page, "12-checkpoint")
+
+    # The nav's Browse menu opens the browser inside the UI.
+    page.goto(f"{api}/")
+    page.get_by_role("button", name="Browse").click()
+    page.get_by_role("menuitem", name="MM-PRM browser").click()
+    page.wait_for_url(re.compile(r".*/plugin/mmprm$"))
+    _until(page, lambda: any(f.url.endswith("/mmprm/") for f in page.frames), 30, "the browser in the UI's frame")
+    _shot(page, "13-nav")
     context.close()
