@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -93,20 +93,22 @@ def create_app(settings_factory=get_settings) -> FastAPI:
         return _render(request, "index.html", user, **data.overview(settings()))
 
     @app.get("/runs/{run_id}", response_class=HTMLResponse)
-    def run_page(request: Request, run_id: str, user=reader):
-        return _render(request, "run.html", user, **data.run_view(settings(), run_id))
+    def run_page(request: Request, run_id: str, offset: int = Query(0, ge=0), user=reader):
+        return _render(request, "run.html", user, **data.run_view(settings(), run_id, offset=offset))
 
     @app.get("/runs/{run_id}/mc-histogram.png")
     def run_mc_histogram(run_id: str, user=reader):
         from ..annotate import run_summary
 
         s = settings()
-        data.run_view(s, run_id)  # 404 for an unknown run
+        data.require_run(s, run_id)
         return _png(charts.mc_histogram_png(run_summary(s, run_id)["mc_histogram"]))
 
     @app.get("/runs/{run_id}/first-errors.png")
     def run_first_errors(run_id: str, user=reader):
-        return _png(charts.first_error_png(data.run_view(settings(), run_id)["first_error_positions"]))
+        s = settings()
+        data.require_run(s, run_id)
+        return _png(charts.first_error_png(data.first_error_positions(s, run_id)))
 
     @app.get("/runs/{run_id}/problems/{problem_id}", response_class=HTMLResponse)
     def tree_page(request: Request, run_id: str, problem_id: str, user=reader):

@@ -57,29 +57,40 @@ def _seconds(start: datetime, end: datetime | None) -> float:
     return max(((end or datetime.now(timezone.utc)) - start).total_seconds(), 0.0)
 
 
-def run_view(settings: Settings, run_id: str) -> dict[str, Any]:
-    """A run's progress (problems done / leased / left, rollouts/s, engine batches, ETA), its MC
-    histogram and first-error positions, and its problems."""
+def require_run(settings: Settings, run_id: str) -> None:
+    with get_engine(settings).connect() as conn:
+        _one(conn, "SELECT 1 FROM annotation_runs WHERE run_id = :r", {"r": run_id}, f"run {run_id!r}")
+
+
+def first_error_positions(settings: Settings, run_id: str) -> list[tuple[int, int]]:
+    """(0-based step, first errors there) of a run; reads the covering partial index only."""
+    with get_engine(settings).connect() as conn:
+        return [(row.step, row.count) for row in conn.execute(sa.text(
+            "SELECT n.prefix_len + n.num_steps - 1 AS step, count(*) FROM trees t JOIN step_nodes n USING (tree_id)"
+            " WHERE t.run_id = :r AND n.is_first_error GROUP BY 1 ORDER BY 1"), {"r": run_id})]
+
+
+def run_view(settings: Settings, run_id: str, *, offset: int = 0, limit: int = 200) -> dict[str, Any]:
+    """A run's progress (problems done / leased / left, rollouts/s, engine batches, ETA) and its
+    problems ``offset`` to ``offset + limit`` (a paper-scale run has thousands)."""
     engine = get_engine(settings)
     with engine.connect() as conn:
         run = _one(conn, "SELECT run_id, status, policy_backend, policy_model, config, stats, created_at,"
                          " finished_at FROM annotation_runs WHERE run_id = :r", {"r": run_id}, f"run {run_id!r}")
         statuses = dict(conn.execute(sa.text(
             "SELECT status, count(*) FROM chunk_problems WHERE run_id = :r GROUP BY status"), {"r": run_id}).all())
-        # First-error positions read the covering partial index only (README query).
-        positions = conn.execute(sa.text(
-            "SELECT n.prefix_len + n.num_steps - 1 AS step, count(*) FROM trees t JOIN step_nodes n USING (tree_id)"
-            " WHERE t.run_id = :r AND n.is_first_error GROUP BY 1 ORDER BY 1"), {"r": run_id}).all()
         problems = conn.execute(sa.text(
             "SELECT p.problem_id, p.chunk_index, p.status, p.attempts, p.error, t.root_mc_value, t.num_nodes,"
             " t.num_rollouts, (SELECT min(n.prefix_len + n.num_steps - 1) FROM step_nodes n"
             "   WHERE n.tree_id = t.tree_id AND n.is_first_error) AS first_error_step"
             " FROM chunk_problems p LEFT JOIN trees t ON t.run_id = p.run_id AND t.problem_id = p.problem_id"
-            " WHERE p.run_id = :r ORDER BY p.chunk_index, p.problem_id"), {"r": run_id}).all()
+            " WHERE p.run_id = :r ORDER BY p.chunk_index, p.problem_id OFFSET :o LIMIT :n"),
+            {"r": run_id, "o": offset, "n": limit}).all()
+        # Trees of an imported run have no chunk rows.
         imported = conn.execute(sa.text(
-            "SELECT problem_id, root_mc_value, num_nodes, num_rollouts FROM trees WHERE run_id = :r"
-            " AND problem_id NOT IN (SELECT problem_id FROM chunk_problems WHERE run_id = :r)"
-            " ORDER BY problem_id LIMIT :n"), {"r": run_id, "n": 1000}).all()
+            "SELECT problem_id, root_mc_value, num_nodes, num_rollouts FROM trees t WHERE run_id = :r"
+            " AND NOT EXISTS (SELECT 1 FROM chunk_problems p WHERE p.run_id = t.run_id AND p.problem_id = t.problem_id)"
+            " ORDER BY problem_id OFFSET :o LIMIT :n"), {"r": run_id, "o": offset, "n": limit}).all()
     summary = run_summary(settings, run_id)
     done = statuses.get("done", 0)
     total = sum(statuses.values())
@@ -102,8 +113,9 @@ def run_view(settings: Settings, run_id: str) -> dict[str, Any]:
             "max_sequences_in_flight": settings.search.max_sequences_in_flight,
             "eta_s": left / per_second if per_second > 0 and left and run.status != "succeeded" else None,
         },
-        "first_error_positions": [(row.step, row.count) for row in positions],
         "problems": problems, "imported": imported,
+        "page": {"offset": offset, "limit": limit,
+                 "more": len(problems) == limit or len(imported) == limit},
     }
 
 

@@ -179,6 +179,14 @@ def test_run_page_progress_and_charts(stocked):
     # Each problem row links its tree, and names where its first error is.
     for i in range(5):
         assert f'href="{PREFIX}/runs/run-a/problems/p{i:04d}"' in html
+    # Problems come a page at a time.
+    later = client.get(f"{PREFIX}/runs/run-a?offset=3").text
+    assert [f"p{i:04d}" for i in range(5) if f"problems/p{i:04d}\"" in later] == ["p0003", "p0004"]
+    assert 'id="previous-problems" href="?offset=0"' in later
+    from mmprm_tasks.browser.data import run_view
+
+    page = run_view(settings, "run-a", offset=1, limit=2)
+    assert [r.problem_id for r in page["problems"]] == ["p0001", "p0002"] and page["page"]["more"]
 
 
 def test_tree_page_shows_nodes_first_error_and_image(stocked):
