@@ -142,3 +142,19 @@ def assert_consistent(settings: Settings, run_id: str, *, finished: bool, killed
     if finished:
         assert set(statuses) == {"done"}, statuses
     return statuses
+
+
+def wait_until_store_serves(settings: Settings, timeout: float = 60.0) -> None:
+    """After an S3 server restarts or thaws: its health check answers before its filer serves
+    the bucket again, so wait until a listing works."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            list(open_store(settings).list_keys("trees/"))
+            return
+        except Exception:  # noqa: BLE001 - not serving yet
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)

@@ -15,16 +15,18 @@ from mmprm_tasks.failures import EXIT_DEPENDENCY, describe
 from mmprm_tasks.seeds import ingest_file
 from mmprm_tasks.settings import StoreConfig
 
-from fault_helpers import HookedPolicy, assert_consistent, seeded_run
+from fault_helpers import HookedPolicy, assert_consistent, seeded_run, wait_until_store_serves
 from test_search import ExactVerifier
 from test_seeds import count, make_seed_file
 
 
 @pytest.fixture
 def s3_fault_settings(fault_settings, own_s3):
-    return fault_settings.model_copy(update={"store": StoreConfig(
+    s = fault_settings.model_copy(update={"store": StoreConfig(
         kind="s3", endpoint=own_s3.endpoint, bucket="faults", access_key=own_s3.access_key,
         secret_key=own_s3.secret_key)})
+    wait_until_store_serves(s)
+    return s
 
 
 def _one_line_s3_outage(exc: BaseException) -> None:
@@ -39,6 +41,7 @@ def test_s3_stopped_mid_search(s3_fault_settings, own_s3, tmp_path):
         annotate_chunk(s, "run-f", 0, policy=HookedPolicy({3: own_s3.stop}), verifier=ExactVerifier())
     _one_line_s3_outage(raised.value)
     own_s3.start()
+    wait_until_store_serves(s)
     assert_consistent(s, "run-f", finished=False)
     annotate_chunk(s, "run-f", 0, policy=HookedPolicy(), verifier=ExactVerifier())
     assert_consistent(s, "run-f", finished=True)
@@ -58,6 +61,7 @@ def test_frozen_s3_fails_within_the_time_outs(s3_fault_settings, own_s3, tmp_pat
     _one_line_s3_outage(raised.value)
     assert waited < 30, waited  # (minio's default would wait 5 minutes per try)
     os.killpg(own_s3.process.pid, signal.SIGCONT)
+    wait_until_store_serves(s)
     assert_consistent(s, "run-f", finished=False)
     annotate_chunk(s, "run-f", 0, policy=HookedPolicy(), verifier=ExactVerifier())
     assert_consistent(s, "run-f", finished=True)
@@ -71,6 +75,7 @@ def test_ingest_with_s3_down_lands_no_row_without_its_image(s3_fault_settings, o
     _one_line_s3_outage(raised.value)
     assert count(s3_fault_settings, "seed_problems") == 0
     own_s3.start()
+    wait_until_store_serves(s3_fault_settings)
     assert ingest_file(seeds, s3_fault_settings).inserted == 5
 
 
