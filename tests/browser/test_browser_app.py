@@ -10,7 +10,9 @@ the whole chain (login, anonymous and role-less users refused) against a running
 
 from __future__ import annotations
 
+import html as html_lib
 import io
+import json
 import re
 from html.parser import HTMLParser
 from urllib.parse import urljoin, urlsplit
@@ -27,6 +29,7 @@ from mmprm_tasks.browser.data import from_pretrained_snippet
 from mmprm_tasks.db import get_engine
 from mmprm_tasks.pipeline import traverse_stage
 from mmprm_tasks.runs import shard_run
+from mmprm_tasks.settings import TOY_FOUNDATION_DIR
 from mmprm_tasks.seeds import ingest_file
 from mmprm_tasks.storage import open_store
 
@@ -214,8 +217,6 @@ def test_dataset_page_labels_and_balance(stocked):
     settings, ids = stocked
     client = _client(settings)
     html = client.get(f"{PREFIX}/datasets/{ids['dataset']}").text
-    import json
-
     with get_engine(settings).connect() as conn:
         key = conn.execute(sa.text("SELECT paths_key FROM datasets")).scalar_one()
     paths = [json.loads(x) for x in open_store(settings).get_bytes(key).decode().splitlines() if x.strip()]
@@ -230,10 +231,8 @@ def test_dataset_page_labels_and_balance(stocked):
 def test_checkpoint_snippet_loads_the_checkpoint(stocked):
     settings, ids = stocked
     html = _client(settings).get(f"{PREFIX}/checkpoints/{ids['checkpoint']}").text
-    import html as html_lib
-
     snippet = html_lib.unescape(re.search(r'<pre class="snippet" id="snippet">(.*?)</pre>', html, re.S).group(1))
-    assert snippet == from_pretrained_snippet(str(__import__("mmprm_tasks.settings").settings.TOY_FOUNDATION_DIR))
+    assert snippet == from_pretrained_snippet(str(TOY_FOUNDATION_DIR))
     namespace: dict = {}
     exec(snippet, namespace)  # noqa: S102 - the page's own snippet, on the shipped tiny model
     assert namespace["model"].config.model_type and namespace["processor"] is not None
