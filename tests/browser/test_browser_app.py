@@ -319,3 +319,24 @@ def test_every_airflow_deployment_loads_the_plugin_folder():
     compose = yaml.safe_load((repo / "docker-compose.yml").read_text())
     env = compose["x-airflow-common"]["environment"]
     assert env["AIRFLOW__CORE__PLUGINS_FOLDER"] == f"/opt/mmprm/{PLUGINS_DIR.relative_to(repo)}"
+
+
+def test_evaluation_whose_candidates_carry_no_step_scores(stocked):
+    """The evaluation stage's candidate file holds steps and verdicts; step scores are shown only
+    where stored (the release's ``prm_scores`` name is read too)."""
+    settings, ids = stocked
+    candidates = candidates_from_trees(settings, "run-a")
+    plain = {pid: [{k: v for k, v in c.items() if k != "step_scores"} for c in cands]
+             for pid, cands in candidates.items()}
+    released = {pid: [{**{k: v for k, v in c.items() if k != "step_scores"}, "prm_scores": c["step_scores"]}
+                      for c in cands] for pid, cands in candidates.items()}
+    client = _client(settings)
+    pid = next(iter(candidates))
+    for name, cands, coloured in (("eval-plain", plain, False), ("eval-release", released, True)):
+        record_evaluation(settings, ids["checkpoint"], cands, evaluation_id=name)
+        listing = client.get(f"{PREFIX}/evaluations/{name}").text
+        assert ("<td>stored</td>" in listing) is coloured and ("<td>not stored</td>" in listing) is not coloured
+        page = client.get(f"{PREFIX}/evaluations/{name}/problems/{pid}").text
+        assert page.count('class="steps candidate-step"') == sum(len(c["steps"]) for c in cands[pid])
+        assert ("background: hsl(" in page) is coloured
+        assert ("no step scores stored" in page) is not coloured
