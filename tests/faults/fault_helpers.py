@@ -145,14 +145,16 @@ def assert_consistent(settings: Settings, run_id: str, *, finished: bool, killed
 
 
 def wait_until_store_serves(settings: Settings, timeout: float = 60.0) -> None:
-    """After an S3 server restarts or thaws: its health check answers before its filer serves
-    the bucket again, so wait until a listing works."""
+    """After an S3 server restarts or thaws: its health check answers before its filer and
+    volumes serve the bucket again, so wait until every stored image reads back."""
     import time
 
     deadline = time.monotonic() + timeout
     while True:
         try:
-            list(open_store(settings).list_keys("trees/"))
+            store = open_store(settings)
+            for key in store.list_keys("images/"):
+                store.get_bytes(key)
             return
         except Exception:  # noqa: BLE001 - not serving yet
             if time.monotonic() > deadline:
