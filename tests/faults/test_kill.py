@@ -36,9 +36,21 @@ if point == "mid-search":
 elif point == "between-put-and-commit":
     from mmprm_tasks.tree_index import write_trees
     annotate.write_trees = lambda *args: die()  # the object is put, the rows are not yet written
-elif point == "after-a-commit":
-    persist = annotate.persist_tree
-    annotate.persist_tree = lambda *args: (persist(*args), die())
+elif point == "after-a-commit":  # as soon as a tree is in the index, at an engine call
+    import time
+    import sqlalchemy as sa
+    from mmprm_tasks.db import get_engine
+
+    def die_once_a_tree_landed():
+        deadline = time.monotonic() + 1
+        while time.monotonic() < deadline:
+            with get_engine(settings).connect() as conn:
+                if conn.execute(sa.text("SELECT count(*) FROM trees")).scalar_one():
+                    die()
+            time.sleep(0.05)
+
+    hooks = {call: die_once_a_tree_landed for call in range(2, 200)}
+    settings = settings.with_overrides({"search.concurrent_problems": 1})  # trees one after another
 annotate.annotate_chunk(settings, "run-f", 0, policy=HookedPolicy(hooks), verifier=ExactVerifier(), steal=False)
 """
 
