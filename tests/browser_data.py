@@ -1,9 +1,9 @@
 """Step-index content for the annotation browser's tests, made by the platform's own stages.
 
 ``record_evaluation`` registers a Best-of-N evaluation the way ``pipeline.evaluate_stage`` does
-(report JSON and plot PNG in the store, rows in Postgres) for candidates given by the test, so the
-browser can be checked without training a PRM; the candidates carry step scores, as the stored
-candidate files of an evaluation may.
+(report JSON and plot PNG in the store, result rows, and the candidates with their step scores
+through ``candidates.store_candidates``) for candidates and scores given by the test, so the
+browser can be checked without training a PRM.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from mmprm_tasks.candidates import PRM_SCORER, candidates_key, from_sampled, store_candidates
 from mmprm_tasks.db import get_engine
 from mmprm_tasks.evaluate import best_of_n, plot_report
 from mmprm_tasks.pipeline import _record_evaluation
@@ -62,19 +63,43 @@ def candidates_from_trees(settings: Settings, run_id: str, per_problem: int = 4,
 
 
 def record_evaluation(settings: Settings, checkpoint_id: str, candidates: dict[str, list[dict[str, Any]]],
-                      evaluation_id: str = "eval-browser") -> str:
+                      evaluation_id: str = "eval-browser", *, scorers: tuple[str, ...] = (PRM_SCORER,),
+                      as_rows: bool = True) -> str:
+    """An evaluation of ``candidates`` (problem id -> candidates with ``step_scores``) as
+    ``evaluate_stage`` records one: report and plot in the store, result rows, and the candidates
+    through ``candidates.store_candidates`` with their step scores under each of ``scorers`` (the
+    extra scorers' scores are the PRM's reversed, so they differ).  ``as_rows=False`` leaves the
+    candidates as an evaluation made before they were rows had them: the sampled file alone,
+    without step scores."""
     store = open_store(settings)
+    engine = get_engine(settings)
     candidates_id = f"cand-{evaluation_id}"
-    store.put_bytes(f"candidates/{candidates_id}.jsonl", "".join(
-        json.dumps({"problem_id": pid, "candidates": c}) + "\n" for pid, c in candidates.items()).encode(),
-        "application/x-ndjson")
     report = best_of_n(list(candidates.values()), seed=0)
     report = {**report, "evaluation_id": evaluation_id, "checkpoint_id": checkpoint_id,
               "candidates_id": candidates_id, "split": "train", "num_problems": len(candidates)}
+    if as_rows:
+        report["candidates_key"] = candidates_key(evaluation_id)
+    else:
+        store.put_bytes(f"candidates/{candidates_id}.jsonl", "".join(
+            json.dumps({"problem_id": pid, "candidates": [{k: v for k, v in c.items() if k != "step_scores"}
+                                                          for c in cands]}) + "\n"
+            for pid, cands in candidates.items()).encode(), "application/x-ndjson")
     prefix = f"reports/{evaluation_id}"
     store.put_json(f"{prefix}/report.json", report)
     with tempfile.TemporaryDirectory() as tmp:
         store.put_file(f"{prefix}/bon.png", plot_report(report, Path(tmp) / "bon.png"), "image/png")
-    _record_evaluation(get_engine(settings), evaluation_id, checkpoint_id, settings, len(candidates),
+    _record_evaluation(engine, evaluation_id, checkpoint_id, settings, len(candidates),
                        f"{prefix}/report.json", f"{prefix}/bon.png", report)
+    if as_rows:
+        with engine.connect() as conn:
+            problems = {r.problem_id: r for r in conn.execute(sa.text(
+                "SELECT problem_id, question, correct_answer, image_key FROM seed_problems"
+                " WHERE problem_id = ANY(:p)"), {"p": list(candidates)})}
+        records = []
+        for pid, cands in candidates.items():
+            prm = [c["step_scores"] for c in cands]
+            scores = {name: prm if name == PRM_SCORER else [list(reversed(s)) for s in prm] for name in scorers}
+            row = problems[pid]
+            records.append(from_sampled(pid, row.question, row.correct_answer, store.uri(row.image_key), cands, scores))
+        store_candidates(engine, store, evaluation_id, records)
     return evaluation_id

@@ -140,9 +140,10 @@ def create_app(settings_factory=get_settings) -> FastAPI:
         return _png(data.evaluation_plot(settings(), evaluation_id))
 
     @app.get("/evaluations/{evaluation_id}/problems/{problem_id}", response_class=HTMLResponse)
-    def evaluation_problem_page(request: Request, evaluation_id: str, problem_id: str, user=reader):
+    def evaluation_problem_page(request: Request, evaluation_id: str, problem_id: str, scorer: str | None = None,
+                                user=reader):
         return _render(request, "candidates.html", user,
-                       **data.evaluation_problem_view(settings(), evaluation_id, problem_id))
+                       **data.evaluation_problem_view(settings(), evaluation_id, problem_id, scorer))
 
     @app.get("/dag-runs/{dag_id}/{run_id}", response_class=HTMLResponse)
     def dag_run_page(request: Request, dag_id: str, run_id: str, user=reader):

@@ -248,63 +248,70 @@ def from_pretrained_snippet(uri: str) -> str:
     )
 
 
-def _candidate_lines(settings: Settings, report: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
-    """problem id -> its candidates (steps, answer, correctness, and step scores where stored):
-    from the report itself when it carries them, else from the candidates file it names."""
-    store = open_store(settings)
-    if isinstance(report.get("candidates"), list):
-        lines = report["candidates"]
-    else:
-        keys = [k for k in (report.get("candidates_key"),
-                            f"candidates/{report['candidates_id']}.jsonl" if report.get("candidates_id") else None)
-                if k]
-        lines = []
-        for key in keys:
-            try:
-                lines = [json.loads(x) for x in store.get_bytes(key).decode().splitlines() if x.strip()]
-                break
-            except ObjectNotFound:
-                continue
-    return {str(line["problem_id"]): list(line.get("candidates") or []) for line in lines if "problem_id" in line}
+def _legacy_candidates(settings: Settings, report: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """problem id -> sampled candidates (steps, answer, verdict; no step scores) of an evaluation
+    made before candidates became rows (``candidates/<candidates_id>.jsonl``)."""
+    if not report.get("candidates_id"):
+        return {}
+    try:
+        data = open_store(settings).get_bytes(f"candidates/{report['candidates_id']}.jsonl")
+    except ObjectNotFound:
+        return {}
+    lines = [json.loads(x) for x in data.decode().splitlines() if x.strip()]
+    return {str(line["problem_id"]): [{"index": i, **c} for i, c in enumerate(line.get("candidates") or [])]
+            for line in lines}
 
 
 def evaluation_view(settings: Settings, evaluation_id: str) -> dict[str, Any]:
-    """An evaluation's report (Best-of-N table with ties) and its problems' candidates."""
+    """An evaluation's report (Best-of-N table with ties) and, per problem, its candidates: counts
+    and the scorers whose step scores were stored (``bon_candidates``, see candidates.py)."""
     with get_engine(settings).connect() as conn:
         ev = _one(conn, "SELECT evaluation_id, checkpoint_id, policy_model, num_problems, num_candidates,"
                         " report_key, plot_key, created_at FROM evaluations WHERE evaluation_id = :e",
                   {"e": evaluation_id}, f"evaluation {evaluation_id!r}")
+        problems = [{"problem_id": r.problem_id, "candidates": r.n, "correct": r.correct,
+                     "scorers": sorted(r.scorers or [])} for r in conn.execute(sa.text(
+            "SELECT problem_id, count(*) AS n, count(*) FILTER (WHERE correct) AS correct,"
+            " (SELECT array_agg(DISTINCT k) FROM bon_candidates b2, jsonb_object_keys(b2.step_scores) AS k"
+            "  WHERE b2.evaluation_id = b.evaluation_id AND b2.problem_id = b.problem_id) AS scorers"
+            " FROM bon_candidates b WHERE evaluation_id = :e GROUP BY evaluation_id, problem_id ORDER BY problem_id"),
+            {"e": evaluation_id})]
     report = open_store(settings).get_json(ev.report_key)
-    candidates = _candidate_lines(settings, report)
-    return {"evaluation": ev, "report": report, "candidates": candidates}
+    if not problems:
+        problems = [{"problem_id": pid, "candidates": len(cands), "correct": sum(bool(c.get("correct")) for c in cands),
+                     "scorers": []} for pid, cands in _legacy_candidates(settings, report).items()]
+    return {"evaluation": ev, "report": report, "problems": problems}
 
 
-def step_scores(candidate: dict[str, Any]) -> list[float] | None:
-    """A candidate's PRM step scores, under the project's name or the release's."""
-    for name in ("step_scores", "prm_scores"):
-        scores = candidate.get(name)
-        if isinstance(scores, dict) and scores:  # per PRM: the first one
-            scores = next(iter(scores.values()))
-        if isinstance(scores, list):
-            return [float(s) for s in scores]
-    return None
+def evaluation_problem_view(settings: Settings, evaluation_id: str, problem_id: str,
+                            scorer: str | None = None) -> dict[str, Any]:
+    """One evaluated problem: its image and each candidate's steps with one scorer's step scores
+    (``scorer``, default the PRM's: ``candidates.PRM_SCORER``)."""
+    from ..candidates import PRM_SCORER
 
-
-def evaluation_problem_view(settings: Settings, evaluation_id: str, problem_id: str) -> dict[str, Any]:
-    """One evaluated problem: its image and each candidate's steps with their step scores."""
     view = evaluation_view(settings, evaluation_id)
-    if problem_id not in view["candidates"]:
+    with get_engine(settings).connect() as conn:
+        rows = [{"index": r.candidate_index, "steps": r.steps, "final_answer": r.final_answer, "correct": r.correct,
+                 "step_scores": r.step_scores} for r in conn.execute(sa.text(
+            "SELECT candidate_index, steps, final_answer, correct, step_scores FROM bon_candidates"
+            " WHERE evaluation_id = :e AND problem_id = :p ORDER BY candidate_index"),
+            {"e": evaluation_id, "p": problem_id})]
+    if not rows:
+        rows = _legacy_candidates(settings, view["report"]).get(problem_id, [])
+    if not rows:
         raise NotFound(f"problem {problem_id!r} in the candidates of evaluation {evaluation_id!r}")
     problem = problem_row(settings, problem_id)
+    scorers = sorted({name for row in rows for name in row.get("step_scores") or {}})
+    chosen = scorer if scorer in scorers else (PRM_SCORER if PRM_SCORER in scorers else (scorers or [None])[0])
     candidates = []
-    for i, cand in enumerate(view["candidates"][problem_id]):
-        scores = step_scores(cand)
-        steps = list(cand.get("steps") or [])
-        candidates.append({"index": i, "correct": bool(cand.get("correct")), "answer": cand.get("final_answer"),
+    for row in rows:
+        scores = (row.get("step_scores") or {}).get(chosen) if chosen else None
+        steps = list(row.get("steps") or [])
+        candidates.append({"index": row["index"], "correct": bool(row.get("correct")), "answer": row.get("final_answer"),
                            "steps": [(s, scores[j] if scores and j < len(scores) else None)
                                      for j, s in enumerate(steps)], "has_scores": scores is not None})
     return {"evaluation": view["evaluation"], "report": view["report"], "problem": problem,
-            "candidates": candidates}
+            "candidates": candidates, "scorers": scorers, "scorer": chosen}
 
 
 def evaluation_plot(settings: Settings, evaluation_id: str) -> bytes:

@@ -22,6 +22,7 @@ import sqlalchemy as sa
 from af_helpers import DAG_ID, wait_for_run
 from browser_data import candidates_from_trees, record_evaluation, register_checkpoint
 from mmprm_tasks.db import get_engine
+from mmprm_tasks.pipeline import traverse_stage
 
 pytestmark = pytest.mark.airflow_services
 
@@ -191,9 +192,8 @@ def test_trigger_from_the_form_then_browse(stack, client, chromium, toy_seeds, t
 
     # An evaluation of candidates from this run (real policy rollouts), registered as the
     # evaluation stage registers one; then index -> evaluation -> candidate -> problem.
-    with get_engine(task_settings).connect() as conn:
-        dataset_id = conn.execute(sa.text("SELECT dataset_id FROM datasets WHERE :r = ANY(run_ids)"),
-                                  {"r": RUN_ID}).scalar_one()
+    # The run's dataset (the DAG made it; the stage is idempotent and returns that one).
+    dataset_id = traverse_stage(task_settings, [RUN_ID])["dataset_id"]
     evaluation_id = record_evaluation(task_settings, register_checkpoint(task_settings, dataset_id),
                                       candidates_from_trees(task_settings, RUN_ID))
     page.goto(f"{api}/mmprm/")

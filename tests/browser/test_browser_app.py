@@ -321,22 +321,29 @@ def test_every_airflow_deployment_loads_the_plugin_folder():
     assert env["AIRFLOW__CORE__PLUGINS_FOLDER"] == f"/opt/mmprm/{PLUGINS_DIR.relative_to(repo)}"
 
 
-def test_evaluation_whose_candidates_carry_no_step_scores(stocked):
-    """The evaluation stage's candidate file holds steps and verdicts; step scores are shown only
-    where stored (the release's ``prm_scores`` name is read too)."""
+def test_evaluation_candidates_per_scorer_and_before_they_were_rows(stocked):
+    """Step scores are shown per scorer (the PRM's by default); an evaluation made before
+    candidates were stored as rows shows its sampled candidates without scores."""
     settings, ids = stocked
     candidates = candidates_from_trees(settings, "run-a")
-    plain = {pid: [{k: v for k, v in c.items() if k != "step_scores"} for c in cands]
-             for pid, cands in candidates.items()}
-    released = {pid: [{**{k: v for k, v in c.items() if k != "step_scores"}, "prm_scores": c["step_scores"]}
-                      for c in cands] for pid, cands in candidates.items()}
-    client = _client(settings)
     pid = next(iter(candidates))
-    for name, cands, coloured in (("eval-plain", plain, False), ("eval-release", released, True)):
-        record_evaluation(settings, ids["checkpoint"], cands, evaluation_id=name)
-        listing = client.get(f"{PREFIX}/evaluations/{name}").text
-        assert ("<td>stored</td>" in listing) is coloured and ("<td>not stored</td>" in listing) is not coloured
-        page = client.get(f"{PREFIX}/evaluations/{name}/problems/{pid}").text
-        assert page.count('class="steps candidate-step"') == sum(len(c["steps"]) for c in cands[pid])
-        assert ("background: hsl(" in page) is coloured
-        assert ("no step scores stored" in page) is not coloured
+    client = _client(settings)
+    record_evaluation(settings, ids["checkpoint"], candidates, "eval-two-scorers",
+                      scorers=("prm", "base-model likelihood"))
+    listing = client.get(f"{PREFIX}/evaluations/eval-two-scorers").text
+    assert listing.count("<td>base-model likelihood, prm</td>") == len(candidates)
+    page = client.get(f"{PREFIX}/evaluations/eval-two-scorers/problems/{pid}").text
+    assert '<b id="scorer">prm</b>' in page
+    first = candidates[pid][0]["step_scores"]
+    assert f"hsl({120 * first[0]:.0f}, 75%, 82%)" in page
+    other = client.get(f"{PREFIX}/evaluations/eval-two-scorers/problems/{pid}",
+                       params={"scorer": "base-model likelihood"}).text
+    assert '<b id="scorer">base-model likelihood</b>' in other
+    assert f"<b>{first[-1]:.3f}</b> {candidates[pid][0]['steps'][0]}" in other  # the reversed scores
+
+    record_evaluation(settings, ids["checkpoint"], candidates, "eval-before-rows", as_rows=False)
+    listing = client.get(f"{PREFIX}/evaluations/eval-before-rows").text
+    assert listing.count("<td>none</td>") == len(candidates)
+    page = client.get(f"{PREFIX}/evaluations/eval-before-rows/problems/{pid}").text
+    assert page.count('class="steps candidate-step"') == sum(len(c["steps"]) for c in candidates[pid])
+    assert "background: hsl(" not in page and "No step scores were stored" in page
