@@ -21,7 +21,7 @@ from mmprm_wiring.assets import CHECKPOINT
     doc_md=__doc__,
 )
 def mmprm_evaluate():
-    T.evaluate_best_of_n()
+    T.evaluate_best_of_n(T.preflight_evaluation())
 
 
 

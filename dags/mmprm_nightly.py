@@ -1,5 +1,6 @@
 """mmprm_nightly_refresh: annotate only new problems and those annotated by an older policy or
-config, then republish the trees and the dataset built from every run under the current config."""
+config, then publish the trees; mmprm_dataset rebuilds the dataset from every run under the
+current config (the trees event says so)."""
 
 from __future__ import annotations
 
@@ -19,17 +20,15 @@ from mmprm_wiring import tasks as T
     is_paused_upon_creation=True,
     max_active_runs=1,
     tags=["mmprm", "annotation", "nightly"],
-    params=P.params("run_id", "split", *P.ANNOTATION),
+    # split defaults to train: the nightly refresh never annotates the evaluation split unasked.
+    params=P.params("annotation_run_id", "split", *P.ANNOTATION),
     doc_md=__doc__,
 )
 def mmprm_nightly_refresh():
     sharded = T.shard(selection="stale")
+    T.preflight_annotation() >> sharded
     annotated = T.annotate_chunk.partial(sharded=sharded).expand(chunk_index=T.chunk_indices(sharded))
-    summary = T.index_summary(sharded, annotated)
-    traversed = T.traverse(sharded, all_current_runs=True)
-    summary >> traversed
-    T.format_dataset(traversed)
-
+    T.index_summary(sharded, annotated, all_current_runs=True)
 
 
 dag = mmprm_nightly_refresh()

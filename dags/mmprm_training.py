@@ -21,7 +21,7 @@ from mmprm_wiring.assets import DATASET
     doc_md=__doc__,
 )
 def mmprm_train():
-    T.train_prm()
+    T.train_prm(T.preflight_training())
 
 
 

@@ -11,45 +11,94 @@ from pydantic import SecretStr
 
 from .settings import ConfigurationError, Settings, get_settings
 
+def _knob(target: str | None, title: str, description: str, *, unit: str | None = None,
+          **schema: Any) -> tuple[str | None, dict[str, Any]]:
+    """One trigger knob: its JSON schema with a title, and a description that states the unit and
+    the bounds, because Airflow's trigger form shows the description but not the schema's bounds
+    (a value outside them is refused at trigger time: the REST API answers 400)."""
+    low = schema.get("minimum", schema.get("exclusiveMinimum"))
+    high = schema.get("maximum")
+    parts = [description.rstrip(".") + "."]
+    if unit:
+        parts.append(f"Unit: {unit}.")
+    if low is not None or high is not None:
+        lower = "" if low is None else (f"> {low}" if "exclusiveMinimum" in schema else f">= {low}")
+        upper = "" if high is None else f"<= {high}"
+        parts.append(f"Allowed: {' and '.join(b for b in (lower, upper) if b)}; other values are refused.")
+    if "enum" in schema:
+        parts.append(f"One of: {', '.join(map(str, schema['enum']))}.")
+    return target, {**schema, "title": title, "description": " ".join(parts)}
+
+
+_TEXT = ["string", "null"]
+
 # name -> (settings field it overrides, or None for stage arguments; JSON schema of the value)
 TRIGGER_PARAMS: dict[str, tuple[str | None, dict[str, Any]]] = {
-    "seed_source": (None, {"type": ["string", "null"], "description":
-                           "Seed file (JSON array or JSONL, SPEC §1) to ingest first; null: use what is indexed"}),
-    "run_id": (None, {"type": ["string", "null"], "pattern": "^[A-Za-z0-9._-]{1,100}$",
-                      "description": "Annotation run id; null: derived from the config and the date"}),
-    "split": (None, {"type": ["string", "null"],
-                     "description": "Only annotate problems of this split (default train: evaluation problems "
-                                    "never become training data); null annotates every split"}),
-    "policy_backend": ("policy.backend", {"type": "string", "enum": ["transformers", "vllm", "openai"]}),
-    "policy_model": ("policy.model", {"type": "string", "minLength": 1,
-                                      "description": "Checkpoint path/URI, or served model name (openai)"}),
-    "policy_connection": (None, {"type": ["string", "null"], "description":
-                                 "Airflow Connection of an OpenAI-compatible policy server (URL and API key), one of "
-                                 "the allowed_connections setting; null: the deployment's policy endpoint"}),
-    "judge_connection": (None, {"type": ["string", "null"], "description":
-                                "Airflow Connection of the LLM judge (URL and API key), one of the "
-                                "allowed_connections setting; null: the deployment's judge, if any"}),
-    "num_rollouts": ("search.num_rollouts", {"type": "integer", "minimum": 1, "maximum": 256}),
-    "max_search_count": ("search.max_search_count", {"type": "integer", "minimum": 0, "maximum": 100000}),
-    "rollout_budget": ("search.rollout_budget", {"type": "integer", "minimum": 1, "maximum": 1000000}),
-    "concurrent_problems": ("search.concurrent_problems", {"type": "integer", "minimum": 1, "maximum": 4096}),
-    "max_new_tokens": ("sampling.max_new_tokens", {"type": "integer", "minimum": 1, "maximum": 32768}),
-    "temperature": ("sampling.temperature", {"type": "number", "minimum": 0, "maximum": 2}),
-    "chunk_size": ("chunk_size", {"type": "integer", "minimum": 1, "maximum": 100000}),
-    "label_mode": ("train.label_mode", {"type": "string", "enum": ["soft", "hard"]}),
-    "learning_rate": ("train.learning_rate", {"type": "number", "exclusiveMinimum": 0, "maximum": 1}),
-    "num_train_epochs": ("train.num_train_epochs", {"type": "number", "exclusiveMinimum": 0, "maximum": 100}),
-    "max_steps": ("train.max_steps", {"type": "integer", "minimum": -1}),
-    "per_device_train_batch_size": ("train.per_device_train_batch_size", {"type": "integer", "minimum": 1, "maximum": 1024}),
-    "eval_num_candidates": ("eval.num_candidates", {"type": "integer", "minimum": 1, "maximum": 256}),
-    "dataset_id": (None, {"type": ["string", "null"], "description": "Dataset version to train on; null: the triggering or latest one"}),
-    "checkpoint_id": (None, {"type": ["string", "null"], "description": "PRM checkpoint to evaluate; null: the triggering or latest one"}),
-    "eval_split": (None, {"type": "string", "description": "Split of the seed problems used for Best-of-N"}),
-    "eval_limit": (None, {"type": ["integer", "null"], "minimum": 1, "description": "At most this many test problems"}),
+    "seed_source": _knob(None, "Seed file", "Seed file (JSON array or JSONL, SPEC §1) to ingest, inside the "
+                         "allowed seed roots; null: ingest nothing", type=_TEXT),
+    "eval_seed_source": _knob(None, "Evaluation seed file", "Seed file of the evaluation split (e.g. test) to "
+                              "ingest with it, so evaluation has its problems; null: none", type=_TEXT),
+    # Not "run_id": Airflow's own trigger form has a "Run ID" field (the DAG run's id).
+    "annotation_run_id": _knob(None, "Annotation run id", "Id of the annotation run in the step index (not "
+                               "Airflow's Run ID); reusing one resumes it; null: derived from the config and "
+                               "the date", type=_TEXT, pattern="^[A-Za-z0-9._-]{1,100}$"),
+    "split": _knob(None, "Split to annotate", "Only annotate seed problems of this split (default train: "
+                   "evaluation problems never become training data); null annotates every split", type=_TEXT),
+    "policy_backend": _knob("policy.backend", "Policy backend", "How the policy model is run", type="string",
+                            enum=["transformers", "vllm", "openai"]),
+    "policy_model": _knob("policy.model", "Policy model", "Checkpoint path/URI, or served model name (openai)",
+                          type="string", minLength=1),
+    "policy_connection": _knob(None, "Policy connection", "Airflow Connection of an OpenAI-compatible policy "
+                               "server (URL and API key), one of the allowed_connections setting; null: the "
+                               "deployment's policy endpoint", type=_TEXT),
+    "judge_connection": _knob(None, "Judge connection", "Airflow Connection of the LLM judge (URL and API key), "
+                              "one of the allowed_connections setting; null: the deployment's judge, if any",
+                              type=_TEXT),
+    "num_rollouts": _knob("search.num_rollouts", "Rollouts per expansion", "Completions sampled from a node to "
+                          "estimate its Monte Carlo value", unit="rollouts", type="integer", minimum=1,
+                          maximum=256),
+    "max_search_count": _knob("search.max_search_count", "Search iterations", "MCTS iterations per problem; 0 "
+                              "stops after the root's rollouts", unit="iterations", type="integer", minimum=0,
+                              maximum=100000),
+    "rollout_budget": _knob("search.rollout_budget", "Rollout budget", "Most policy completions spent on one "
+                            "problem", unit="completions", type="integer", minimum=1, maximum=1000000),
+    "concurrent_problems": _knob("search.concurrent_problems", "Concurrent problems", "Problems searched at once "
+                                 "by one annotation task", unit="problems", type="integer", minimum=1,
+                                 maximum=4096),
+    "max_new_tokens": _knob("sampling.max_new_tokens", "Max new tokens", "Longest completion the policy may "
+                            "write", unit="tokens", type="integer", minimum=1, maximum=32768),
+    "temperature": _knob("sampling.temperature", "Temperature", "Sampling temperature of the policy",
+                         type="number", minimum=0, maximum=2),
+    "chunk_size": _knob("chunk_size", "Chunk size", "Problems per annotation task (the unit Airflow maps and "
+                        "retries)", unit="problems", type="integer", minimum=1, maximum=100000),
+    "label_mode": _knob("train.label_mode", "Label mode", "soft: the Monte Carlo value as the target; hard: "
+                        "1 when it is positive", type="string", enum=["soft", "hard"]),
+    "learning_rate": _knob("train.learning_rate", "Learning rate", "Peak learning rate of the PRM's "
+                           "optimizer", type="number", exclusiveMinimum=0, maximum=1),
+    "num_train_epochs": _knob("train.num_train_epochs", "Epochs", "Passes over the dataset (max_steps, if "
+                              "set, wins)", unit="epochs", type="number", exclusiveMinimum=0, maximum=100),
+    "max_steps": _knob("train.max_steps", "Max optimizer steps", "Stop after this many optimizer steps; -1: "
+                       "run the epochs", unit="steps", type="integer", minimum=-1, maximum=10000000),
+    "per_device_train_batch_size": _knob("train.per_device_train_batch_size", "Batch size per device",
+                                         "Training paths per device and step", unit="paths", type="integer",
+                                         minimum=1, maximum=1024),
+    "eval_num_candidates": _knob("eval.num_candidates", "Candidates per problem", "Policy solutions sampled "
+                                 "per evaluation problem for Best-of-N", unit="solutions", type="integer",
+                                 minimum=1, maximum=256),
+    "dataset_id": _knob(None, "Dataset id", "Dataset version to train on (ds-...); null: the triggering or "
+                        "latest one", type=_TEXT),
+    "checkpoint_id": _knob(None, "Checkpoint id", "PRM checkpoint to evaluate (ckpt-...); null: the triggering "
+                           "or latest one", type=_TEXT),
+    "eval_split": _knob(None, "Evaluation split", "Split of the seed problems used for Best-of-N; it must "
+                        "share no problem with the PRM's dataset", type="string", minLength=1),
+    "eval_limit": _knob(None, "Evaluation problems", "At most this many problems of the split; null: all",
+                        unit="problems", type=["integer", "null"], minimum=1),
 }
 
-_STAGE_DEFAULTS: dict[str, Any] = {"policy_connection": None, "judge_connection": None, "seed_source": None, "run_id": None, "split": "train", "eval_split": "test",
-                                   "eval_limit": None, "dataset_id": None, "checkpoint_id": None}
+_STAGE_DEFAULTS: dict[str, Any] = {"policy_connection": None, "judge_connection": None, "seed_source": None,
+                                   "eval_seed_source": None, "annotation_run_id": None, "split": "train",
+                                   "eval_split": "test", "eval_limit": None, "dataset_id": None,
+                                   "checkpoint_id": None}
 
 
 def _get(settings: Settings, dotted: str) -> Any:

@@ -39,8 +39,10 @@ def _jsonl(lines: list[str]) -> bytes:
 # Seeds and annotation
 
 
-def ingest_stage(settings: Settings, seed_source: str | None) -> dict[str, Any]:
-    """Ingest a seed file when given; bad records are quarantined, good ones land.
+def ingest_stage(settings: Settings, seed_source: str | None, eval_seed_source: str | None = None
+                 ) -> dict[str, Any]:
+    """Ingest a seed file, and the evaluation split's file, when given; bad records are
+    quarantined, good ones land.  The result counts the indexed problems of each split.
 
     ``seed_source`` comes from whoever may trigger a DAG, so it must name a file inside
     ``settings.allowed_seed_roots`` (else ValueError): a trigger cannot make a worker read, and
@@ -50,26 +52,119 @@ def ingest_stage(settings: Settings, seed_source: str | None) -> dict[str, Any]:
     engine = get_engine(settings)
     require_schema(engine)
     result: dict[str, Any] = {"source": seed_source}
-    if seed_source:
-        path = Path(seed_source[len("file://"):] if seed_source.startswith("file://") else seed_source).resolve()
+    if eval_seed_source:
+        result["eval_source"] = eval_seed_source
+    for name, source in (("seed_source", seed_source), ("eval_seed_source", eval_seed_source)):
+        if not source:
+            continue
+        path = Path(source[len("file://"):] if source.startswith("file://") else source).resolve()
         roots = settings.allowed_seed_roots
         if not any(path.is_relative_to(root) for root in roots):
-            raise ValueError(f"seed_source {seed_source!r} is outside the allowed seed roots "
+            raise ValueError(f"{name} {source!r} is outside the allowed seed roots "
                              f"{[str(r) for r in roots]} (setting seed_roots, MMPRM_SEED_ROOTS)")
         report = ingest_file(path, settings)
-        result |= {"inserted": report.inserted, "unchanged": report.unchanged,
-                   "rejected": len(report.rejected), "quarantine_uri": report.quarantine_uri}
+        for field, count in (("inserted", report.inserted), ("unchanged", report.unchanged),
+                             ("rejected", len(report.rejected))):
+            result[field] = result.get(field, 0) + count
+        result.setdefault("quarantine_uris", []).extend([report.quarantine_uri] if report.quarantine_uri else [])
         for rejection in report.rejected[:20]:
             log.warning("rejected %s", rejection.describe())
     with engine.connect() as conn:
-        result["problems_indexed"] = conn.execute(sa.text("SELECT count(*) FROM seed_problems")).scalar_one()
+        splits = dict(conn.execute(sa.text("SELECT split, count(*) FROM seed_problems GROUP BY split")).all())
+    result["problems_indexed"] = sum(splits.values())
+    result["splits"] = splits
     return result
 
 
 def shard_stage(settings: Settings, run_id: str | None, *, selection: Selection = "all",
-                split: str | None = None) -> dict[str, Any]:
+                split: str | None = None, airflow_run: tuple[str, str] | None = None) -> dict[str, Any]:
+    """Create (or resume) the annotation run; ``airflow_run`` (dag id, dag run id) is recorded with
+    it (annotation_runs.airflow_dag_id / airflow_run_id: the latest Airflow run that worked on it)."""
     result = shard_run(settings, run_id or default_run_id(settings), selection=selection, split=split)
+    if airflow_run is not None:
+        with get_engine(settings).begin() as conn:
+            conn.execute(sa.text("UPDATE annotation_runs SET airflow_dag_id = :d, airflow_run_id = :a"
+                                 " WHERE run_id = :r"), {"d": airflow_run[0], "a": airflow_run[1], "r": result.run_id})
     return {"run_id": result.run_id, "chunks": result.chunk_indices, "problems": result.num_problems}
+
+
+# ---------------------------------------------------------------------------------------------
+# Preflight: what retrying cannot fix is checked before any work starts (ConfigurationError).
+
+
+def _require_model(model: str, what: str, settings: Settings) -> None:
+    """A local or object-store checkpoint must resolve to a directory with a config.json."""
+    try:
+        path = Path(resolve_model_path(model, settings))
+    except (OSError, ValueError, LookupError) as exc:
+        raise ConfigurationError(f"{what} {model!r} cannot be fetched: {exc}") from exc
+    if not (path / "config.json").is_file():
+        raise ConfigurationError(f"{what} {model!r} is not a model checkpoint (no config.json in {path})")
+
+
+def preflight_annotation(settings: Settings, split: str | None) -> dict[str, Any]:
+    """Before annotating: the policy checkpoint is there (unless served) and seeds of the split exist."""
+    if settings.policy.backend != "openai":
+        _require_model(settings.policy.model, "policy model", settings)
+    engine = get_engine(settings)
+    require_schema(engine)
+    with engine.connect() as conn:
+        count = conn.execute(sa.text("SELECT count(*) FROM seed_problems WHERE CAST(:s AS TEXT) IS NULL"
+                                     " OR split = :s"), {"s": split}).scalar_one()
+    if not count:
+        raise ConfigurationError(f"no seed problems{f' of split {split!r}' if split else ''} in the step index "
+                                 "(ingest a seed file first: mmprm_ingest or mmprm ingest)")
+    return {"split": split, "problems": count, "policy_model": settings.policy.model}
+
+
+def preflight_training(settings: Settings, dataset_id: str | None) -> dict[str, Any]:
+    """Before training: the dataset exists, is formatted and has records; the base model is there."""
+    dataset_id = dataset_id or latest_dataset(settings)
+    with get_engine(settings).connect() as conn:
+        row = conn.execute(sa.text("SELECT counts, formats FROM datasets WHERE dataset_id = :d"),
+                           {"d": dataset_id}).one_or_none()
+    if row is None:
+        raise ConfigurationError(f"dataset {dataset_id!r} is not in the step index")
+    if not row.formats:
+        raise ConfigurationError(f"dataset {dataset_id!r} is not formatted yet (run mmprm_dataset)")
+    if not sum(v for v in (row.counts or {}).values() if isinstance(v, int)):
+        raise ConfigurationError(f"dataset {dataset_id!r} is empty (counts {row.counts}): nothing to train on")
+    _require_model(settings.train.base_model, "base model", settings)
+    return {"dataset_id": dataset_id, "counts": row.counts}
+
+
+def preflight_evaluation(settings: Settings, checkpoint_id: str | None, split: str) -> dict[str, Any]:
+    """Before evaluating: the checkpoint exists, the split has problems, none of which the PRM
+    learnt from, and the policy checkpoint is there (unless served)."""
+    checkpoint_id = checkpoint_id or latest_checkpoint(settings)
+    engine = get_engine(settings)
+    with engine.connect() as conn:
+        dataset_id = conn.execute(sa.text("SELECT dataset_id FROM checkpoints WHERE checkpoint_id = :c"),
+                                  {"c": checkpoint_id}).scalar_one_or_none()
+        if dataset_id is None:
+            raise ConfigurationError(f"checkpoint {checkpoint_id!r} is not in the step index")
+        problems = list(conn.execute(sa.text("SELECT problem_id FROM seed_problems WHERE split = :s"),
+                                     {"s": split}).scalars())
+        if not problems:
+            raise ConfigurationError(f"no seed problems of split {split!r} to evaluate on (ingest them first: "
+                                     "mmprm_ingest's eval_seed_source)")
+        _refuse_training_problems(conn, checkpoint_id, dataset_id, problems)
+    if settings.policy.backend != "openai":
+        _require_model(settings.policy.model, "policy model", settings)
+    return {"checkpoint_id": checkpoint_id, "split": split, "problems": len(problems)}
+
+
+def _refuse_training_problems(conn: sa.Connection, checkpoint_id: str, dataset_id: str,
+                              problem_ids: list[str]) -> None:
+    """Evaluating a PRM on problems its dataset contains measures memory, not judgement."""
+    overlap = list(conn.execute(sa.text(
+        "SELECT DISTINCT t.problem_id FROM trees t JOIN datasets d ON t.run_id = ANY(d.run_ids)"
+        " WHERE d.dataset_id = :d AND t.problem_id = ANY(:p) ORDER BY t.problem_id"),
+        {"d": dataset_id, "p": problem_ids}).scalars())
+    if overlap:
+        shown = ", ".join(overlap[:5]) + (f" and {len(overlap) - 5} more" if len(overlap) > 5 else "")
+        raise ConfigurationError(f"evaluation refused: {len(overlap)} of its {len(problem_ids)} problems are in "
+                                 f"dataset {dataset_id} that checkpoint {checkpoint_id} was trained on ({shown})")
 
 
 def annotate_stage(settings: Settings, run_id: str, chunk_index: int) -> dict[str, Any]:
@@ -309,6 +404,7 @@ def evaluate_stage(settings: Settings, checkpoint_id: str | None = None, *, spli
         ckpt = conn.execute(sa.text("SELECT uri, dataset_id, base_model, config FROM checkpoints"
                                     " WHERE checkpoint_id = :c"), {"c": checkpoint_id}).one()
         problems = _eval_problems(conn, store, split, limit)
+        _refuse_training_problems(conn, checkpoint_id, ckpt.dataset_id, [p["id"] for p in problems])
         toy_trees = _toy_trees(conn, store, ckpt.dataset_id)
     evaluation_id = "eval-" + _hash({"checkpoint": checkpoint_id, "policy": settings.policy.model,
                                      "problems": [p["id"] for p in problems], "eval": settings.eval.model_dump(),

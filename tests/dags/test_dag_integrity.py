@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 DAGS = Path(__file__).resolve().parents[2] / "dags"
+DAG_IDS = ["mmprm_ingest", "mmprm_annotate", "mmprm_nightly_refresh", "mmprm_dataset", "mmprm_train", "mmprm_evaluate"]
 
 
 @pytest.fixture(scope="module")
@@ -25,10 +27,10 @@ def dagbag(tmp_path_factory):
 
 def test_no_import_errors_and_expected_dags(dagbag):
     assert dagbag.import_errors == {}
-    assert set(dagbag.dags) == {"mmprm_pipeline", "mmprm_nightly_refresh", "mmprm_train", "mmprm_evaluate"}
+    assert set(dagbag.dags) == set(DAG_IDS)
 
 
-@pytest.mark.parametrize("dag_id", ["mmprm_pipeline", "mmprm_nightly_refresh"])
+@pytest.mark.parametrize("dag_id", ["mmprm_annotate", "mmprm_nightly_refresh"])
 def test_annotation_is_mapped_over_chunks_on_the_gpu_queue(dagbag, dag_id):
     dag = dagbag.dags[dag_id]
     annotate = dag.get_task("annotate_chunk")
@@ -43,18 +45,28 @@ def test_annotation_is_mapped_over_chunks_on_the_gpu_queue(dagbag, dag_id):
     assert dag.catchup is False
 
 
-def test_pipeline_order(dagbag):
-    dag = dagbag.dags["mmprm_pipeline"]
-    order = ["ingest_seeds", "shard", "chunk_indices", "annotate_chunk", "index_summary", "traverse", "format_dataset"]
+@pytest.mark.parametrize(("dag_id", "order"), [
+    ("mmprm_annotate", ["preflight_annotation", "shard", "chunk_indices", "annotate_chunk", "index_summary"]),
+    ("mmprm_nightly_refresh", ["preflight_annotation", "shard", "chunk_indices", "annotate_chunk", "index_summary"]),
+    ("mmprm_dataset", ["traverse", "format_dataset"]),
+    ("mmprm_train", ["preflight_training", "train_prm"]),
+    ("mmprm_evaluate", ["preflight_evaluation", "evaluate_best_of_n"]),
+])
+def test_task_order_with_preflight_first(dagbag, dag_id, order):
+    dag = dagbag.dags[dag_id]
     for upstream, downstream in zip(order, order[1:]):
         assert downstream in dag.get_task(upstream).get_flat_relative_ids(upstream=False), (upstream, downstream)
+    if order[0].startswith("preflight"):
+        # What waiting cannot fix is checked once, before any work: never retried.
+        assert dag.get_task(order[0]).retries == 0
+        assert set(dag.get_task(order[0]).get_flat_relative_ids(upstream=True)) == set()
 
 
 def test_only_the_nightly_refresh_starts_paused(dagbag):
     """A fresh stack must not annotate an empty index at once; triggered and asset-scheduled DAGs
     run as soon as they are asked to."""
     assert dagbag.dags["mmprm_nightly_refresh"].is_paused_upon_creation is True
-    for dag_id in ("mmprm_pipeline", "mmprm_train", "mmprm_evaluate"):
+    for dag_id in set(DAG_IDS) - {"mmprm_nightly_refresh"}:
         assert not dagbag.dags[dag_id].is_paused_upon_creation, dag_id
 
 
@@ -65,34 +77,64 @@ def test_nightly_is_daily_without_catchup(dagbag):
     assert "ingest_seeds" not in dag.task_ids
 
 
-def test_lineage_seeds_trees_dataset_checkpoint_report(dagbag):
-    def names(assets):
-        return {a.name for a in assets}
+def test_lineage_is_the_chain_seeds_trees_dataset_checkpoint_report(dagbag):
+    """The asset graph the UI draws (Airflow's own serialized DAG dependencies): each asset is
+    produced by one stage and schedules the next, so lineage reads
+    seeds -> annotate -> trees -> dataset -> dataset asset -> train -> checkpoint -> evaluate -> report;
+    the nightly refresh is a second producer of trees only."""
+    from airflow.serialization.serialized_objects import DagSerialization
 
-    pipeline = dagbag.dags["mmprm_pipeline"]
-    assert names(pipeline.get_task("ingest_seeds").outlets) == {"mmprm_seeds"}
-    assert names(pipeline.get_task("index_summary").outlets) == {"mmprm_trees"}
-    assert names(pipeline.get_task("format_dataset").outlets) == {"mmprm_prm_dataset"}
-    train, evaluate = dagbag.dags["mmprm_train"], dagbag.dags["mmprm_evaluate"]
-    assert "mmprm_prm_dataset" in str(train.timetable.asset_condition)
-    assert names(train.get_task("train_prm").outlets) == {"mmprm_prm_checkpoint"}
-    assert "mmprm_prm_checkpoint" in str(evaluate.timetable.asset_condition)
-    assert names(evaluate.get_task("evaluate_best_of_n").outlets) == {"mmprm_bon_report"}
+    produces: dict[str, set[str]] = {}
+    consumes: dict[str, set[str]] = {}
+    for dag_id, dag in dagbag.dags.items():
+        for dep in DagSerialization.serialize_dag(dag)["dag_dependencies"]:
+            if dep["dependency_type"] != "asset":
+                continue
+            dep["dependency_id"] = json.loads(dep["dependency_id"])["name"]  # the asset's key: name + uri
+            if dep["source"] == dag_id:
+                produces.setdefault(dag_id, set()).add(dep["dependency_id"])
+            elif dep["target"] == dag_id:
+                consumes.setdefault(dag_id, set()).add(dep["dependency_id"])
+    assert produces == {"mmprm_ingest": {"mmprm_seeds"}, "mmprm_annotate": {"mmprm_trees"},
+                        "mmprm_nightly_refresh": {"mmprm_trees"}, "mmprm_dataset": {"mmprm_prm_dataset"},
+                        "mmprm_train": {"mmprm_prm_checkpoint"}, "mmprm_evaluate": {"mmprm_bon_report"}}
+    assert consumes == {"mmprm_annotate": {"mmprm_seeds"}, "mmprm_dataset": {"mmprm_trees"},
+                        "mmprm_train": {"mmprm_prm_dataset"}, "mmprm_evaluate": {"mmprm_prm_checkpoint"}}
+    # Walk the chain from the seeds: one consumer per asset, five assets in order.
+    chain, asset = [], "mmprm_seeds"
+    while asset:
+        chain.append(asset)
+        consumers = [dag_id for dag_id, assets in consumes.items() if asset in assets]
+        assert len(consumers) <= 1, (asset, consumers)
+        asset = next(iter(produces[consumers[0]])) if consumers else None
+    assert chain == ["mmprm_seeds", "mmprm_trees", "mmprm_prm_dataset", "mmprm_prm_checkpoint", "mmprm_bon_report"]
 
 
-def test_params_are_bounded(dagbag):
+def test_params_are_bounded_titled_and_described(dagbag):
     from airflow.sdk.definitions.param import ParamValidationError
 
-    params = dagbag.dags["mmprm_pipeline"].params
+    params = dagbag.dags["mmprm_annotate"].params
     for name in ["num_rollouts", "max_search_count", "rollout_budget", "chunk_size", "policy_backend"]:
         assert name in params
-    assert params.get_param("num_rollouts").resolve(8) == 8
-    with pytest.raises(ParamValidationError):
-        params.get_param("num_rollouts").resolve(0)
+    # Airflow's own trigger form has a "Run ID"; ours is named so it cannot be taken for it.
+    assert "annotation_run_id" in params and "run_id" not in params
+    num_rollouts = params.get_param("num_rollouts")
+    assert num_rollouts.resolve(8) == 8
+    for out_of_range in (0, 300):  # refused, not clamped to 1 or 256
+        with pytest.raises(ParamValidationError):
+            num_rollouts.resolve(out_of_range)
+    assert num_rollouts.schema["title"] == "Rollouts per expansion"
+    assert "Unit: rollouts" in num_rollouts.description and ">= 1 and <= 256" in num_rollouts.description
     with pytest.raises(ParamValidationError):
         params.get_param("policy_backend").resolve("tensorflow")
+    for dag_id in DAG_IDS:
+        for name, param in dagbag.dags[dag_id].params.items():
+            assert param.schema.get("title") and param.description, (dag_id, name)
+            if "minimum" in param.schema or "maximum" in param.schema:
+                assert "Allowed:" in param.description, (dag_id, name)
     assert "learning_rate" in dagbag.dags["mmprm_train"].params
     assert "eval_num_candidates" in dagbag.dags["mmprm_evaluate"].params
+    assert set(dagbag.dags["mmprm_ingest"].params) == {"seed_source", "eval_seed_source"}
 
 
 def test_airflow_cli_lists_dags_without_import_errors(tmp_path):
@@ -102,14 +144,14 @@ def test_airflow_cli_lists_dags_without_import_errors(tmp_path):
     subprocess.run([airflow, "db", "migrate"], env=env, check=True, capture_output=True)
     subprocess.run([airflow, "dags", "reserialize"], env=env, check=True, capture_output=True)
     listed = subprocess.run([airflow, "dags", "list"], env=env, check=True, capture_output=True, text=True).stdout
-    for dag_id in ["mmprm_pipeline", "mmprm_nightly_refresh", "mmprm_train", "mmprm_evaluate"]:
+    for dag_id in DAG_IDS:
         assert dag_id in listed
     errors = subprocess.run([airflow, "dags", "list-import-errors"], env=env, check=True, capture_output=True,
                             text=True).stdout
     assert "No data found" in errors
 
 
-@pytest.mark.parametrize("dag_id", ["mmprm_pipeline", "mmprm_nightly_refresh"])
+@pytest.mark.parametrize("dag_id", ["mmprm_annotate", "mmprm_nightly_refresh"])
 def test_annotation_defaults_never_annotate_the_test_split(dagbag, dag_id, settings, tmp_path):
     """Evaluation problems must not become training data: the default split the DAGs shard is
     train, and sharding with it leaves every test problem out."""
