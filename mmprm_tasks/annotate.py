@@ -24,12 +24,12 @@ import sqlalchemy as sa
 from .db import get_engine, require_schema
 from .failures import best_effort
 from .policy import GenerationRequest, PolicyBackend, load_policy
-from .runs import (LeaseLost, attempt_owner, claim_problems, config_hash, end_attempt, finish_chunks, hold_lease,
-                   mark_done, reclaim_dead_attempts, release_leases, renew_leases)
+from .runs import (attempt_owner, claim_problems, config_hash, end_attempt, finish_chunks, hold_leases, mark_done,
+                   reclaim_dead_attempts, release_leases, renew_leases)
 from .search import SearchProblem, SearchResult, is_rollout_engine, run_search
 from .settings import Settings
 from .storage import ObjectStore, open_store
-from .tree_index import TreeEntry, write_trees
+from .tree_index import TreeEntry, encode_json, write_trees
 from .verify import AnswerVerifier
 
 log = logging.getLogger(__name__)
@@ -90,32 +90,39 @@ def counted(backend: Any) -> CountingPolicy | CountingEngine:
     return CountingEngine(backend) if is_rollout_engine(backend) else CountingPolicy(backend)
 
 
-def persist_tree(conn: sa.Connection, store: ObjectStore, run_id: str, chash: str, result: SearchResult,
-                 owner: str) -> int:
-    """In one transaction on ``conn``: check that ``owner`` still leases the problem (and lock it:
-    :class:`~mmprm_tasks.runs.LeaseLost` otherwise, before anything is written), write the tree
-    JSON, index its nodes (upsert by run and problem) and mark the problem done. Returns the tree id."""
-    data = json.dumps(result.tree, ensure_ascii=False).encode()
-    entry = TreeEntry.build(run_id, result.tree, data, num_rollouts=result.stats["rollouts"],
-                            num_searches=result.stats["searches"])
-    put = False
+def persist_trees(conn: sa.Connection, store: ObjectStore, run_id: str, chash: str, results: Sequence[SearchResult],
+                  owner: str) -> list[SearchResult]:
+    """In one transaction on ``conn``: lock the problems ``owner`` still leases, write their trees'
+    JSON, index their nodes (upsert by run and problem) and mark them done.  Returns the results
+    written; a problem whose lease a peer took is not written (nothing of it is, the peer searches
+    it again).  One transaction for several trees saves its round trips (lease check, done-marks,
+    commit) per tree; every tree still lands with its done-mark or neither does."""
+    # The per-tree work that needs no database happens before the transaction holds locks.
+    prepared = []
+    for result in results:
+        data = encode_json(result.tree)
+        prepared.append((result, data, TreeEntry.build(run_id, result.tree, data, num_rollouts=result.stats["rollouts"],
+                                                       num_searches=result.stats["searches"])))
+    put: list[tuple[str, str]] = []
     try:
         with conn.begin():
             # Atomic but not flushed to disk at commit: a database crash can lose the last few
             # hundred milliseconds of trees, and with them their done-marks (same transaction), so
-            # those problems are searched again; nothing is half-written.  Saves an fsync per tree.
+            # those problems are searched again; nothing is half-written.  Saves an fsync per commit.
             conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
-            hold_lease(conn, run_id, result.problem_id, owner)
-            store.put_bytes(entry.key, data, "application/json")
-            put = True
-            tree_id = write_trees(conn, run_id, chash, [entry])[result.problem_id]
-            mark_done(conn, run_id, result.problem_id)
+            held = hold_leases(conn, run_id, [result.problem_id for result, _, _ in prepared], owner)
+            prepared = [item for item in prepared if item[0].problem_id in held]
+            for result, data, entry in prepared:
+                store.put_bytes(entry.key, data, "application/json")
+                put.append((result.problem_id, entry.key))
+            write_trees(conn, run_id, chash, [entry for _, _, entry in prepared])
+            mark_done(conn, run_id, [result.problem_id for result, _, _ in prepared])
     except BaseException as exc:
-        if put:
-            best_effort(lambda: remove_uncommitted_tree(conn.engine, store, run_id, result.problem_id, entry.key),
-                        f"removing the uncommitted tree object {entry.key}", exc)
+        for problem_id, key in put:
+            best_effort(lambda: remove_uncommitted_tree(conn.engine, store, run_id, problem_id, key),
+                        f"removing the uncommitted tree object {key}", exc)
         raise
-    return tree_id
+    return [result for result, _, _ in prepared]
 
 
 def remove_uncommitted_tree(engine: sa.Engine, store: ObjectStore, run_id: str, problem_id: str, key: str) -> None:
@@ -135,14 +142,19 @@ def remove_uncommitted_tree(engine: sa.Engine, store: ObjectStore, run_id: str, 
 
 
 _STOP = object()
+# Trees a writer thread puts in one transaction when several are waiting (a chunk's trees finish
+# in bursts): per-transaction round trips dominate a tree's write, and a batch bounds how long
+# row locks are held.
+WRITE_BATCH = 16
 
 
 class TreeWriter:
     """Persists finished trees on background threads, so the search never waits for the index.
 
     ``settings.index_writers`` threads, each on its own connection, take finished trees from a
-    queue; each tree is still one transaction with its problem's done-mark (:func:`persist_tree`),
-    so a crash leaves every problem either done with its tree or leased and searched again.  The
+    queue, and write the trees already waiting in one transaction with their problems' done-marks
+    (:func:`persist_trees`), so a crash leaves every problem either done with its tree or leased and
+    searched again.  The
     first thread also renews the owner's leases on a heartbeat (every quarter lease) while the
     chunk runs, whether or not trees are finishing, so a long search keeps its problems.  A write
     error stops further writes and is raised on the search thread at the next :meth:`submit` or at
@@ -187,6 +199,20 @@ class TreeWriter:
         with self._lock:
             self._error = self._error or exc  # the first cause is the one raised
 
+    def _next_batch(self, first: Any) -> tuple[list[SearchResult], bool]:
+        """``first`` and the trees already waiting behind it (up to :data:`WRITE_BATCH`), and
+        whether a stop came with them."""
+        batch = [first]
+        while len(batch) < WRITE_BATCH:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is _STOP:
+                return batch, True
+            batch.append(item)
+        return batch, False
+
     def _run(self, renews: bool) -> None:
         next_renewal = time.monotonic() + self._heartbeat
         conn: sa.Connection | None = None
@@ -195,7 +221,8 @@ class TreeWriter:
         except BaseException as exc:  # raised on the search thread
             self._fail(exc)
         try:
-            while True:
+            stop = False
+            while not stop:
                 try:
                     timeout = max(0.0, next_renewal - time.monotonic()) if renews else None
                     item = self._queue.get(timeout=timeout)
@@ -203,20 +230,26 @@ class TreeWriter:
                     item = None
                 if item is _STOP:
                     return
+                batch: list[SearchResult] = []
+                if item is not None:
+                    batch, stop = self._next_batch(item)
                 if self._error is not None or conn is None:
                     continue  # drain: the problems stay leased and are handed back by the caller
                 try:
-                    if item is not None:
-                        try:
-                            persist_tree(conn, self._store, self._run_id, self._chash, item, self._owner)
-                        except LeaseLost as lost:  # a peer searches it again; not this chunk's failure
-                            log.warning("%s", lost)
-                            self.lost.append(item.problem_id)
-                            continue
+                    if batch:
+                        written = persist_trees(conn, self._store, self._run_id, self._chash, batch, self._owner)
+                        landed = {r.problem_id for r in written}
+                        lost = [r.problem_id for r in batch if r.problem_id not in landed]
+                        if lost:  # a peer searches them again; not this chunk's failure
+                            log.warning("run %s: %s no longer holds the leases of %s (they expired and another "
+                                        "worker took them); their trees are not written", self._run_id, self._owner,
+                                        ", ".join(lost))
                         with self._lock:
-                            self.written.append(item)
-                        log.info("tree %s: root mc %.3f, %d nodes", item.problem_id, item.tree["mc_value"],
-                                 item.stats["nodes"])
+                            self.written.extend(written)
+                            self.lost.extend(lost)
+                        for result in written:
+                            log.info("tree %s: root mc %.3f, %d nodes", result.problem_id, result.tree["mc_value"],
+                                     result.stats["nodes"])
                     if renews and time.monotonic() >= next_renewal:
                         renew_leases(self._settings, self._run_id, self._owner)
                         next_renewal = time.monotonic() + self._heartbeat

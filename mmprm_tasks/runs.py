@@ -14,6 +14,7 @@ import json
 import os
 import socket
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -147,28 +148,25 @@ def renew_leases(settings: Settings, run_id: str, owner: str) -> int:
             {"run": run_id, "owner": owner, "lease": settings.lease_seconds}).rowcount
 
 
-class LeaseLost(RuntimeError):
-    """The problem's lease is no longer this attempt's (it expired and a peer took it)."""
+def hold_leases(conn: sa.Connection, run_id: str, problem_ids: Sequence[str], owner: str) -> set[str]:
+    """Lock, for the rest of ``conn``'s transaction, the rows of those of ``problem_ids`` that
+    ``owner`` still leases (a peer cannot claim them meanwhile) and return their ids; a problem
+    missing from the result expired and was taken by another worker, so this attempt must not
+    write its tree.  Called first in the transaction that writes the trees.  Rows are locked in
+    id order, so writers holding disjoint problems never wait on each other in a cycle."""
+    rows = conn.execute(sa.text(
+        "SELECT problem_id FROM chunk_problems WHERE run_id = :run AND problem_id = ANY(:pids)"
+        " AND lease_owner = :owner AND status = 'leased' ORDER BY problem_id FOR UPDATE"),
+        {"run": run_id, "pids": list(problem_ids), "owner": owner})
+    return {row.problem_id for row in rows}
 
 
-def hold_lease(conn: sa.Connection, run_id: str, problem_id: str, owner: str) -> None:
-    """Lock the problem's row for the rest of ``conn``'s transaction if ``owner`` still leases it
-    (a peer cannot claim it meanwhile); else :class:`LeaseLost`.  Called first in the transaction
-    that writes the problem's tree."""
-    held = conn.execute(sa.text(
-        "SELECT 1 FROM chunk_problems WHERE run_id = :run AND problem_id = :pid AND lease_owner = :owner"
-        " AND status = 'leased' FOR UPDATE"), {"run": run_id, "pid": problem_id, "owner": owner}).first()
-    if held is None:
-        raise LeaseLost(f"problem {problem_id} of run {run_id}: {owner} no longer holds its lease "
-                        "(it expired and another worker took it); this attempt's tree is not written")
-
-
-def mark_done(conn: sa.Connection, run_id: str, problem_id: str) -> None:
-    """Called inside the transaction that writes the problem's tree (after :func:`hold_lease`), so
-    both land or neither."""
+def mark_done(conn: sa.Connection, run_id: str, problem_ids: Sequence[str]) -> None:
+    """Called inside the transaction that writes the problems' trees (after :func:`hold_leases`),
+    so trees and done-marks land together or not at all."""
     conn.execute(sa.text(
         "UPDATE chunk_problems SET status = 'done', lease_owner = NULL, lease_expires_at = NULL, error = NULL"
-        " WHERE run_id = :run AND problem_id = :pid"), {"run": run_id, "pid": problem_id})
+        " WHERE run_id = :run AND problem_id = ANY(:pids)"), {"run": run_id, "pids": list(problem_ids)})
 
 
 # Owners of attempts running in this process (an owner naming this pid but not here is over).

@@ -216,7 +216,7 @@ class Settings(BaseSettings):
     # A chunk lease expires after this long without a heartbeat, so another worker may take it.
     lease_seconds: float = Field(1800.0, gt=0)
     # Threads (each with its own connection) writing finished trees into the index while the
-    # search goes on; a tree is one transaction whichever thread writes it.
+    # search goes on; a tree lands with its done-mark in one transaction whichever thread writes it.
     index_writers: int = Field(2, ge=1)
 
     store: StoreConfig = Field(default_factory=StoreConfig)

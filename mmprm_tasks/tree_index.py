@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import sqlalchemy as sa
 
 from .db import get_engine, require_schema
@@ -78,7 +79,13 @@ def mc_histogram(nodes: Sequence[NodeRow]) -> list[int]:
     return counts
 
 
-_encode_steps = json.JSONEncoder(ensure_ascii=False).encode
+# Tree objects and the steps column: the JSON of ``json.dumps(obj, ensure_ascii=False)`` without
+# its spaces, several times faster; the annotate write path encodes every tree and node on its hot path.
+encode_json = msgspec.json.encode
+
+
+def _encode_steps(steps: list[str]) -> str:
+    return encode_json(steps).decode()
 
 
 def _node_rows(nodes: Sequence[NodeRow]):

@@ -8,7 +8,7 @@ import time
 import pytest
 import sqlalchemy as sa
 
-from mmprm_tasks.annotate import TreeWriter, _load_problem, annotate_chunk, run_summary
+from mmprm_tasks.annotate import TreeWriter, _load_problem, annotate_chunk, persist_trees, run_summary
 from mmprm_tasks.db import get_engine
 from mmprm_tasks.policy import PolicyError
 from mmprm_tasks.runs import attempt_owner, claim_problems, config_hash, run_progress, shard_run
@@ -139,19 +139,29 @@ def test_retry_takes_back_only_dead_attempts_leases(annotated_settings):
 def test_a_tree_whose_lease_was_taken_is_not_written(annotated_settings):
     s = annotated_settings.with_overrides({"lease_seconds": 0.2})
     slow = attempt_owner("run-a/chunk-0")
-    problem_id = claim_problems(s, "run-a", 0, slow, limit=1, steal=False)[0][0]
-    time.sleep(0.5)  # the slow attempt stalls past its lease (no heartbeat) ...
+    taken, kept = [pid for pid, *_ in claim_problems(s, "run-a", 0, slow, limit=2, steal=False)]
+    time.sleep(0.5)  # the slow attempt stalls past its leases (no heartbeat) ...
     peer = attempt_owner("run-a/peer")
-    assert claim_problems(s, "run-a", 0, peer, limit=1, steal=False)[0][0] == problem_id  # ... a peer takes it
+    assert claim_problems(s, "run-a", 0, peer, limit=1, steal=False)[0][0] == taken  # ... a peer takes one
+    with get_engine(s).begin() as conn:  # the slow attempt still holds the other (nobody claimed it)
+        conn.execute(sa.text("UPDATE chunk_problems SET lease_expires_at = now() + interval '1 hour'"
+                             " WHERE run_id = 'run-a' AND problem_id = :p"), {"p": kept})
     store = open_store(s)
     with get_engine(s).connect() as conn:
-        problem = _load_problem(conn, store, problem_id)
-    result = next(run_search([problem], ScriptedPolicy(arithmetic_script), ExactVerifier(), s.search, 0))
+        problems = [_load_problem(conn, store, pid) for pid in (taken, kept)]
+    results = {r.problem_id: r for r in run_search(problems, ScriptedPolicy(arithmetic_script), ExactVerifier(),
+                                                   s.search, 0)}
+    # Written together (one transaction): the held problem's tree lands, the taken one's does not.
+    with get_engine(s).connect() as conn:
+        written = persist_trees(conn, store, "run-a", config_hash(s), [results[taken], results[kept]], slow)
+    assert [r.problem_id for r in written] == [kept]
+    assert [t.problem_id for t in _trees(s, "run-a")] == [kept] and not store.exists(tree_key("run-a", taken))
+    # Through the writer threads: not an error for the chunk, counted as lost.
     writer = TreeWriter(get_engine(s), store, s, "run-a", config_hash(s), slow)
-    writer.submit(result)
-    writer.close()  # not an error for the chunk: the peer owns the problem now
-    assert writer.lost == [problem_id] and writer.written == []
-    assert _trees(s, "run-a") == [] and not store.exists(tree_key("run-a", problem_id))
+    writer.submit(results[taken])
+    writer.close()
+    assert writer.lost == [taken] and writer.written == []
+    assert [t.problem_id for t in _trees(s, "run-a")] == [kept]
 
 
 def test_verification_outage_fails_the_chunk_and_writes_no_label(annotated_settings):

@@ -38,7 +38,7 @@ def test_claims_own_chunk_first_then_steals(settings, tmp_path):
     assert sorted(claim_problems(settings, "r", 0, "w0", limit=10)) == sorted(own)
     with get_engine(settings).begin() as conn:
         for pid, _ in own:
-            mark_done(conn, "r", pid)
+            mark_done(conn, "r", [pid])
     stolen = claim_problems(settings, "r", 0, "w0", limit=2)
     assert {c for _, c in stolen} == {1} and len(stolen) == 2
     # The owner of chunk 1 finds only what was not stolen.
@@ -79,7 +79,7 @@ def test_finish_marks_chunks_and_run(settings, tmp_path):
     shard_run(settings, "r", chunk_size=2)
     with get_engine(settings).begin() as conn:
         for pid, _ in claim_problems(settings, "r", 0, "w", limit=2, steal=False):
-            mark_done(conn, "r", pid)
+            mark_done(conn, "r", [pid])
     finish_chunks(settings, "r")
     with get_engine(settings).connect() as conn:
         status = dict(conn.execute(sa.text("SELECT chunk_index, status FROM chunks WHERE run_id='r'")).all())
