@@ -11,6 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
 from mmprm_tasks import db
+from mmprm_tasks.annotate import WRITE_BATCH
 from mmprm_tasks.runs import shard_run
 from mmprm_tasks.seeds import ingest_file
 from mmprm_tasks.settings import Settings
@@ -112,7 +113,7 @@ def assert_consistent(settings: Settings, run_id: str, *, finished: bool, killed
     """The invariants after any fault: trees in Postgres = tree objects = problems done, one row
     per problem, every tree's nodes present, no label outside a done problem; ``finished``: every
     problem is done and nothing is leased.  ``killed``: a process killed between a tree's put and
-    its commit leaves the object of a problem that is not done, at most one per writer thread
+    its commit leaves the objects of problems that are not done, at most one write batch per writer
     (overwritten by the retry that does the problem; an object of a problem not done is never read)."""
     engine = db.get_engine(settings)
     with engine.connect() as conn:
@@ -133,7 +134,7 @@ def assert_consistent(settings: Settings, run_id: str, *, finished: bool, killed
     rows = {t.tree_key for t in trees}
     if killed:
         extra = objects - rows
-        assert objects >= rows and len(extra) <= settings.index_writers and all(
+        assert objects >= rows and len(extra) <= settings.index_writers * WRITE_BATCH and all(
             key.rsplit("/", 1)[1].removesuffix(".json") not in done for key in extra), (objects, rows)
     else:
         assert objects == rows, f"objects {sorted(objects)} vs rows {sorted(rows)}"
