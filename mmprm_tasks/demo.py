@@ -134,16 +134,17 @@ def run_demo(home: Path, *, n_train: int = 96, n_test: int = 128, seed: int = 0,
     log(f"[1/6] toy seeds ({n_train} train, {n_test} test) and the step index in {home}")
     seeds = generate_seeds(home / "seeds", n_train=n_train, n_test=n_test, seed=seed)
     db.upgrade(db.get_engine(settings))
-    pipeline.ingest_stage(settings, str(seeds["test"]))
     log("[2/6] Airflow metadata DB and GPU pool")
     init_airflow(settings.orchestration.gpu_pool, settings.orchestration.gpu_pool_slots)
 
-    log("[3/6] mmprm_pipeline: ingest -> shard -> annotate chunks -> index summary -> traverse -> format")
+    # dag.test() runs one DAG and does not follow asset events: each stage's DAG in turn.
+    log("[3/6] mmprm_ingest -> mmprm_annotate (shard -> annotate chunks -> index summary) -> mmprm_dataset")
     run_id = f"demo-seed{seed}-{n_train}"
-    pipeline_run = run_dag("mmprm_pipeline.py", {"seed_source": str(seeds["train"]), "run_id": run_id,
-                                                 "split": "train"})
-    summary = _xcom(pipeline_run, "index_summary") or {}
-    dataset = _xcom(pipeline_run, "traverse") or {}
+    run_dag("mmprm_ingest.py", {"seed_source": str(seeds["train"]), "eval_seed_source": str(seeds["test"])})
+    annotate_run = run_dag("mmprm_annotate.py", {"annotation_run_id": run_id, "split": "train"})
+    dataset_run = run_dag("mmprm_dataset.py", {"annotation_run_id": run_id})
+    summary = _xcom(annotate_run, "index_summary") or {}
+    dataset = _xcom(dataset_run, "traverse") or {}
     result = DemoResult(home=home, seconds=0.0, summary={**summary, "dataset": dataset})
 
     for label_mode in ("soft", "hard"):

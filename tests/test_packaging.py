@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-DAG_IDS = ["mmprm_pipeline", "mmprm_nightly_refresh", "mmprm_train", "mmprm_evaluate"]
+DAG_IDS = ["mmprm_ingest", "mmprm_annotate", "mmprm_nightly_refresh", "mmprm_dataset", "mmprm_train", "mmprm_evaluate"]
 # Build outputs and local state that are not part of the source.
 _NOT_SOURCE = shutil.ignore_patterns(".venv", ".git", ".mmprm", "build", "dist", "*.egg-info", "__pycache__",
                                      ".pytest_cache", "node_modules", "seeds", "models")
@@ -91,7 +91,7 @@ def test_installed_wheel_upgrades_a_database_and_serves_its_dags(installed, empt
     installed.run(mmprm, "db", "status", env=env)  # exits 1 unless the schema is current
 
     dags = Path(installed.run(mmprm, "dags-path").strip())
-    assert dags.is_relative_to(installed.root / "venv") and (dags / "mmprm_pipeline.py").is_file()
+    assert dags.is_relative_to(installed.root / "venv") and (dags / "mmprm_annotate.py").is_file()
     airflow = str(installed.bin / "airflow")
     airflow_env = {"AIRFLOW_HOME": str(tmp_path / "airflow"), "AIRFLOW__CORE__DAGS_FOLDER": str(dags),
                    "AIRFLOW__CORE__LOAD_EXAMPLES": "False"}

@@ -8,7 +8,17 @@ from typing import Any
 
 from mmprm_tasks.settings import Settings
 
-DAG_ID = "mmprm_pipeline"
+# The annotation DAG: seeds -> trees (mmprm_ingest and mmprm_dataset are the stages around it).
+DAG_ID = "mmprm_annotate"
+
+
+def ingest_directly(settings: Settings, seeds: dict[str, Any]) -> None:
+    """The toy seeds into the step index without mmprm_ingest, so no seeds event starts an
+    annotation run of its own (idempotent: a second call changes nothing)."""
+    from mmprm_tasks.seeds import ingest_file
+
+    for path in seeds.values():
+        ingest_file(path, settings)
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.5) -> Any:

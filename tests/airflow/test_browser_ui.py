@@ -1,7 +1,7 @@
 """The annotation browser inside the Airflow UI, driven headless in Debian's chromium (Playwright
 with ``executable_path``; no browser is downloaded) against real Airflow services.
 
-Logs in through Airflow's own login page, triggers a small ``mmprm_pipeline`` run from the
+Logs in through Airflow's own login page, triggers a small ``mmprm_annotate`` run from the
 trigger form, opens the DAG run's Annotation tab (the plugin's view, in the UI's frame), one
 problem's tree with its image and first-error step, and an evaluation with its Best-of-N plot.
 Anonymous and role-less sessions are refused.  A screenshot of every page is saved under
@@ -19,7 +19,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from af_helpers import DAG_ID, wait_for_run
+from af_helpers import DAG_ID, ingest_directly, wait_for_run
 from browser_data import candidates_from_trees, record_evaluation, register_checkpoint
 from mmprm_tasks.db import get_engine
 from mmprm_tasks.pipeline import traverse_stage
@@ -130,11 +130,12 @@ def test_trigger_from_the_form_then_browse(stack, client, chromium, toy_seeds, t
     page = context.new_page()
     _login(page, api, "admin", stack.users["admin"][1], f"/dags/{DAG_ID}")
 
-    # Trigger a small run from the form (seed file and run id; the rest are the form's defaults).
+    # Trigger a small annotation run from the form (its run id; the rest are the form's
+    # defaults) on seeds ingested beforehand (mmprm_ingest's event would start a run of its own).
+    ingest_directly(task_settings, toy_seeds)
     page.get_by_role("button", name="Trigger").first.click()
     dialog = page.get_by_role("dialog")
-    dialog.locator("input[name=element_seed_source]").fill(str(toy_seeds["train"]))
-    dialog.locator("input[name=element_run_id]").fill(RUN_ID)
+    dialog.locator("input[name=element_annotation_run_id]").fill(RUN_ID)
     _shot(page, "02-trigger-form")
     dialog.get_by_role("button", name="Trigger").last.click()
     page.wait_for_url(re.compile(rf".*/dags/{DAG_ID}/runs/.+"))

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from af_helpers import step_index_check, task_instances, trigger, wait_for_run, xcom
+from af_helpers import ingest_directly, step_index_check, task_instances, trigger, wait_for_run, xcom
 
 pytestmark = pytest.mark.airflow_services
 
@@ -38,7 +38,8 @@ def test_annotation_runs_on_the_gpu_worker_and_the_rest_on_the_default_worker(st
                                                                                task_settings):
     start = time.monotonic()
     run_id = "af-celery"
-    dag_run = trigger(client, {"seed_source": str(toy_seeds["train"]), "run_id": run_id, "split": "train"})
+    ingest_directly(task_settings, toy_seeds)
+    dag_run = trigger(client, {"annotation_run_id": run_id, "split": "train"})
     airflow_run = dag_run["dag_run_id"]
     state = wait_for_run(client, airflow_run, timeout=300)
     print(f"run {airflow_run} {state} after {time.monotonic() - start:.1f}s")
@@ -48,8 +49,7 @@ def test_annotation_runs_on_the_gpu_worker_and_the_rest_on_the_default_worker(st
     annotate = [ti for ti in tis if ti["task_id"] == "annotate_chunk"]
     others = [ti for ti in tis if ti["task_id"] != "annotate_chunk"]
     assert len(annotate) == 3, annotate  # 9 problems in chunks of 3
-    assert {ti["task_id"] for ti in others} == {"ingest_seeds", "shard", "chunk_indices", "index_summary",
-                                                "traverse", "format_dataset"}
+    assert {ti["task_id"] for ti in others} == {"preflight_annotation", "shard", "chunk_indices", "index_summary"}
     for ti in tis:
         assert ti["state"] == "success" and ti["executor"] in (None, "CeleryExecutor"), ti
     for ti in annotate:
@@ -60,7 +60,7 @@ def test_annotation_runs_on_the_gpu_worker_and_the_rest_on_the_default_worker(st
     # The workers' own logs agree: each received its tasks from its queue.
     gpu_log, cpu_log = stack.services["worker-gpu"].tail(2_000_000), stack.services["worker-default"].tail(2_000_000)
     assert "annotate_chunk" in gpu_log and "annotate_chunk" not in cpu_log
-    assert "ingest_seeds" in cpu_log and "ingest_seeds" not in gpu_log
+    assert "preflight_annotation" in cpu_log and "preflight_annotation" not in gpu_log
 
     counts = step_index_check(task_settings, run_id)
     assert counts["problems"] == 9

@@ -1,4 +1,4 @@
-"""Distributed run, part 1: ``mmprm_pipeline`` on real Airflow services (LocalExecutor, Postgres),
+"""Distributed run, part 1: ``mmprm_annotate`` on real Airflow services (LocalExecutor, Postgres),
 driven only through the REST API, survives an annotation task killed with SIGKILL mid-run.
 
 The killed chunk is retried by Airflow, the retry resumes the dead attempt's leases, and the step
@@ -14,7 +14,8 @@ from typing import Any
 import psutil
 import pytest
 
-from af_helpers import DAG_ID, step_index_check, task_instances, trigger, wait_for_run, xcom
+from af_helpers import (DAG_ID, ingest_directly, step_index_check, task_instances, trigger, unpause, wait_for,
+                        wait_for_run, xcom)
 
 pytestmark = pytest.mark.airflow_services
 
@@ -30,16 +31,17 @@ def test_auth_and_trigger_validation(stack, client, toy_seeds):
     api = stack.api_url
     assert httpx.post(f"{api}/auth/token", json={"username": "admin", "password": "wrong"}).status_code == 401
     assert httpx.get(f"{api}/api/v2/dags/{DAG_ID}").status_code == 401
-    conf = {"seed_source": str(toy_seeds["train"]), "run_id": "never-created", "split": "train"}
+    conf = {"annotation_run_id": "never-created", "split": "train"}
     with stack.client("ops", "ops-pw") as viewer:
         assert viewer.get(f"/api/v2/dags/{DAG_ID}").status_code == 200
         assert viewer.post(f"/api/v2/dags/{DAG_ID}/dagRuns",
                            json={"logical_date": None, "conf": conf}).status_code == 403
-    # Out-of-bounds Params are refused at trigger time; no run is created.
-    response = client.post(f"/api/v2/dags/{DAG_ID}/dagRuns",
-                           json={"logical_date": None, "conf": {**conf, "num_rollouts": 0}})
-    assert response.status_code == 400, response.text
-    assert "num_rollouts" in response.text
+    # Out-of-bounds Params are refused at trigger time (not clamped to 1 or 256); no run is created.
+    for out_of_range in (0, 300):
+        response = client.post(f"/api/v2/dags/{DAG_ID}/dagRuns",
+                               json={"logical_date": None, "conf": {**conf, "num_rollouts": out_of_range}})
+        assert response.status_code == 400, response.text
+        assert "num_rollouts" in response.text
     assert client.post(f"/api/v2/dags/{DAG_ID}/dagRuns", json={"conf": conf}).status_code == 422
     runs = client.get(f"/api/v2/dags/{DAG_ID}/dagRuns").json()
     assert runs["total_entries"] == 0
@@ -107,7 +109,8 @@ def _kill_an_annotating_task(stack, client, task_settings, airflow_run: str, run
 def test_pipeline_survives_a_killed_annotation_task(stack, client, toy_seeds, task_settings):
     start = time.monotonic()
     run_id = "af-rest-kill"
-    dag_run = trigger(client, {"seed_source": str(toy_seeds["train"]), "run_id": run_id, "split": "train"})
+    ingest_directly(task_settings, toy_seeds)
+    dag_run = trigger(client, {"annotation_run_id": run_id, "split": "train"})
     airflow_run = dag_run["dag_run_id"]
 
     killed = _kill_an_annotating_task(stack, client, task_settings, airflow_run, run_id, timeout=180)
@@ -145,13 +148,65 @@ def test_pipeline_survives_a_killed_annotation_task(stack, client, toy_seeds, ta
         assert retry["resumed_leases"] == killed["leases_after_kill"]
 
 
-def test_a_configuration_error_fails_with_one_try(stack, client, toy_seeds):
-    """A policy checkpoint that is not there cannot appear by waiting: the annotation task fails
-    on its first try (retries are for outages), and the run fails with the cause in its log."""
-    conf = {"seed_source": str(toy_seeds["train"]), "run_id": "bad-policy", "split": "train",
-            "policy_model": "/nonexistent/policy-checkpoint"}
+def test_a_configuration_error_fails_with_one_try(stack, client, toy_seeds, task_settings):
+    """A policy checkpoint that is not there cannot appear by waiting: the preflight task fails
+    on its first try (retries are for outages) with a one-line cause, and no annotation starts."""
+    ingest_directly(task_settings, toy_seeds)
+    conf = {"annotation_run_id": "bad-policy", "split": "train", "policy_model": "/nonexistent/policy-checkpoint"}
     dag_run = trigger(client, conf)
     assert wait_for_run(client, dag_run["dag_run_id"], timeout=300) == "failed"
-    annotate = [ti for ti in task_instances(client, dag_run["dag_run_id"]) if ti["task_id"] == "annotate_chunk"]
-    assert annotate and all(ti["try_number"] == 1 for ti in annotate), annotate
-    assert any(ti["state"] == "failed" for ti in annotate), annotate
+    tis = {ti["task_id"]: ti for ti in task_instances(client, dag_run["dag_run_id"])}
+    preflight = tis["preflight_annotation"]
+    assert (preflight["state"], preflight["try_number"]) == ("failed", 1), preflight
+    assert tis["shard"]["state"] == "upstream_failed", tis["shard"]
+    log = client.get(f"/api/v2/dags/{DAG_ID}/dagRuns/{dag_run['dag_run_id']}/taskInstances/preflight_annotation/logs/1",
+                     headers={"Accept": "text/plain"}).text
+    assert "configuration error (not retried): policy model '/nonexistent/policy-checkpoint'" in log, log[-2000:]
+
+
+def test_the_stages_follow_each_other_on_asset_events(stack, client, toy_seeds, task_settings):
+    """mmprm_ingest's seeds event starts mmprm_annotate, whose trees event starts mmprm_dataset:
+    the lineage chain runs on real services, each event carries the step index's ids and counts,
+    and the annotation run records the Airflow run that made it."""
+    import sqlalchemy as sa
+
+    from mmprm_tasks.db import get_engine
+
+    for dag_id in ("mmprm_ingest", "mmprm_dataset"):
+        stack.wait_for_dag(client, dag_id)
+        unpause(client, dag_id)
+    trigger(client, {"seed_source": str(toy_seeds["train"]), "eval_seed_source": str(toy_seeds["test"])},
+            dag_id="mmprm_ingest")
+
+    def asset_run(dag_id: str) -> dict[str, Any] | None:
+        runs = client.get(f"/api/v2/dags/{dag_id}/dagRuns", params={"run_type": "asset_triggered"}).json()
+        return next(iter(runs["dag_runs"]), None)
+
+    annotate = wait_for(lambda: asset_run("mmprm_annotate"), 180, "mmprm_annotate started by the seeds event")
+    assert wait_for_run(client, annotate["dag_run_id"], timeout=420) == "success"
+    dataset = wait_for(lambda: asset_run("mmprm_dataset"), 120, "mmprm_dataset started by the trees event")
+    assert wait_for_run(client, dataset["dag_run_id"], timeout=300, dag_id="mmprm_dataset") == "success"
+
+    events = {}
+    for event in client.get("/api/v2/assets/events", params={"limit": 100}).json()["asset_events"]:
+        events.setdefault(event["name"], []).append(event)
+    seeds_event = events["mmprm_seeds"][-1]["extra"]
+    assert seeds_event["splits"] == {"train": 9, "test": 2}, seeds_event
+    assert seeds_event["airflow_dag_id"] == "mmprm_ingest"
+    run_id = xcom(client, annotate["dag_run_id"], "shard")["run_id"]
+    trees_event = next(e["extra"] for e in events["mmprm_trees"] if e["extra"].get("run_id") == run_id)
+    assert trees_event["trees"] == 9 and trees_event["airflow_run_id"] == annotate["dag_run_id"], trees_event
+    dataset_event = events["mmprm_prm_dataset"][-1]["extra"]
+    assert dataset_event["dataset_id"] == xcom(client, dataset["dag_run_id"], "format_dataset",
+                                               dag_id="mmprm_dataset")["dataset_id"]
+    assert dataset_event["records"] > 0
+    with get_engine(task_settings).connect() as conn:
+        linked = conn.execute(sa.text("SELECT airflow_dag_id, airflow_run_id FROM annotation_runs WHERE run_id = :r"),
+                              {"r": run_id}).one()
+        dataset_runs = conn.execute(sa.text("SELECT run_ids FROM datasets WHERE dataset_id = :d"),
+                                    {"d": dataset_event["dataset_id"]}).scalar_one()
+    assert tuple(linked) == ("mmprm_annotate", annotate["dag_run_id"])
+    # The dataset is made of the runs the trees events named (the first run of a DAG scheduled
+    # on an asset gets every earlier event of it: here also the runs of the tests above).
+    assert run_id in dataset_runs
+    assert set(dataset_runs) == {e["extra"]["run_id"] for e in events["mmprm_trees"]}
