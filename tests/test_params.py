@@ -45,3 +45,16 @@ def test_environment_nested_variables(monkeypatch):
     monkeypatch.setenv("MMPRM_STORE__KIND", "s3")
     s = Settings()
     assert s.search.num_rollouts == 7 and s.store.kind == "s3"
+
+
+def test_every_knob_has_a_title_and_a_description_with_its_unit_and_bounds():
+    """Airflow's trigger form shows a Param's title and description, not its schema's bounds."""
+    for name, (_, schema) in TRIGGER_PARAMS.items():
+        assert schema["title"] and schema["description"].endswith("."), name
+        if "minimum" in schema or "maximum" in schema or "exclusiveMinimum" in schema:
+            assert "Allowed:" in schema["description"] and "refused" in schema["description"], name
+    described = TRIGGER_PARAMS["rollout_budget"][1]["description"]
+    assert "Unit: completions." in described and "Allowed: >= 1 and <= 1000000" in described
+    assert "Allowed: > 0 and <= 1" in TRIGGER_PARAMS["learning_rate"][1]["description"]
+    assert "One of: soft, hard." in TRIGGER_PARAMS["label_mode"][1]["description"]
+    assert "run_id" not in TRIGGER_PARAMS and "Airflow's Run ID" in TRIGGER_PARAMS["annotation_run_id"][1]["description"]
