@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from typing import Any
 
-# task id -> (return-value field, browser page); the first one a DAG run has wins.
+# return-value field -> browser page, in the order a DAG run's link prefers them. Fields, not task
+# ids: any task of any of the platform's DAGs that returns one of these ids made that record.
 PRODUCED = (
-    ("shard", "run_id", "runs"),
-    ("evaluate_best_of_n", "evaluation_id", "evaluations"),
-    ("train_prm", "checkpoint_id", "checkpoints"),
-    ("format_dataset", "dataset_id", "datasets"),
-    ("traverse", "dataset_id", "datasets"),
+    ("run_id", "runs"),
+    ("evaluation_id", "evaluations"),
+    ("checkpoint_id", "checkpoints"),
+    ("dataset_id", "datasets"),
 )
 
 
@@ -21,16 +21,16 @@ def produced(dag_id: str, run_id: str) -> list[tuple[str, str]]:
     from airflow.models.xcom import XComModel
     from airflow.utils.session import create_session
 
-    tasks = [task for task, _, _ in PRODUCED]
     with create_session() as session:
-        values: dict[str, Any] = {
-            xcom.task_id: XComModel.deserialize_value(xcom)
+        values: list[Any] = [
+            XComModel.deserialize_value(xcom)
             for xcom in session.scalars(sa.select(XComModel).where(
                 XComModel.dag_id == dag_id, XComModel.run_id == run_id, XComModel.key == "return_value",
-                XComModel.map_index == -1, XComModel.task_id.in_(tasks)))}
-    out = []
-    for task, field, page in PRODUCED:
-        value = values.get(task)
-        if isinstance(value, dict) and value.get(field) and (page, str(value[field])) not in out:
-            out.append((page, str(value[field])))
+                XComModel.map_index == -1).order_by(XComModel.timestamp))]
+    out: list[tuple[str, str]] = []
+    for field, page in PRODUCED:
+        for value in values:
+            if isinstance(value, dict) and isinstance(value.get(field), str) and value[field]:
+                if (page, value[field]) not in out:
+                    out.append((page, value[field]))
     return out
