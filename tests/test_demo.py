@@ -35,14 +35,29 @@ def _check_tree(node: dict, keys: set[str]) -> None:
         _check_tree(child, SPEC_CHILD_KEYS)
 
 
-def test_embedded_run_end_to_end(tmp_path):
-    """Runs `mmprm demo` as a user would (a fresh process), then inspects what it left."""
-    home = tmp_path / "demo"
+def _tiny_demo(home: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MMPRM_", "AIRFLOW"))} | TINY
     proc = subprocess.run(
         [str(Path(sys.executable).parent / "mmprm"), "demo", "--home", str(home), "--train", "8", "--test", "4"],
         env=env, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
+    return proc
+
+
+def _dataset(home: Path) -> tuple[str, list[dict]]:
+    """The demo's training dataset: its id and its paths, without ``image_uri`` (which names
+    this home's object store)."""
+    paths_files = list((home / "objects" / "datasets").glob("*/paths.jsonl"))
+    assert len(paths_files) == 1
+    paths = [json.loads(line) for line in paths_files[0].read_text().splitlines()]
+    return paths_files[0].parent.name, [{k: v for k, v in p.items() if k != "image_uri"} for p in paths]
+
+
+def test_embedded_run_end_to_end(tmp_path):
+    """Runs `mmprm demo` as a user would (a fresh process), then inspects what it left; a second
+    run with the same seed in another home builds the same dataset."""
+    home = tmp_path / "demo"
+    proc = _tiny_demo(home)
     out = proc.stdout
     assert "MM-PRM embedded run" in out and "Best-of-N" in out and "outputs" in out
     assert "soft-label PRM" in out and "First-error step detection" in out
@@ -82,6 +97,13 @@ def test_embedded_run_end_to_end(tmp_path):
         results = conn.execute(sa.text("SELECT count(DISTINCT evaluation_id) FROM evaluation_results")).scalar_one()
     db.dispose_engines()
     assert tuple(trees) == (8, 8) and checkpoints == 2 and results == 2
+
+    # Same seed, another home: the same trees (per-request seeds: batching, chunking and work
+    # stealing do not change them), so the same dataset, path for path.
+    again = tmp_path / "again"
+    _tiny_demo(again)
+    dataset_id, paths = _dataset(home)
+    assert paths and _dataset(again) == (dataset_id, paths)
 
 
 @pytest.mark.slow
