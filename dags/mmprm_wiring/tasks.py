@@ -123,7 +123,9 @@ def annotate_chunk(sharded: dict[str, Any], chunk_index: int) -> dict[str, Any]:
     return pipeline.annotate_stage(run_settings(), sharded["run_id"], chunk_index)
 
 
-@task(outlets=[TREES], trigger_rule="all_done")
+# Runs when every chunk is done, failed ones included (to say which did not finish), but not when
+# the preflight or the shard failed: then there is no run to sum up (and the DAG run fails).
+@task(outlets=[TREES], trigger_rule="all_done_min_one_success")
 @fails_at_once_on_configuration_errors
 def index_summary(sharded: dict[str, Any], annotated: list[dict[str, Any]], all_current_runs: bool = False
                   ) -> dict[str, Any]:

@@ -159,8 +159,9 @@ def test_a_configuration_error_fails_with_one_try(stack, client, toy_seeds, task
     preflight = tis["preflight_annotation"]
     assert (preflight["state"], preflight["try_number"]) == ("failed", 1), preflight
     assert tis["shard"]["state"] == "upstream_failed", tis["shard"]
+    assert tis["index_summary"]["state"] == "upstream_failed", tis["index_summary"]
     log = client.get(f"/api/v2/dags/{DAG_ID}/dagRuns/{dag_run['dag_run_id']}/taskInstances/preflight_annotation/logs/1",
-                     headers={"Accept": "text/plain"}).text
+                     headers={"Accept": "application/json"}).text
     assert "configuration error (not retried): policy model '/nonexistent/policy-checkpoint'" in log, log[-2000:]
 
 

@@ -42,6 +42,8 @@ def test_annotation_is_mapped_over_chunks_on_the_gpu_queue(dagbag, dag_id):
     assert annotate.retries >= 1 and annotate.retry_exponential_backoff
     assert annotate.execution_timeout is not None and annotate.execution_timeout > timedelta(0)
     assert annotate.max_retry_delay is not None
+    # The summary says which chunks did not finish, but never runs when preflight or shard failed.
+    assert dag.get_task("index_summary").trigger_rule == "all_done_min_one_success"
     assert dag.catchup is False
 
 
