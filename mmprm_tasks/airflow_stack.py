@@ -86,6 +86,25 @@ def create_database(admin_url: str, name: str, *, template: str | None = None) -
     return make_url(admin_url).set(database=name).render_as_string(hide_password=False)
 
 
+def ensure_database(url: str) -> bool:
+    """Create the Postgres database ``url`` names when it does not exist (never drops one);
+    True when it was created."""
+    import sqlalchemy as sa
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    admin = parsed.set(database="postgres").render_as_string(hide_password=False)
+    engine = sa.create_engine(airflow_url(admin), isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            if conn.execute(sa.text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": parsed.database}).scalar():
+                return False
+            conn.exec_driver_sql(f'CREATE DATABASE "{parsed.database}"')
+            return True
+    finally:
+        engine.dispose()
+
+
 def drop_database(admin_url: str, name: str) -> None:
     import sqlalchemy as sa
 
@@ -581,6 +600,57 @@ class AirflowStack:
         return "\n".join(parts)
 
 
+def local_stack(settings: Any, *, home: Path, metadata_url: str, port: int = 0, password: str | None = None,
+                toy_seeds: tuple[int, int] | None = (24, 16)) -> AirflowStack:
+    """Everything a local stack needs before its services start (``mmprm stack up``): the step
+    index's database (created when missing) at the latest schema, the toy world's train and test
+    seeds ingested (``toy_seeds``: how many of each; None: none), and the Airflow metadata
+    database (created when missing, never dropped).  Returns the stack, not started; the DAGs
+    start unpaused except the nightly refresh, which is paused at creation."""
+    from . import db, pipeline
+
+    ensure_database(settings.database_url)
+    db.upgrade(db.get_engine(settings))
+    if toy_seeds:
+        from .toy.world import generate_seeds
+
+        # Under the first allowed seed root, so a trigger's seed_source may name these files too.
+        seeds = generate_seeds(settings.allowed_seed_roots[0] / "toy", n_train=toy_seeds[0], n_test=toy_seeds[1])
+        pipeline.ingest_stage(settings, str(seeds["train"]), str(seeds["test"]))
+    ensure_database(metadata_url)
+    return AirflowStack(home=home, metadata_url=metadata_url, api_port=port,
+                        users={"admin": ("admin", password or secrets.token_urlsafe(12))})
+
+
+def serve(stack: AirflowStack, workers: Iterable[str] = (), out=print) -> int:
+    """Start the stack (and Celery workers for these comma-separated queue lists), print where it
+    is, and run until SIGTERM/Ctrl-C or until a service dies; every service is stopped on return."""
+    stopping = False
+
+    def _stop(signum, frame):  # noqa: ARG001
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        stack.start()
+        for i, queues in enumerate(workers):
+            stack.start_celery_worker(f"worker-{i}-{queues.replace(',', '-')}", queues.split(","), concurrency=2)
+        out(f"Airflow is up: {stack.api_url} (user admin, password in {stack.passwords_file});"
+            f" service logs in {stack.logs_dir}")
+        out("Ctrl-C stops every service.")
+        while not stopping:
+            dead = [s for s in stack.services.values() if not s.alive()]
+            if dead:
+                print(f"{dead[0].name} exited:\n{dead[0].tail()}", file=sys.stderr)
+                return 1
+            time.sleep(1)
+        return 0
+    finally:
+        stack.stop()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mmprm_tasks.airflow_stack", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -612,30 +682,9 @@ def main(argv: list[str] | None = None) -> int:
     stack = AirflowStack(home=args.home, metadata_url=args.metadata_url, executor=args.executor,
                          broker_url=broker, users={"admin": ("admin", password)}, parallelism=args.parallelism,
                          api_port=args.port, extra_env=dict(item.split("=", 1) for item in args.env))
-    stopping = False
-
-    def _stop(signum, frame):  # noqa: ARG001
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
     try:
-        stack.start()
-        for i, queues in enumerate(args.worker):
-            stack.start_celery_worker(f"worker-{i}-{queues.replace(',', '-')}", queues.split(","), concurrency=2)
-        print(f"Airflow is up: {stack.api_url} (user admin, password in {stack.passwords_file});"
-              f" service logs in {stack.logs_dir}")
-        print("Ctrl-C stops every service.", flush=True)
-        while not stopping:
-            dead = [s for s in stack.services.values() if not s.alive()]
-            if dead:
-                print(f"{dead[0].name} exited:\n{dead[0].tail()}", file=sys.stderr)
-                return 1
-            time.sleep(1)
-        return 0
+        return serve(stack, args.worker, out=lambda line: print(line, flush=True))
     finally:
-        stack.stop()
         if redis:
             redis.stop()
 

@@ -39,6 +39,8 @@ db_app = typer.Typer(help="The Postgres step index.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 export_app = typer.Typer(help="Write the platform's outputs in other tools' formats.", no_args_is_help=True)
 app.add_typer(export_app, name="export")
+stack_app = typer.Typer(help="The local Airflow stack (no Docker).", no_args_is_help=True)
+app.add_typer(stack_app, name="stack")
 
 
 def _mount_toy() -> None:
@@ -315,6 +317,39 @@ def _export(write, dataset_id: str, out_dir: Path) -> None:
     except (LookupError, ExportError) as exc:
         console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True, highlight=False)
         raise typer.Exit(1) from None
+
+
+@stack_app.command("up")
+def stack_up(
+    home: Annotated[Optional[Path], typer.Option(help="AIRFLOW_HOME, service logs and the admin password "
+                                                 "file (default: <MMPRM_HOME>/airflow-stack)")] = None,
+    metadata_url: Annotated[Optional[str], typer.Option(help="Airflow metadata DB, created when missing "
+                                                        "(default: the step index's server, database "
+                                                        "<step index>_airflow)")] = None,
+    port: Annotated[int, typer.Option(help="api-server port (0: a free one)")] = 8080,
+    password: Annotated[Optional[str], typer.Option(help="password of user admin (default: random, "
+                                                    "written to the passwords file)")] = None,
+    toy_seeds: Annotated[bool, typer.Option(help="generate and ingest the toy world's train and test "
+                                            "seeds")] = True,
+) -> None:
+    """Bring the local stack up: the step index (created, migrated), the toy seeds ingested, the
+    Airflow services with the platform's DAGs (the nightly refresh paused); Ctrl-C stops it."""
+    from sqlalchemy.engine import make_url
+
+    from .airflow_stack import local_stack, serve
+
+    settings = _settings()
+    step_index = make_url(settings.database_url)
+    metadata_url = metadata_url or step_index.set(database=f"{step_index.database}_airflow").render_as_string(
+        hide_password=False)
+    stack = local_stack(settings, home=home or settings.home / "airflow-stack", metadata_url=metadata_url,
+                        port=port, password=password, toy_seeds=(24, 16) if toy_seeds else None)
+    def say(line: str) -> None:  # paths and URLs whole on one line, for copying
+        console.print(line, soft_wrap=True, highlight=False, markup=False)
+
+    say(f"step index {step_index.render_as_string(hide_password=True)} at the latest schema"
+        + (f"; toy seeds ingested from {settings.allowed_seed_roots[0] / 'toy'}" if toy_seeds else ""))
+    raise typer.Exit(serve(stack, out=say))
 
 
 @app.command("dags-path")

@@ -1,0 +1,81 @@
+"""``mmprm stack up``: the one documented command for a local stack, run as a user runs it.
+
+From nothing (no step-index database, no metadata database) it creates and migrates the step
+index, ingests the toy world's train and test seeds, starts the Airflow services with the
+platform's DAGs (the nightly refresh paused, the others not), and stops every service on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+
+from mmprm_tasks import db
+from mmprm_tasks.airflow_stack import drop_database
+from mmprm_tasks.settings import Settings, StoreConfig
+
+pytestmark = pytest.mark.airflow_services
+
+
+def test_stack_up_from_nothing(pg_admin_url, tmp_path):
+    name = f"mmprm_stackup_{uuid.uuid4().hex[:8]}"
+    step_index_url = make_url(pg_admin_url).set(database=name).render_as_string(hide_password=False)
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MMPRM_", "AIRFLOW"))}
+    env |= {"MMPRM_DATABASE_URL": step_index_url, "MMPRM_HOME": str(home), "MMPRM_STORE__KIND": "local",
+            "MMPRM_STORE__ROOT": str(home / "objects")}
+    mmprm = str(Path(sys.executable).parent / "mmprm")
+    proc = subprocess.Popen([mmprm, "stack", "up", "--port", "0", "--password", "pw-stack-up"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + 300
+        api_url = None
+        while time.monotonic() < deadline and api_url is None:
+            line = proc.stdout.readline()
+            if not line and proc.poll() is not None:
+                break
+            lines.append(line)
+            if "Airflow is up:" in line:
+                api_url = line.split("Airflow is up:", 1)[1].split()[0]
+        assert api_url, "".join(lines)
+
+        token = httpx.post(f"{api_url}/auth/token", json={"username": "admin", "password": "pw-stack-up"}
+                           ).json()["access_token"]
+        with httpx.Client(base_url=api_url, headers={"Authorization": f"Bearer {token}"}, timeout=30) as client:
+            dags: dict[str, bool] = {}
+            wait_until = time.monotonic() + 180
+            while time.monotonic() < wait_until and len(dags) < 6:
+                dags = {d["dag_id"]: d["is_paused"] for d in client.get("/api/v2/dags").json()["dags"]}
+                time.sleep(1)
+        assert dags == {"mmprm_ingest": False, "mmprm_annotate": False, "mmprm_nightly_refresh": True,
+                        "mmprm_dataset": False, "mmprm_train": False, "mmprm_evaluate": False}, dags
+
+        settings = Settings(database_url=step_index_url, home=home, store=StoreConfig(kind="local",
+                                                                                     root=home / "objects"))
+        engine = db.get_engine(settings)
+        assert db.current_version(engine) == len(db.migrations())
+        with engine.connect() as conn:
+            splits = dict(conn.execute(sa.text("SELECT split, count(*) FROM seed_problems GROUP BY split")).all())
+        assert splits == {"train": 24, "test": 16}
+
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        print("".join(lines))
+        db.dispose_engines()
+        drop_database(pg_admin_url, name)
+        drop_database(pg_admin_url, f"{name}_airflow")
