@@ -27,7 +27,22 @@ def _knob(target: str | None, title: str, description: str, *, unit: str | None 
         parts.append(f"Allowed: {' and '.join(b for b in (lower, upper) if b)}; other values are refused.")
     if "enum" in schema:
         parts.append(f"One of: {', '.join(map(str, schema['enum']))}.")
+    # Airflow's trigger form passes a top-level minimum/maximum to its number input, which clamps
+    # a value typed outside them on blur (0 -> 1, 300 -> 256) and triggers with that.  Under allOf
+    # the bounds still hold wherever the Param is validated (the form's submit, the REST API: 400)
+    # but the input keeps what was typed, so an out-of-range value is refused, never clamped.
+    bounds = {key: schema.pop(key) for key in _BOUNDS if key in schema}
+    if bounds:
+        schema["allOf"] = [bounds]
     return target, {**schema, "title": title, "description": " ".join(parts)}
+
+
+_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+
+
+def schema_bounds(schema: dict[str, Any]) -> dict[str, Any]:
+    """A knob's bounds (kept under ``allOf``, see :func:`_knob`)."""
+    return {key: value for part in schema.get("allOf", []) for key, value in part.items() if key in _BOUNDS}
 
 
 _TEXT = ["string", "null"]

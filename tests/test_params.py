@@ -5,7 +5,7 @@ from __future__ import annotations
 import pydantic
 import pytest
 
-from mmprm_tasks.params import TRIGGER_PARAMS, param_defaults, settings_from_params
+from mmprm_tasks.params import TRIGGER_PARAMS, param_defaults, schema_bounds, settings_from_params
 from mmprm_tasks.settings import Settings
 
 
@@ -51,8 +51,11 @@ def test_every_knob_has_a_title_and_a_description_with_its_unit_and_bounds():
     """Airflow's trigger form shows a Param's title and description, not its schema's bounds."""
     for name, (_, schema) in TRIGGER_PARAMS.items():
         assert schema["title"] and schema["description"].endswith("."), name
-        if "minimum" in schema or "maximum" in schema or "exclusiveMinimum" in schema:
+        # Bounds live under allOf: a top-level minimum/maximum makes the form's number input clamp.
+        assert not {"minimum", "maximum", "exclusiveMinimum"} & set(schema), name
+        if schema_bounds(schema):
             assert "Allowed:" in schema["description"] and "refused" in schema["description"], name
+    assert schema_bounds(TRIGGER_PARAMS["num_rollouts"][1]) == {"minimum": 1, "maximum": 256}
     described = TRIGGER_PARAMS["rollout_budget"][1]["description"]
     assert "Unit: completions." in described and "Allowed: >= 1 and <= 1000000" in described
     assert "Allowed: > 0 and <= 1" in TRIGGER_PARAMS["learning_rate"][1]["description"]

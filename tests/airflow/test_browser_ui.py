@@ -227,3 +227,26 @@ def test_trigger_from_the_form_then_browse(stack, client, chromium, toy_seeds, t
     _until(page, lambda: any(f.url.endswith("/mmprm/") for f in page.frames), 30, "the browser in the UI's frame")
     _shot(page, "13-nav")
     context.close()
+
+
+def test_the_trigger_form_refuses_an_out_of_range_value_instead_of_clamping_it(stack, client, chromium):
+    """A number typed outside a Param's bounds stays as typed (no silent 300 -> 256) and the
+    trigger is refused: no DAG run is created.  The field's description states unit and range."""
+    context = chromium.new_context(viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    _login(page, stack.api_url, "admin", stack.users["admin"][1], f"/dags/{DAG_ID}")
+    before = client.get(f"/api/v2/dags/{DAG_ID}/dagRuns").json()["total_entries"]
+    page.get_by_role("button", name="Trigger").first.click()
+    dialog = page.get_by_role("dialog")
+    field = dialog.locator("input[name=element_num_rollouts]")
+    field.fill("300")
+    field.press("Tab")  # the number input clamps on blur when it knows the bounds
+    assert field.input_value() == "300"
+    assert dialog.get_by_text("Allowed: >= 1 and <= 256; other values are refused.").count() >= 1
+    _shot(page, "20-trigger-form-out-of-range")
+    dialog.get_by_role("button", name="Trigger").last.click()
+    page.wait_for_timeout(3000)
+    _shot(page, "21-trigger-form-refused")
+    runs = client.get(f"/api/v2/dags/{DAG_ID}/dagRuns").json()
+    assert runs["total_entries"] == before, [r["conf"] for r in runs["dag_runs"]]
+    context.close()

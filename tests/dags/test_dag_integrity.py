@@ -115,6 +115,8 @@ def test_lineage_is_the_chain_seeds_trees_dataset_checkpoint_report(dagbag):
 def test_params_are_bounded_titled_and_described(dagbag):
     from airflow.sdk.definitions.param import ParamValidationError
 
+    from mmprm_tasks.params import schema_bounds
+
     params = dagbag.dags["mmprm_annotate"].params
     for name in ["num_rollouts", "max_search_count", "rollout_budget", "chunk_size", "policy_backend"]:
         assert name in params
@@ -132,7 +134,7 @@ def test_params_are_bounded_titled_and_described(dagbag):
     for dag_id in DAG_IDS:
         for name, param in dagbag.dags[dag_id].params.items():
             assert param.schema.get("title") and param.description, (dag_id, name)
-            if "minimum" in param.schema or "maximum" in param.schema:
+            if schema_bounds(param.schema):
                 assert "Allowed:" in param.description, (dag_id, name)
     assert "learning_rate" in dagbag.dags["mmprm_train"].params
     assert "eval_num_candidates" in dagbag.dags["mmprm_evaluate"].params
