@@ -41,7 +41,6 @@ from typing import Any
 import sqlalchemy as sa
 from rich.console import Console
 from rich.table import Table
-from sqlalchemy.engine import make_url
 
 from mmprm_tasks import db
 from mmprm_tasks.annotate import TreeWriter
@@ -269,22 +268,6 @@ def _traversal(settings: Settings) -> dict[str, Any]:
     return out
 
 
-def _database(args: argparse.Namespace, home: Path) -> tuple[str, Any]:
-    if not args.database_url:
-        return db.embedded_url(home), lambda: None
-    admin = sa.create_engine(db.normalise_url(args.database_url), isolation_level="AUTOCOMMIT")
-    name = f"mmprm_bench_index_{int(time.time())}"
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-
-    def drop() -> None:
-        db.dispose_engines()
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-    return make_url(db.normalise_url(args.database_url)).set(database=name).render_as_string(hide_password=False), drop
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trees", type=int, default=15_000)
@@ -308,8 +291,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         megabytes = sum(p.stat().st_size for p in folder.iterdir()) / 2**20
         console.print(f"generated {len(ids):,} trees, {nodes:,} nodes, {megabytes:,.0f} MB of JSON "
                       f"in {time.perf_counter() - started:.0f} s")
-        url, drop = _database(args, tmp_path / "home")
-        try:
+        with db.scratch_database(args.database_url, tmp_path / "home", "mmprm_bench_index") as url:
             settings = Settings(home=tmp_path / "home", database_url=url,
                                 store=StoreConfig(kind="local", root=tmp_path / "objects"))
             engine = db.get_engine(settings)
@@ -332,9 +314,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 total_nodes = conn.execute(sa.text("SELECT count(*) FROM step_nodes")).scalar_one()
             queries = _queries(engine, "imported", args.repeats)
             traversal = _traversal(settings)
-        finally:
-            db.dispose_engines()
-            drop()
 
     table = Table(title=f"step index at {total_nodes:,} nodes")
     for column in ("measure", "value", "ratio to COPY"):

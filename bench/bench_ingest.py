@@ -29,7 +29,6 @@ from typing import Any
 import sqlalchemy as sa
 from rich.console import Console
 from rich.table import Table
-from sqlalchemy.engine import make_url
 
 from mmprm_tasks import db
 from mmprm_tasks.settings import Settings, StoreConfig
@@ -112,23 +111,6 @@ def _probe(mode: str, settings: Settings, path: Path) -> dict[str, Any]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _database(args: argparse.Namespace, home: Path) -> tuple[str, Any]:
-    if not args.database_url:
-        return db.embedded_url(home), lambda: None
-    admin = sa.create_engine(db.normalise_url(args.database_url), isolation_level="AUTOCOMMIT")
-    name = f"mmprm_bench_ingest_{int(time.time() * 1000)}"
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-
-    def drop() -> None:
-        db.dispose_engines()
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
-
-    return make_url(db.normalise_url(args.database_url)).set(database=name).render_as_string(hide_password=False), drop
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--megabytes", type=float, default=200.0)
@@ -146,8 +128,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         data = tmp_path / "data"
         data.mkdir()
         files = _write(data, args.megabytes, args.bad_fraction, args.seed)
-        url, drop = _database(args, tmp_path / "home")
-        try:
+        with db.scratch_database(args.database_url, tmp_path / "home", "mmprm_bench_ingest") as url:
             for fmt, path in files.items():
                 settings = Settings(home=tmp_path / "home", database_url=url,
                                     store=StoreConfig(kind="local", root=tmp_path / f"objects-{fmt}"))
@@ -161,9 +142,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 console.print(f"{fmt}: {results[fmt]['file_mb']:.0f} MB, {ingest['total']:,} records, "
                               f"peak RSS {ingest['peak_rss_mb']:.0f} MB (floor {floor['peak_rss_mb']:.0f} MB) "
                               f"in {ingest['seconds']:.0f} s")
-        finally:
-            db.dispose_engines()
-            drop()
 
     table = Table(title=f"ingest of a {args.megabytes:g} MB seed file")
     for column in ("format", "records", "inserted", "rejected", "seconds", "peak RSS MB", "floor MB"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -226,3 +227,26 @@ def dispose_engines() -> None:
     for engine in _engines.values():
         engine.dispose()
     _engines.clear()
+
+
+@contextmanager
+def scratch_database(server_url: str | None, home: Path, prefix: str) -> Iterator[str]:
+    """The URL of an empty database for the block (benchmarks): a new database on the Postgres
+    server of ``server_url``, dropped afterwards, or without a server the embedded one in ``home``."""
+    if not server_url:
+        try:
+            yield embedded_url(home)
+        finally:
+            dispose_engines()
+        return
+    admin = sa.create_engine(normalise_url(server_url), isolation_level="AUTOCOMMIT")
+    name = f"{prefix}_{time.time_ns()}"
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    try:
+        yield make_url(normalise_url(server_url)).set(database=name).render_as_string(hide_password=False)
+    finally:
+        dispose_engines()
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
