@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,6 +127,12 @@ def run_demo(home: Path, *, n_train: int = 96, n_test: int = 128, seed: int = 0,
     start = time.perf_counter()
     home = home.resolve()
     _prepare_environment(home, seed)
+    # Airflow's DAG-folder scan warns at every parse that pathspec renamed a pattern class; seven
+    # copies of it would be most of what the demo prints.  Set after Airflow's configuration is
+    # imported: it puts its own "show deprecations in airflow modules" filter first.
+    import airflow.configuration  # noqa: F401
+
+    warnings.filterwarnings("ignore", message="GitWildMatchPattern", category=DeprecationWarning)
     from . import db, pipeline
     from .settings import get_settings
     from .toy.world import generate_seeds
