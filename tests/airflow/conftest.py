@@ -38,6 +38,10 @@ SMALL_BUDGETS = {
     "MMPRM_ORCHESTRATION__RETRY_DELAY_S": "1",
     "MMPRM_ORCHESTRATION__MAX_RETRY_DELAY_S": "5",
     "MMPRM_VERIFY__WORKERS": "1",
+    # The asset chain after annotation (dataset -> train -> evaluate) at a size that fits a test.
+    "MMPRM_TRAIN__MAX_STEPS": "2",
+    "MMPRM_EVAL__NUM_CANDIDATES": "4",
+    "MMPRM_EVAL__NS": "[1,2,4]",
 }
 _stacks: list[AirflowStack] = []
 

@@ -3,7 +3,8 @@ with ``executable_path``; no browser is downloaded) against real Airflow service
 
 Logs in through Airflow's own login page, triggers a small ``mmprm_annotate`` run from the
 trigger form, opens the DAG run's Annotation tab (the plugin's view, in the UI's frame), one
-problem's tree with its image and first-error step, and an evaluation with its Best-of-N plot.
+problem's tree with its image and first-error step, and the evaluation that the asset chain made
+after the run (dataset -> PRM trained for a few steps -> Best-of-N) with its plot.
 Anonymous and role-less sessions are refused.  A screenshot of every page is saved under
 ``.mmprm/test-artifacts/browser/``.
 """
@@ -19,10 +20,8 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from af_helpers import DAG_ID, ingest_directly, wait_for_run
-from browser_data import candidates_from_trees, record_evaluation, register_checkpoint
+from af_helpers import DAG_ID, ingest_directly, unpause, wait_for, wait_for_run
 from mmprm_tasks.db import get_engine
-from mmprm_tasks.pipeline import traverse_stage
 
 pytestmark = pytest.mark.airflow_services
 
@@ -58,6 +57,14 @@ def chromium():
         browser = playwright.chromium.launch(executable_path=executable, args=["--no-sandbox"])
         yield browser
         browser.close()
+
+
+def _evaluation_of_run(settings, run_id: str):
+    """(evaluation id, dataset id) of an evaluation of a PRM trained on ``run_id``'s trees."""
+    with get_engine(settings).connect() as conn:
+        return conn.execute(sa.text(
+            "SELECT e.evaluation_id, c.dataset_id FROM evaluations e JOIN checkpoints c USING (checkpoint_id)"
+            " JOIN datasets d USING (dataset_id) WHERE :r = ANY(d.run_ids) LIMIT 1"), {"r": run_id}).first()
 
 
 def _shot(page, name: str) -> None:
@@ -133,6 +140,9 @@ def test_trigger_from_the_form_then_browse(stack, client, chromium, toy_seeds, t
     # Trigger a small annotation run from the form (its run id; the rest are the form's
     # defaults) on seeds ingested beforehand (mmprm_ingest's event would start a run of its own).
     ingest_directly(task_settings, toy_seeds)
+    for dag_id in ("mmprm_dataset", "mmprm_train", "mmprm_evaluate"):  # the chain after the run's trees
+        stack.wait_for_dag(client, dag_id)
+        unpause(client, dag_id)
     page.get_by_role("button", name="Trigger").first.click()
     dialog = page.get_by_role("dialog")
     dialog.locator("input[name=element_annotation_run_id]").fill(RUN_ID)
@@ -191,12 +201,16 @@ def test_trigger_from_the_form_then_browse(stack, client, chromium, toy_seeds, t
     page.locator("#first-error-summary a").first.click()
     assert page.url.endswith(f"#node-{first_error.node_index}")
 
-    # An evaluation of candidates from this run (real policy rollouts), registered as the
-    # evaluation stage registers one; then index -> evaluation -> candidate -> problem.
-    # The run's dataset (the DAG made it; the stage is idempotent and returns that one).
-    dataset_id = traverse_stage(task_settings, [RUN_ID])["dataset_id"]
-    evaluation_id = record_evaluation(task_settings, register_checkpoint(task_settings, dataset_id),
-                                      candidates_from_trees(task_settings, RUN_ID))
+    # The run's trees event started the rest of the chain on the scheduler (mmprm_dataset ->
+    # mmprm_train -> mmprm_evaluate, a PRM trained for a few steps): open what it made.
+    # index -> evaluation -> candidate -> problem.
+    try:
+        evaluation_id, dataset_id = wait_for(lambda: _evaluation_of_run(task_settings, RUN_ID), 420,
+                                             "the asset chain's evaluation of the run's PRM")
+    except TimeoutError:
+        for dag_id in ("mmprm_dataset", "mmprm_train", "mmprm_evaluate"):
+            print(dag_id, client.get(f"/api/v2/dags/{dag_id}/dagRuns").json())
+        raise
     page.goto(f"{api}/mmprm/")
     _shot(page, "07-index")
     page.get_by_role("link", name=evaluation_id).click()
