@@ -216,6 +216,8 @@ def test_trigger_from_the_form_then_browse(stack, client, chromium, toy_seeds, t
     page.get_by_role("link", name=evaluation_id).click()
     _images_loaded(page, "#bon-plot")
     assert page.locator("#bon-table tr").count() > 1 and "tied PRM scores" in page.locator("#bon-table").inner_text()
+    # The toy world's first-error check of the PRM and of the MC labels, as a table.
+    assert [r.locator("th").inner_text() for r in page.locator("#first-error tr").all()[1:]] == ["prm", "mc_labels"]
     _shot(page, "08-evaluation")
     page.locator("#eval-problems a").first.click()
     page.wait_for_url(re.compile(rf".*/mmprm/evaluations/{evaluation_id}/problems/.+"))
