@@ -4,6 +4,7 @@ engine call, and the invariants checked after every fault."""
 from __future__ import annotations
 
 import signal
+import time
 from pathlib import Path
 
 import psutil
@@ -68,14 +69,24 @@ class OwnPostgres:
         self.frozen = []
 
     def heal(self) -> None:
-        """Whatever a test did, the server runs again."""
+        """Whatever a test did, the server runs again and accepts connections (after an immediate
+        stop its pid file can outlive the postmaster for a moment, so "running" is not enough)."""
         self.thaw()
-        try:
-            running = self.server.get_postmaster_info().process.is_running()
-        except Exception:  # noqa: BLE001 - no pid file: stopped
-            running = False
-        if not running:
-            self.start()
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                self.execute("SELECT 1")
+                return
+            except sa.exc.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+            try:
+                running = self.server.get_postmaster_info().process.is_running()
+            except Exception:  # noqa: BLE001 - no pid file: stopped
+                running = False
+            if not running:
+                self.start()
+            time.sleep(0.2)
 
     def execute(self, statement: str, database: str = "postgres") -> None:
         engine = sa.create_engine(make_url(self.admin_url).set(database=database), isolation_level="AUTOCOMMIT")
