@@ -243,7 +243,7 @@ def traverse_stage(settings: Settings, run_ids: list[str]) -> dict[str, Any]:
 
 def _dataset_paths(conn: sa.Connection, store: ObjectStore, dataset_id: str) -> list[dict[str, Any]]:
     key = conn.execute(sa.text("SELECT paths_key FROM datasets WHERE dataset_id = :d"), {"d": dataset_id}).scalar_one()
-    return [json.loads(line) for line in store.get_bytes(key).decode().splitlines() if line.strip()]
+    return store.get_jsonl(key)
 
 
 def format_stage(settings: Settings, dataset_id: str) -> dict[str, Any]:
@@ -373,7 +373,7 @@ def candidates_stage(settings: Settings, problems: list[dict[str, Any]]) -> tupl
         **({"prompt": settings.policy.prompt_preset} if settings.policy.prompt_preset != "platform" else {})})
     key = f"candidates/{candidates_id}.jsonl"
     if store.exists(key):
-        lines = [json.loads(line) for line in store.get_bytes(key).decode().splitlines() if line.strip()]
+        lines = store.get_jsonl(key)
         by_problem = {line["problem_id"]: line["candidates"] for line in lines}
         if all(p["id"] in by_problem for p in problems):
             return candidates_id, [by_problem[p["id"]] for p in problems]

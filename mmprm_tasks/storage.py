@@ -68,6 +68,10 @@ class ObjectStore(ABC):
     def get_json(self, key: str) -> Any:
         return json.loads(self.get_bytes(key))
 
+    def get_jsonl(self, key: str) -> list[Any]:
+        """The object's non-blank lines, each parsed as JSON (paths, candidates)."""
+        return [json.loads(line) for line in self.get_bytes(key).decode().splitlines() if line.strip()]
+
     def put_file(self, key: str, path: str | os.PathLike[str], content_type: str = "application/octet-stream") -> str:
         return self.put_bytes(key, Path(path).read_bytes(), content_type)
 

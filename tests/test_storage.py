@@ -67,6 +67,11 @@ def test_json_round_trip_keeps_unicode(store):
     assert store.get_json("j/obj.json") == obj
 
 
+def test_jsonl_reads_each_non_blank_line(store):
+    store.put_bytes("j/lines.jsonl", '{"a": 1}\n\n  \n{"b": "ü"}\n'.encode())
+    assert store.get_jsonl("j/lines.jsonl") == [{"a": 1}, {"b": "ü"}]
+
+
 def test_content_addressed_put_lands_once(store):
     data = b"same bytes"
     key1 = store.put_content_addressed("images", data, ".png")

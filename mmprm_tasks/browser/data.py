@@ -7,7 +7,6 @@ naming what was asked for.
 
 from __future__ import annotations
 
-import json
 from datetime import datetime, timezone
 from typing import Any
 
@@ -208,10 +207,7 @@ def dataset_view(settings: Settings, dataset_id: str, *, limit: int = LISTED) ->
             {"d": dataset_id}).scalars().all()
     paths, positives, labels_total, labels_zero = [], 0, 0, 0
     total = 0
-    for line in open_store(settings).get_bytes(ds.paths_key).decode().splitlines():
-        if not line.strip():
-            continue
-        path = json.loads(line)
+    for path in open_store(settings).get_jsonl(ds.paths_key):
         total += 1
         labels = [float(x) for x in path.get("labels", [])]
         positives += bool(labels) and labels[-1] > 0
@@ -254,10 +250,9 @@ def _legacy_candidates(settings: Settings, report: dict[str, Any]) -> dict[str, 
     if not report.get("candidates_id"):
         return {}
     try:
-        data = open_store(settings).get_bytes(f"candidates/{report['candidates_id']}.jsonl")
+        lines = open_store(settings).get_jsonl(f"candidates/{report['candidates_id']}.jsonl")
     except ObjectNotFound:
         return {}
-    lines = [json.loads(x) for x in data.decode().splitlines() if x.strip()]
     return {str(line["problem_id"]): [{"index": i, **c} for i, c in enumerate(line.get("candidates") or [])]
             for line in lines}
 
