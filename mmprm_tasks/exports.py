@@ -45,13 +45,13 @@ def _join(prefix: str, name: str) -> str:
 
 def dataset_paths(settings: Settings, dataset_id: str) -> list[dict[str, Any]]:
     """The dataset version's path records, each with ``image_key``: its problem's stored image."""
-    from .pipeline import _dataset_paths
-
     store = open_store(settings)
     with get_engine(settings).connect() as conn:
-        if conn.execute(sa.text("SELECT 1 FROM datasets WHERE dataset_id = :d"), {"d": dataset_id}).first() is None:
+        paths_key = conn.execute(sa.text("SELECT paths_key FROM datasets WHERE dataset_id = :d"),
+                                 {"d": dataset_id}).scalar_one_or_none()
+        if paths_key is None:
             raise LookupError(f"no dataset {dataset_id!r} in the step index (run traverse first)")
-        paths = _dataset_paths(conn, store, dataset_id)
+        paths = store.get_jsonl(paths_key)
         problem_ids = sorted({str(p.get("tree_id")) for p in paths})
         image_keys = dict(conn.execute(sa.text(
             "SELECT problem_id, image_key FROM seed_problems WHERE problem_id = ANY(:ids)"), {"ids": problem_ids}).all())

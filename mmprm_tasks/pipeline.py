@@ -241,11 +241,6 @@ def traverse_stage(settings: Settings, run_ids: list[str]) -> dict[str, Any]:
     return {"dataset_id": dataset_id, "counts": counts, "created": True}
 
 
-def _dataset_paths(conn: sa.Connection, store: ObjectStore, dataset_id: str) -> list[dict[str, Any]]:
-    key = conn.execute(sa.text("SELECT paths_key FROM datasets WHERE dataset_id = :d"), {"d": dataset_id}).scalar_one()
-    return store.get_jsonl(key)
-
-
 def format_stage(settings: Settings, dataset_id: str) -> dict[str, Any]:
     """The dataset as the release's InternVL folder (annotation, images, description; see
     :mod:`mmprm_tasks.exports`) and in the generic chat format."""
