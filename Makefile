@@ -1,5 +1,5 @@
 # The two entry points the README promises; both set everything up on a fresh machine.
-.PHONY: demo test setup bench lint
+.PHONY: demo test setup bench lint gpu-check
 
 setup:
 	@bash scripts/setup.sh
@@ -16,3 +16,7 @@ bench: setup
 	.venv/bin/python bench/bench_index.py --trees 3000 --out .mmprm/bench/index.json
 	.venv/bin/python bench/bench_ingest.py --megabytes 50 --out .mmprm/bench/ingest.json
 	.venv/bin/python bench/bench_prm_ceiling.py --out .mmprm/bench/prm-ceiling.json
+
+# GPU machines only (vllm + deepspeed from the gpu extra): CUDA tests + vLLM async engine vs one-at-a-time.
+gpu-check: setup
+	bash scripts/gpu_check.sh

@@ -30,7 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mmprm_tasks.policy import GenerationRequest, load_policy
-from mmprm_tasks.search import SearchProblem, run_search
+from mmprm_tasks.search import SearchProblem, is_rollout_engine, run_search
 from mmprm_tasks.settings import Settings
 from mmprm_tasks.toy.world import generate_seeds
 from mmprm_tasks.verify import AnswerVerifier
@@ -54,6 +54,22 @@ class Counting:
         self.requests += len(requests)
         self.rollouts += sum(r.n for r in requests)
         return out
+
+
+@dataclass
+class CountingEngine(Counting):
+    """Counting for a backend that takes requests one at a time (vLLM's async engine, an
+    OpenAI-compatible server): each submit is one engine request, counted as one call."""
+
+    @property
+    def capacity(self) -> int:
+        return self.inner.capacity
+
+    def submit(self, request: GenerationRequest):
+        self.calls += 1
+        self.requests += 1
+        self.rollouts += request.n
+        return self.inner.submit(request)
 
 
 @dataclass
@@ -92,7 +108,7 @@ def load_problems(n: int, seed: int, workdir: Path) -> list[SearchProblem]:
 
 def run_mode(mode: str, concurrent: int, repeat: int, problems, policy, verifier, settings, seed):
     cfg = settings.search.model_copy(update={"concurrent_problems": concurrent})
-    counting = Counting(policy)
+    counting = CountingEngine(policy) if is_rollout_engine(policy) else Counting(policy)
     start = time.perf_counter()
     results = list(run_search(problems, counting, verifier, cfg, seed))
     wall = time.perf_counter() - start

@@ -9,7 +9,8 @@ Backends (``settings.policy.backend``):
 
 * ``transformers`` — :class:`~mmprm_tasks.policy.hf.TransformersPolicy`, any
   ``AutoModelForImageTextToText`` checkpoint on CPU or GPU;
-* ``vllm`` — :class:`~mmprm_tasks.policy.vllm_engine.VLLMPolicy`, vLLM's offline engine (GPU);
+* ``vllm`` — :class:`~mmprm_tasks.policy.vllm_engine.VLLMPolicy`, vLLM's async engine in this process (GPU;
+  requests join the running batch as they come);
 * ``openai`` — :class:`~mmprm_tasks.policy.openai_compat.OpenAIChatPolicy`, any
   OpenAI-compatible chat-completions server (``vllm serve``, SGLang, or
   :mod:`mmprm_tasks.policy.server`).
@@ -202,7 +203,8 @@ def load_policy(settings: Settings) -> PolicyBackend:
         from mmprm_tasks.policy.vllm_engine import VLLMPolicy
 
         return VLLMPolicy(
-            resolve_model_path(cfg.model, settings), policy=cfg, sampling=settings.sampling
+            resolve_model_path(cfg.model, settings), policy=cfg, sampling=settings.sampling,
+            capacity=settings.search.max_sequences_in_flight,
         )
     if cfg.backend == "openai":
         from mmprm_tasks.policy.openai_compat import OpenAIChatPolicy

@@ -35,3 +35,25 @@ def test_vllm_generates_n_rollouts_per_request(policy_dir, images):
         assert policy.generate(requests, seed=4) == out
     finally:
         policy.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not AVAILABLE, reason=WHY_NOT or "vllm unavailable")
+def test_vllm_async_engine_takes_requests_one_at_a_time(policy_dir, images):
+    """The search's RolloutEngine protocol: each submit is its own engine request, futures
+    resolve independently, and a request's own seed fixes its samples whatever else is in flight."""
+    from mmprm_tasks.policy.vllm_engine import VLLMPolicy
+    from mmprm_tasks.search import is_rollout_engine
+
+    policy = VLLMPolicy(policy_dir, policy=PolicyConfig(backend="vllm", gpu_memory_utilization=0.3),
+                        sampling=SamplingConfig(max_new_tokens=64), capacity=32, enforce_eager=True)
+    try:
+        assert is_rollout_engine(policy) and policy.capacity == 32
+        requests = [GenerationRequest(f"What is the sum? ({i})", images[i % 2], n=4, seed=100 + i) for i in range(12)]
+        futures = [policy.submit(r) for r in requests]
+        together = [f.result(timeout=300) for f in futures]
+        assert all(len(r) == 4 for r in together)
+        alone = policy.submit(requests[5]).result(timeout=300)
+        assert alone == together[5]
+    finally:
+        policy.close()
