@@ -12,10 +12,8 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 "$PY" - <<'PY'
 import sys, torch
-if not torch.cuda.is_available():
-    sys.exit("gpu-check: no CUDA device visible to torch")
 from mmprm_tasks.policy.vllm_engine import vllm_available
-ok, why = vllm_available()
+ok, why = vllm_available()  # vLLM importable and a CUDA device visible
 if not ok:
     sys.exit(f"gpu-check: {why}")
 print("gpu-check on", torch.cuda.get_device_name(0))

@@ -10,7 +10,7 @@ import pytest
 from mmprm_tasks.policy.vllm_engine import EventLoopThread
 
 
-def test_coroutines_from_many_threads_run_on_one_loop_concurrently():
+def test_coroutines_run_concurrently_on_the_loop_thread():
     bridge = EventLoopThread("test-loop")
     started = asyncio.Event()
     seen_threads: set[str] = set()
