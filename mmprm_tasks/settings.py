@@ -71,7 +71,19 @@ class PolicyConfig(BaseModel):
     # toy policy is trained on) or "release" (the original release's InternVL prompt, for a policy
     # fine-tuned on it).
     prompt_preset: Literal["platform", "release"] = "platform"
-    # Sequences per forward pass on the transformers backend.
+    # The transformers backend's decode loop: "continuous" (policy/hf_engine.py: each request
+    # prefilled once, a running batch that finished rows leave and new ones join), "generate"
+    # (model.generate on fixed batches of batch_size, the reference), "auto" (continuous for the
+    # model families it drives, else generate).
+    engine: Literal["auto", "continuous", "generate"] = "auto"
+    # int8 dynamic quantization of the linear layers, CPU only, continuous engine only: faster, but
+    # activations are quantized per batch, so trees then depend on the batching.
+    quantize: Literal["none", "int8"] = "none"
+    # Continuous engine: the keys and values of this many shared prompt prefixes (a problem's
+    # question and image, shared by all its continuation requests) are kept; 0 prefills whole prompts.
+    prefix_cache_entries: int = Field(128, ge=0)
+    # Sequences per forward pass with engine=generate (the continuous engine runs
+    # search.max_sequences_in_flight rows).
     batch_size: int = Field(64, ge=1)
     request_timeout_s: float = Field(600.0, gt=0)
     max_retries: int = Field(3, ge=0)

@@ -7,8 +7,11 @@ the search can batch the Monte Carlo estimates of many trees into one engine cal
 
 Backends (``settings.policy.backend``):
 
-* ``transformers`` — :class:`~mmprm_tasks.policy.hf.TransformersPolicy`, any
-  ``AutoModelForImageTextToText`` checkpoint on CPU or GPU;
+* ``transformers`` — any ``AutoModelForImageTextToText`` checkpoint on CPU or GPU:
+  :class:`~mmprm_tasks.policy.hf_engine.ContinuousTransformersPolicy` (a continuous-batching
+  engine of its own; requests join the running batch as they come) or, with
+  ``policy.engine = "generate"``, :class:`~mmprm_tasks.policy.hf.TransformersPolicy`
+  (``model.generate`` on fixed batches, the reference);
 * ``vllm`` — :class:`~mmprm_tasks.policy.vllm_engine.VLLMPolicy`, vLLM's async engine in this process (GPU;
   requests join the running batch as they come);
 * ``openai`` — :class:`~mmprm_tasks.policy.openai_compat.OpenAIChatPolicy`, any
@@ -194,11 +197,10 @@ def load_policy(settings: Settings) -> PolicyBackend:
     """The backend named by ``settings.policy.backend``, sampling with ``settings.sampling``."""
     cfg = settings.policy
     if cfg.backend == "transformers":
-        from mmprm_tasks.policy.hf import TransformersPolicy
+        from mmprm_tasks.policy.hf import load_transformers_policy
 
-        return TransformersPolicy(
-            resolve_model_path(cfg.model, settings), policy=cfg, sampling=settings.sampling
-        )
+        return load_transformers_policy(resolve_model_path(cfg.model, settings), policy=cfg,
+                                        sampling=settings.sampling, capacity=settings.search.max_sequences_in_flight)
     if cfg.backend == "vllm":
         from mmprm_tasks.policy.vllm_engine import VLLMPolicy
 

@@ -119,7 +119,10 @@ def resolve_dtype(dtype: str, device: str) -> Any:
 
 
 class TransformersPolicy:
-    """Rollouts from a transformers vision-language checkpoint directory."""
+    """Rollouts from a transformers vision-language checkpoint directory, with ``model.generate``
+    on fixed batches: the reference path (``policy.engine = "generate"``).  The default engine,
+    :class:`~mmprm_tasks.policy.hf_engine.ContinuousTransformersPolicy`, shares its loading,
+    prompt rendering and decoding."""
 
     def __init__(
         self,
@@ -150,10 +153,12 @@ class TransformersPolicy:
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.eos_token_ids = self._eos_ids()
+        self.eos_set = frozenset(self.eos_token_ids)
         keep = {self.tokenizer.convert_tokens_to_ids(t) for t in KEEP_TOKENS}
         self._drop_ids = set(self.tokenizer.all_special_ids) - keep
         text_config = getattr(self.model.config, "text_config", self.model.config)
         self.max_positions: int | None = getattr(text_config, "max_position_embeddings", None)
+        self.vocab_size: int = self.model.get_output_embeddings().weight.shape[0]
         self._lock = threading.Lock()
         self._torch = torch
 
@@ -235,18 +240,27 @@ class TransformersPolicy:
 
     # ---------------------------------------------------------------------------- internals
 
+    def prepare_inputs(self, texts: list[str], images: list[Any]) -> Any:
+        """The processor's tensors for rendered ``texts`` and their decoded ``images``, on the
+        model's device (left-padded when several)."""
+        inputs = self.processor(text=texts, images=images or None, padding=True, return_tensors="pt")
+        inputs = inputs.to(self.device)
+        if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        return inputs
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Completion text of generated ``ids`` (EOS excluded): step/answer tags kept, other
+        special tokens dropped."""
+        return self.tokenizer.decode([t for t in ids if t not in self._drop_ids], skip_special_tokens=False)
+
     def _generate_batch(
         self, texts: list[str], images: list[Any], sampling: SamplingConfig, seeds: list[int]
     ) -> list[Completion]:
         torch = self._torch
         if self.model is None:
             raise PolicyError("policy is closed")
-        inputs = self.processor(
-            text=texts, images=images or None, padding=True, return_tensors="pt"
-        )
-        inputs = inputs.to(self.device)
-        if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        inputs = self.prepare_inputs(texts, images)
         prompt_len = inputs["input_ids"].shape[1]
         max_new = sampling.max_new_tokens
         if self.max_positions:
@@ -275,16 +289,35 @@ class TransformersPolicy:
             raise PolicyError(f"generation failed: {exc}") from exc
         attention = inputs["attention_mask"]
         completions = []
-        eos = set(self.eos_token_ids)
         for row, prompt_tokens in zip(sequences[:, prompt_len:].tolist(), attention.sum(1).tolist()):
             ids: list[int] = []
             finish = "length"
             for token in row:
-                if token in eos:
+                if token in self.eos_set:
                     finish = "stop"
                     break
                 ids.append(token)
-            kept = [t for t in ids if t not in self._drop_ids]
-            text = self.tokenizer.decode(kept, skip_special_tokens=False)
-            completions.append(Completion(text, finish, len(ids) + (finish == "stop"), int(prompt_tokens)))
+            completions.append(Completion(self.decode(ids), finish, len(ids) + (finish == "stop"), int(prompt_tokens)))
         return completions
+
+
+def load_transformers_policy(model_dir: str | Path, *, policy: PolicyConfig, sampling: SamplingConfig,
+                             capacity: int) -> TransformersPolicy:
+    """The transformers backend as ``policy.engine`` asks: ``continuous`` (the continuous-batching
+    engine), ``generate`` (``model.generate``, the reference) or ``auto`` (continuous where the
+    checkpoint's family is one it drives, else generate)."""
+    from mmprm_tasks.policy.hf_engine import ContinuousTransformersPolicy, choose_engine
+
+    if choose_engine(policy, checkpoint_model_type(model_dir)) == "generate":
+        return TransformersPolicy(model_dir, policy=policy, sampling=sampling)
+    return ContinuousTransformersPolicy(model_dir, policy=policy, sampling=sampling, capacity=capacity)
+
+
+def checkpoint_model_type(model_dir: str | Path) -> str | None:
+    """``model_type`` of a checkpoint's config.json (None when unreadable: the load then says why)."""
+    import json
+
+    try:
+        return json.loads((Path(model_dir) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None

@@ -6,9 +6,10 @@ It serves :class:`~mmprm_tasks.policy.hf.TransformersPolicy` over HTTP: ``POST
 /health``.  It is the CPU serving option of the platform (``backend=openai`` pointed at it) and
 the peer the openai backend is tested against.
 
-Concurrent requests are batched continuously (:class:`~mmprm_tasks.policy.batching.ContinuousBatcher`):
-while the model is busy, waiting requests with the same sampling parameters are merged into the
-next ``generate`` pass.  Each request samples from its own ``seed`` (or a random one), so a
+Concurrent requests are batched continuously: on the continuous engine (the default,
+:mod:`mmprm_tasks.policy.hf_engine`) each request joins the running batch as it arrives; on
+``engine=generate`` a :class:`~mmprm_tasks.policy.batching.ContinuousBatcher` merges waiting
+requests with the same sampling parameters into the next ``generate`` pass.  Each request samples from its own ``seed`` (or a random one), so a
 seeded request's samples depend on the seed alone, whatever it was batched with.
 
 Run: ``python -m mmprm_tasks.policy.server --model DIR --host 127.0.0.1 --port 8000``.
@@ -37,7 +38,7 @@ from pydantic import BaseModel, ConfigDict
 
 from mmprm_tasks.policy import PolicyError, load_image
 from mmprm_tasks.policy.batching import ContinuousBatcher
-from mmprm_tasks.policy.hf import ChatPrompt, Completion, TransformersPolicy
+from mmprm_tasks.policy.hf import ChatPrompt, Completion, TransformersPolicy, load_transformers_policy
 from mmprm_tasks.settings import PolicyConfig, SamplingConfig
 
 log = logging.getLogger(__name__)
@@ -131,6 +132,17 @@ def _batcher(policy: TransformersPolicy, max_sequences: int) -> ContinuousBatche
     return ContinuousBatcher(run, max_sequences, name="policy-server")
 
 
+def _submitter(policy: TransformersPolicy, max_sequences: int) -> Any:
+    """How a request reaches the model: straight into the continuous engine (its running batch
+    takes requests of any sampling parameters as they come), or through a batcher in front of
+    ``generate`` (batches of requests with equal sampling parameters)."""
+    submit_prompt = getattr(policy, "submit_prompt", None)
+    if submit_prompt is not None:
+        return None, lambda job: submit_prompt(job.prompt, job.n, sampling=job.sampling, seed=job.seed)
+    batcher = _batcher(policy, max_sequences)
+    return batcher, lambda job: batcher.submit(job, sequences=job.n, key=job.sampling.model_dump_json())
+
+
 def create_app(
     policy: TransformersPolicy,
     *,
@@ -142,7 +154,7 @@ def create_app(
     name = served_model_name or policy.model_dir
     # Clients may name the model by its served name or by the checkpoint path (relative or not).
     aliases = {name, policy.model_dir, str(Path(policy.model_dir).resolve())}
-    batcher = _batcher(policy, max_batch_sequences or max(policy.policy_cfg.batch_size, 1))
+    batcher, submit = _submitter(policy, max_batch_sequences or max(policy.policy_cfg.batch_size, 1))
     defaults = policy.sampling
     app = FastAPI(title="mmprm policy server")
     app.state.batcher = batcher
@@ -189,8 +201,7 @@ def create_app(
         except (BadRequest, ValueError) as exc:
             return _error(400, str(exc))
         try:
-            future = batcher.submit(_Job(prompt, body.n, sampling, body.seed), sequences=body.n,
-                                    key=sampling.model_dump_json())
+            future = submit(_Job(prompt, body.n, sampling, body.seed))
             completions: list[Completion] = await asyncio.wrap_future(future)
         except PolicyError as exc:
             return _error(500, str(exc), "InternalServerError")
@@ -286,11 +297,7 @@ def start_server(
     sampling: SamplingConfig | None = None,
 ) -> RunningServer:
     """Serve ``model`` (a checkpoint dir or a loaded policy) in a thread; ``port=0`` picks one."""
-    policy = (
-        model
-        if isinstance(model, TransformersPolicy)
-        else TransformersPolicy(model, policy=policy_cfg, sampling=sampling)
-    )
+    policy = model if isinstance(model, TransformersPolicy) else _load(model, policy_cfg, sampling)
     app = create_app(policy, served_model_name=served_model_name)
     return RunningServer(app, host, port).start()
 
@@ -307,12 +314,20 @@ def serve(
     """Serve ``model_dir`` until interrupted (blocking; uvicorn handles SIGINT/SIGTERM)."""
     import uvicorn
 
-    policy = TransformersPolicy(model_dir, policy=policy_cfg, sampling=sampling)
+    policy = _load(model_dir, policy_cfg, sampling)
     app = create_app(policy, served_model_name=served_model_name)
     try:
         uvicorn.run(app, host=host, port=port, log_level="info", lifespan="off")
     finally:
-        app.state.batcher.close()
+        if app.state.batcher is not None:
+            app.state.batcher.close()
+        policy.close()
+
+
+def _load(model_dir: str | Path, policy_cfg: PolicyConfig | None, sampling: SamplingConfig | None) -> TransformersPolicy:
+    cfg = policy_cfg or PolicyConfig(model=str(model_dir))
+    return load_transformers_policy(model_dir, policy=cfg, sampling=sampling or SamplingConfig(),
+                                    capacity=cfg.batch_size)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -323,7 +338,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--served-model-name", default=None)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=64, help="rows decoded at once")
+    parser.add_argument("--engine", default="auto", choices=["auto", "continuous", "generate"])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     serve(
@@ -332,7 +348,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.port,
         served_model_name=args.served_model_name,
         policy_cfg=PolicyConfig(
-            model=args.model, device=args.device, dtype=args.dtype, batch_size=args.batch_size
+            model=args.model, device=args.device, dtype=args.dtype, batch_size=args.batch_size, engine=args.engine
         ),
     )
 

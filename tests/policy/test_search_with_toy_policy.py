@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from mmprm_tasks.policy.hf import TransformersPolicy
+from mmprm_tasks.policy.hf_engine import ContinuousTransformersPolicy
 from mmprm_tasks.policy.openai_compat import OpenAIChatPolicy
 from mmprm_tasks.policy.server import start_server
 from mmprm_tasks.search import SearchProblem, run_search
@@ -30,9 +33,18 @@ def _trees(problems, policy, cfg) -> dict:
         return {r.problem_id: r.tree for r in run_search(problems, policy, verifier, cfg, seed=7)}
 
 
-def test_trees_are_identical_whatever_the_batching_and_over_http(policy_dir, tmp_path):
+ENGINES = {
+    # model.generate on fixed batches behind the search's BatchingEngine (the reference path)
+    "generate": lambda d: TransformersPolicy(d, policy=PolicyConfig(batch_size=64), sampling=SAMPLING),
+    # the continuous engine, a RolloutEngine the search feeds request by request
+    "continuous": lambda d: ContinuousTransformersPolicy(d, sampling=SAMPLING, capacity=64),
+}
+
+
+@pytest.mark.parametrize("engine", sorted(ENGINES))
+def test_trees_are_identical_whatever_the_batching_and_over_http(engine, policy_dir, tmp_path):
     problems = _problems(tmp_path)
-    policy = TransformersPolicy(policy_dir, policy=PolicyConfig(batch_size=64), sampling=SAMPLING)
+    policy = ENGINES[engine](policy_dir)
     runs = [_trees(problems, policy, CFG.model_copy(update=u))
             for u in ({"concurrent_problems": 4}, {"concurrent_problems": 1},
                       {"concurrent_problems": 2, "max_sequences_in_flight": 4})]
@@ -50,3 +62,4 @@ def test_trees_are_identical_whatever_the_batching_and_over_http(policy_dir, tmp
         client.close()
     finally:
         server.stop()
+        policy.close()
