@@ -135,6 +135,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--capacity", type=int, default=256, help="search.max_sequences_in_flight")
     ap.add_argument("--batch-size", type=int, default=64, help="policy.batch_size of the reference")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda for the GPU check (no int8 there; see wall_s)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-annotation", action="store_true", help="replay only (record with the new engine)")
     ap.add_argument("--out", type=Path, default=None)
@@ -142,9 +143,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     console = Console()
     load = os.getloadavg()
-    reference = TransformersPolicy(args.model, policy=PolicyConfig(batch_size=args.batch_size, engine="generate"),
-                                   sampling=DEMO_SAMPLING)
-    engine = ContinuousTransformersPolicy(args.model, policy=PolicyConfig(engine="continuous"),
+    reference = TransformersPolicy(args.model, policy=PolicyConfig(batch_size=args.batch_size, engine="generate",
+                                                                   device=args.device), sampling=DEMO_SAMPLING)
+    engine = ContinuousTransformersPolicy(args.model, policy=PolicyConfig(engine="continuous", device=args.device),
                                           sampling=DEMO_SAMPLING, capacity=args.capacity)
     report: dict[str, Any] = {"machine": {"python": sys.version.split()[0], "platform": platform.platform(),
                                           "cpus": os.cpu_count(), "torch_threads": args.threads,
@@ -172,24 +173,27 @@ def main(argv: Sequence[str] | None = None) -> dict:
     with console.status("replay on the continuous engine"):
         replays["continuous"] = replay(completer(engine), [list(requests)])
     engine.close()
-    quantized = ContinuousTransformersPolicy(args.model, policy=PolicyConfig(engine="continuous", quantize="int8"),
-                                             sampling=DEMO_SAMPLING, capacity=args.capacity)
-    with console.status("replay on the continuous engine, int8"):
-        replays["continuous_int8"] = replay(completer(quantized), [list(requests)])
-    quantized.close()
-    base = replays["generate"]["tokens_per_cpu_s"]
-    for name in ("continuous", "continuous_int8"):
-        replays[name]["ratio"] = round(replays[name]["tokens_per_cpu_s"] / base, 2)
+    if args.device == "cpu":
+        quantized = ContinuousTransformersPolicy(args.model, policy=PolicyConfig(engine="continuous", quantize="int8"),
+                                                 sampling=DEMO_SAMPLING, capacity=args.capacity)
+        with console.status("replay on the continuous engine, int8"):
+            replays["continuous_int8"] = replay(completer(quantized), [list(requests)])
+        quantized.close()
+    base = replays["generate"]
+    for name, r in replays.items():
+        if name != "generate":
+            r["ratio"] = round(r["tokens_per_cpu_s"] / base["tokens_per_cpu_s"], 2)
+            r["wall_ratio"] = round(base["wall_s"] / r["wall_s"], 2)
     report["replay"] = replays
     report["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
 
     table = Table(title=f"{len(requests)} requests, {report['requests']['rows']} rows; "
                         f"{args.threads} torch thread(s); load {load[0]:.2f} at start")
-    for column in ("engine", "tokens", "CPU s", "tokens / CPU-s", "x generate"):
+    for column in ("engine", "tokens", "CPU s", "tokens / CPU-s", "x generate", "wall s", "x generate (wall)"):
         table.add_column(column, justify="right")
     for name, r in replays.items():
         table.add_row(name, str(r["tokens"]), f"{r['cpu_s']:.1f}", f"{r['tokens_per_cpu_s']:.0f}",
-                      f"{r.get('ratio', 1.0):.2f}")
+                      f"{r.get('ratio', 1.0):.2f}", f"{r['wall_s']:.1f}", f"{r.get('wall_ratio', 1.0):.2f}")
     console.print(table)
     for name, r in annotation.items():
         if isinstance(r, dict):

@@ -1,25 +1,28 @@
 #!/usr/bin/env bash
-# The checks that need a GPU (issue 12), as one script anyone with a CUDA machine can rerun:
-#   1. the CUDA-marked tests: vLLM's async engine with the toy policy, a bf16 PRM training step
-#      and GPU scoring, a DeepSpeed ZeRO-1 training step;
-#   2. rollouts per second of the search on vLLM's async engine (the toy policy; every tree's
-#      request joins the running batch) against the original one-problem-at-a-time loop on the
-#      same engine, as a ratio measured in this run (bench/bench_search.py).
-# Needs the gpu extra installed (pip install -e '.[gpu]': vllm, deepspeed).  Results:
-# .mmprm/bench/search-vllm.json and the pytest summary.
+# The checks that need a GPU, as one script anyone with a CUDA machine can rerun:
+#   1. the CUDA-marked tests: the continuous engine on CUDA (fp32 greedy text equals
+#      model.generate's; bf16 samples independent of the batch), a bf16 PRM training step and GPU
+#      scoring, a DeepSpeed ZeRO-1 training step, vLLM's async engine with the toy policy (each
+#      skipped with its reason when its package is missing);
+#   2. the transformers backend's engines on the GPU: the demo's rollout requests replayed on
+#      model.generate and on the continuous engine (bench/bench_engine_cpu.py --device cuda);
+#   3. with vLLM installed, rollouts per second of the search on vLLM's async engine against the
+#      one-problem-at-a-time loop on the same engine (bench/bench_search.py).
+# Needs the gpu extra for 1's DeepSpeed/vLLM parts and 3 (pip install -e '.[gpu]').  Results under
+# .mmprm/bench/ and the pytest summary.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
-"$PY" - <<'PY'
-import sys, torch
-from mmprm_tasks.policy.vllm_engine import vllm_available
-ok, why = vllm_available()  # vLLM importable and a CUDA device visible
-if not ok:
-    sys.exit(f"gpu-check: {why}")
-print("gpu-check on", torch.cuda.get_device_name(0))
-PY
-mkdir -p .mmprm/bench
-"$PY" -m pytest -m gpu -ra -q tests/test_prm.py tests/policy
-"$PY" bench/bench_search.py --backend vllm --device cuda --problems "${PROBLEMS:-64}" \
-  --num-rollouts 16 --max-search-count 10 --max-new-tokens 96 --repeats 1 \
-  --out .mmprm/bench/search-vllm.json
+OUT_DIR=${OUT_DIR:-.mmprm/bench}
+"$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else "gpu-check: no CUDA device")'
+"$PY" -c 'import torch; print("gpu-check on", torch.cuda.get_device_name(0))'
+mkdir -p "$OUT_DIR"
+"$PY" -m pytest -p no:cacheprovider -m gpu -ra -q tests/test_prm.py tests/policy
+"$PY" bench/bench_engine_cpu.py --device cuda --skip-annotation --problems "${PROBLEMS:-32}" \
+  --out "$OUT_DIR/engine-gpu.json"
+if "$PY" -c 'from mmprm_tasks.policy.vllm_engine import vllm_available; import sys; sys.exit(0 if vllm_available()[0] else 1)'; then
+  "$PY" bench/bench_search.py --backend vllm --device cuda --problems "${PROBLEMS:-64}" \
+    --num-rollouts 16 --max-search-count 10 --max-new-tokens 96 --repeats 1 --out "$OUT_DIR/search-vllm.json"
+else
+  echo "gpu-check: vLLM is not installed; its search benchmark is skipped"
+fi

@@ -159,6 +159,9 @@ def _define_slot_cache() -> Any:
         def get_max_length(self) -> int:
             return -1
 
+        def get_max_cache_shape(self) -> int:  # the same, as transformers < 5.20 names it
+            return -1
+
     class _SlotCache(Cache):
         def __init__(self, num_layers: int) -> None:
             self.rows = 0  # running rows: slots 0..rows-1
@@ -352,14 +355,14 @@ class ContinuousEngine:
         inputs = job.inputs
         if job.prefix is None:
             out = model(**inputs, use_cache=True, logits_to_keep=1)
-            return out.logits[:, -1].float(), out.cache
+            return out.logits[:, -1].float(), _cache_of(out)
         key, split = job.prefix
         shape = tuple(inputs["input_ids"].shape)
         sequence_keys = [k for k, v in inputs.items() if hasattr(v, "shape") and tuple(v.shape[:2]) == shape]
         layers = self._prefixes.get(key)
         if layers is None:
             head = {k: (v[:, :split] if k in sequence_keys else v) for k, v in inputs.items()}
-            layers = [(layer.keys, layer.values) for layer in model(**head, use_cache=True, logits_to_keep=1).cache.layers]
+            layers = [(layer.keys, layer.values) for layer in _cache_of(model(**head, use_cache=True, logits_to_keep=1)).layers]
             self._prefixes.put(key, layers)
             self.counters.prefix_misses += 1
         else:
@@ -368,8 +371,9 @@ class ContinuousEngine:
         for index, (keys, values) in enumerate(layers):
             cache.update(keys, values, index)
         tail = {k: inputs[k][:, split:] for k in sequence_keys if k != "attention_mask"}
-        out = model(**tail, attention_mask=inputs["attention_mask"], cache=cache, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1].float(), out.cache
+        out = model(**tail, attention_mask=inputs["attention_mask"], **{self.owner.cache_kwarg: cache}, use_cache=True,
+                    logits_to_keep=1)
+        return out.logits[:, -1].float(), _cache_of(out)
 
     def _prefill(self, job: PromptJob) -> None:
         torch = self._torch
@@ -524,7 +528,7 @@ class ContinuousEngine:
         mask.masked_fill_(hidden[:, None, None, :], torch.finfo(dtype).min)
         positions = (cols + self._offsets[:rows])[:, None]
         out = self.owner.model(input_ids=self._tokens[:rows, None], position_ids=positions, attention_mask=mask,
-                               cache=cache, use_cache=True, logits_to_keep=1)
+                               **{self.owner.cache_kwarg: cache}, use_cache=True, logits_to_keep=1)
         self.counters.decode_steps += 1
         self.counters.row_steps += rows
         self._cols[:rows] += 1
@@ -567,6 +571,20 @@ def _as_policy_error(exc: Exception, where: str) -> Exception:
     return PolicyError(f"generation failed in the {where}: {type(exc).__name__}: {exc}")
 
 
+def _cache_of(output: Any) -> Any:
+    """A forward's key/value cache: ``cache`` since transformers 5.20, ``past_key_values`` before."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
+
+
+def cache_kwarg(model: Any) -> str:
+    """The name the model's forward takes its cache by (``cache``, or ``past_key_values`` before
+    transformers 5.20); pyproject allows any transformers 5."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def _position_offset(model: Any, length: int) -> int:
     """Rotary position of column ``c`` is ``c + offset``; 1-D rotary decoders use offset 0."""
     return 0
@@ -607,6 +625,7 @@ class ContinuousTransformersPolicy(TransformersPolicy):
         check_family(self.model.config.model_type)
         if self.policy_cfg.quantize == "int8":
             self.model = quantize_int8(self.model, self.device)
+        self.cache_kwarg = cache_kwarg(self.model)
         self.capacity = capacity
         self.engine = ContinuousEngine(self, capacity, self.policy_cfg.prefix_cache_entries)
         self._root_ids = PrefixCache(self.policy_cfg.prefix_cache_entries)

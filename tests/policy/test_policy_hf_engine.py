@@ -234,3 +234,36 @@ def test_shared_prefix_cache_hit_or_miss_gives_the_same_samples(policy_dir, imag
     finally:
         for p in (policy, uncached, reference):
             p.close()
+
+
+@pytest.mark.gpu
+def test_gpu_continuous_engine_fp32_equals_generate_and_runs_bf16(policy_dir, images):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    requests = requests_for(images)
+    reference = TransformersPolicy(policy_dir, policy=PolicyConfig(engine="generate", device="cuda", dtype="float32"),
+                                   sampling=GREEDY)
+    fp32 = ContinuousTransformersPolicy(policy_dir, policy=PolicyConfig(device="cuda", dtype="float32"),
+                                        sampling=GREEDY, capacity=4)
+    bf16 = ContinuousTransformersPolicy(policy_dir, policy=PolicyConfig(device="cuda", dtype="bfloat16"),
+                                        sampling=SAMPLING, capacity=64)
+    try:
+        prompts = prompts_for(requests)
+        assert as_tuples(fp32.complete(prompts, [2, 3, 1])) == as_tuples(
+            reference.complete([p], [n])[0] for p, n in zip(prompts, (2, 3, 1)))
+        assert fp32.engine._cache.layers[0].keys.device.type == "cuda"
+        seeded = [GenerationRequest(r.question, r.image, r.prefix_steps, 4, seed=5 + i) for i, r in enumerate(requests)]
+        together = bf16.generate(seeded)
+        assert [bf16.submit(r).result() for r in seeded[::-1]] == together[::-1]
+        assert bf16.engine._cache.layers[0].keys.dtype == torch.bfloat16
+        assert sum(bool(r) for per in together for r in per) >= 6  # tagged rollouts in bf16 too
+    finally:
+        for p in (reference, fp32, bf16):
+            p.close()
+
+
+def test_int8_is_refused_on_a_gpu():
+    from mmprm_tasks.policy.hf_engine import quantize_int8
+
+    with pytest.raises(PolicyConfigError, match="CPU-only"):
+        quantize_int8(torch.nn.Linear(2, 2), "cuda")
