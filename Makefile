@@ -12,6 +12,7 @@ test: setup
 
 bench: setup
 	.venv/bin/python bench/bench_search.py --out .mmprm/bench/search.json
+	.venv/bin/python bench/bench_engine_cpu.py --out .mmprm/bench/engine-cpu.json
 	.venv/bin/python bench/bench_search_engine.py --out .mmprm/bench/search-engine.json
 	.venv/bin/python bench/bench_index.py --trees 3000 --out .mmprm/bench/index.json
 	.venv/bin/python bench/bench_ingest.py --megabytes 50 --out .mmprm/bench/ingest.json

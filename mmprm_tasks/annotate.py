@@ -43,6 +43,10 @@ class EngineStats:
     requests: int = 0
     rollouts: int = 0
     seconds: float = 0.0
+    # Engines that batch requests themselves (the continuous transformers engine): decode steps
+    # run and rows summed over them, so rows per step says how full the running batch was.
+    decode_steps: int = 0
+    row_steps: int = 0
 
     @property
     def mean_batch_size(self) -> float:
@@ -55,6 +59,9 @@ class CountingPolicy:
 
     inner: PolicyBackend
     stats: EngineStats = field(default_factory=EngineStats)
+
+    def settle(self) -> EngineStats:
+        return self.stats
 
     def generate(self, requests: Sequence[GenerationRequest], *, seed: int | None = None) -> list[list[list[str]]]:
         start = time.perf_counter()
@@ -73,6 +80,19 @@ class CountingEngine:
 
     inner: Any
     stats: EngineStats = field(default_factory=EngineStats)
+
+    def __post_init__(self) -> None:
+        self._decode_start = self._decode_work()
+
+    def _decode_work(self) -> tuple[int, int]:
+        counters = getattr(self.inner, "counters", None)
+        return (counters.decode_steps, counters.row_steps) if counters is not None else (0, 0)
+
+    def settle(self) -> EngineStats:
+        """The stats, with the decode work the engine did since this wrapper was made."""
+        steps, rows = self._decode_work()
+        self.stats.decode_steps, self.stats.row_steps = steps - self._decode_start[0], rows - self._decode_start[1]
+        return self.stats
 
     @property
     def capacity(self) -> int:
@@ -290,6 +310,8 @@ def _add_run_stats(conn: sa.Connection, run_id: str, delta: dict[str, float]) ->
     for name, value in delta.items():
         merged[name] = merged.get(name, 0) + value
     merged["mean_batch_size"] = merged["engine_requests"] / merged["engine_calls"] if merged.get("engine_calls") else 0.0
+    if merged.get("engine_decode_steps"):
+        merged["mean_rows_per_step"] = merged["engine_row_steps"] / merged["engine_decode_steps"]
     conn.execute(sa.text("UPDATE annotation_runs SET stats = CAST(:s AS JSONB) WHERE run_id = :r"),
                  {"s": json.dumps(merged), "r": run_id})
 
@@ -387,10 +409,11 @@ def annotate_chunk(settings: Settings, run_id: str, chunk_index: int, *, worker:
         # the run's stats (work done, crashed attempts included); tree and rollout counts of the
         # run are read from the index (run_summary), so a duplicate or killed attempt cannot
         # double or drop them.
-        engine_stats = counting.stats if counting else EngineStats()
+        engine_stats = counting.settle() if counting else EngineStats()
         engine_work = {"unverifiable_answers": sum(r.stats["unverifiable"] for r in writer.written),
                        "engine_calls": engine_stats.calls, "engine_requests": engine_stats.requests,
-                       "engine_rollouts": engine_stats.rollouts, "engine_seconds": round(engine_stats.seconds, 3)}
+                       "engine_rollouts": engine_stats.rollouts, "engine_seconds": round(engine_stats.seconds, 3),
+                       "engine_decode_steps": engine_stats.decode_steps, "engine_row_steps": engine_stats.row_steps}
         stats = {"trees": len(writer.written), "rollouts": sum(r.stats["rollouts"] for r in writer.written),
                  "trees_mixed_root": sum(0 < r.tree["mc_value"] < 1 for r in writer.written), **engine_work}
         if counting:

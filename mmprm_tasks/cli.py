@@ -13,6 +13,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from .demo import DEMO_TRAIN_PROBLEMS
 from .settings import Settings, get_settings
 
 class _ReportsFailures(typer.core.TyperGroup):
@@ -381,10 +382,18 @@ def headline_lines(reports: dict[str, dict]) -> list[str]:
     return lines
 
 
+def engine_batch_row(stats: dict) -> tuple[str, str]:
+    """How full the engine ran: rows per decode step on the continuous transformers engine,
+    requests per call on a batch backend."""
+    if stats.get("mean_rows_per_step"):
+        return "mean rows per decode step", f"{stats['mean_rows_per_step']:.1f}"
+    return "mean engine batch", f"{stats.get('mean_batch_size', 0):.1f}"
+
+
 @app.command()
 def demo(
     home: Annotated[Path, typer.Option(help="Where the embedded run keeps everything")] = Path(".mmprm/demo"),
-    train_problems: Annotated[int, typer.Option("--train", min=4)] = 96,
+    train_problems: Annotated[int, typer.Option("--train", min=4)] = DEMO_TRAIN_PROBLEMS,
     test_problems: Annotated[int, typer.Option("--test", min=4)] = 128,
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
@@ -402,10 +411,11 @@ def demo(
                          ("trees with 0 < root MC < 1", s.get("trees_mixed_root")),
                          ("step annotations", s.get("step_annotations")), ("first-error steps", s.get("first_errors")),
                          ("rollouts", (s.get("stats") or {}).get("rollouts")),
-                         ("mean engine batch", round((s.get("stats") or {}).get("mean_batch_size", 0), 1)),
+                         engine_batch_row(s.get("stats") or {}),
                          ("dataset", s.get("dataset", {}).get("dataset_id")),
                          ("training paths", (s.get("dataset", {}).get("counts") or {}).get("paths")),
-                         ("wall time", f"{result.seconds:.0f} s")]:
+                         ("wall time", f"{result.seconds:.0f} s"),
+                         ("stages (s)", ", ".join(f"{k} {v:.0f}" for k, v in (s.get("stage_seconds") or {}).items()))]:
         table.add_row(label, str(value))
     console.print(table)
     for report in result.reports.values():

@@ -29,7 +29,9 @@ DEMO_SETTINGS = {
     "MMPRM_SEARCH__ROLLOUT_BUDGET": "160",
     "MMPRM_SEARCH__CONCURRENT_PROBLEMS": "32",
     "MMPRM_SAMPLING__MAX_NEW_TOKENS": "96",
-    "MMPRM_CHUNK_SIZE": "16",
+    # Chunks of 64: each chunk's search keeps the engine's running batch full for longer (a chunk
+    # ends with a tail where only its last trees' rows run).
+    "MMPRM_CHUNK_SIZE": "64",
     # Toy steps are a few words each ("3 + 5 = 8."): SPEC's 10-word floor would drop most paths.
     "MMPRM_TRAVERSE__MIN_WORDS": "3",
     # Toy solutions are 3-4 steps: with the release's one <prm> per node, a correct rollout's
@@ -40,7 +42,9 @@ DEMO_SETTINGS = {
     # The paper's small-learning-rate finding holds here too (issue 11: 1e-3 destroys what the
     # foundation knows, 1e-4 keeps it); bench/bench_toy_ablations.py measures 1e-4, 3e-4, 1e-3.
     "MMPRM_TRAIN__LEARNING_RATE": "1e-4",
-    "MMPRM_TRAIN__NUM_TRAIN_EPOCHS": "8",
+    # Two epochs over 4x the paths (issue 22: the continuous engine buys the data in the same
+    # minutes; 8 epochs over 796 paths before).
+    "MMPRM_TRAIN__NUM_TRAIN_EPOCHS": "2",
     "MMPRM_TRAIN__PER_DEVICE_TRAIN_BATCH_SIZE": "16",
     "MMPRM_TRAIN__MAX_LENGTH": "512",
     "MMPRM_TRAIN__WARMUP_RATIO": "0.03",
@@ -123,8 +127,23 @@ def _xcom(dag_run: Any, task_id: str) -> Any:
         return None if row is None else XComModel.deserialize_value(row)
 
 
-def run_demo(home: Path, *, n_train: int = 96, n_test: int = 128, seed: int = 0, log=print) -> DemoResult:
+# Train problems the demo annotates by default: what its time budget affords on 2 CPU cores
+# (about 8 paths a problem).
+DEMO_TRAIN_PROBLEMS = 440
+
+
+def run_demo(home: Path, *, n_train: int = DEMO_TRAIN_PROBLEMS, n_test: int = 128, seed: int = 0,
+             log=print) -> DemoResult:
     start = time.perf_counter()
+    stage_start = start
+    stages: dict[str, float] = {}
+
+    def stage_done(name: str) -> None:
+        nonlocal stage_start
+        now = time.perf_counter()
+        stages[name] = round(now - stage_start, 1)
+        stage_start = now
+
     home = home.resolve()
     _prepare_environment(home, seed)
     # Airflow's DAG-folder scan warns at every parse that pathspec renamed a pattern class; seven
@@ -143,13 +162,17 @@ def run_demo(home: Path, *, n_train: int = 96, n_test: int = 128, seed: int = 0,
     db.upgrade(db.get_engine(settings))
     log("[2/6] Airflow metadata DB and GPU pool")
     init_airflow(settings.orchestration.gpu_pool, settings.orchestration.gpu_pool_slots)
+    stage_done("set-up")
 
     # dag.test() runs one DAG and does not follow asset events: each stage's DAG in turn.
     log("[3/6] mmprm_ingest -> mmprm_annotate (shard -> annotate chunks -> index summary) -> mmprm_dataset")
     run_id = f"demo-seed{seed}-{n_train}"
     run_dag("mmprm_ingest.py", {"seed_source": str(seeds["train"]), "eval_seed_source": str(seeds["test"])})
+    stage_done("ingest")
     annotate_run = run_dag("mmprm_annotate.py", {"annotation_run_id": run_id, "split": "train"})
+    stage_done("annotate")
     dataset_run = run_dag("mmprm_dataset.py", {"annotation_run_id": run_id})
+    stage_done("dataset")
     summary = _xcom(annotate_run, "index_summary") or {}
     dataset = _xcom(dataset_run, "traverse") or {}
     result = DemoResult(home=home, seconds=0.0, summary={**summary, "dataset": dataset})
@@ -158,8 +181,10 @@ def run_demo(home: Path, *, n_train: int = 96, n_test: int = 128, seed: int = 0,
         log(f"[4/6] mmprm_train ({label_mode} labels) on {dataset.get('dataset_id')}")
         train_run = run_dag("mmprm_training.py", {"dataset_id": dataset["dataset_id"], "label_mode": label_mode})
         checkpoint = _xcom(train_run, "train_prm")
+        stage_done(f"train ({label_mode})")
         log(f"[5/6] mmprm_evaluate: Best-of-N with the {label_mode}-label PRM")
         eval_run = run_dag("mmprm_evaluation.py", {"checkpoint_id": checkpoint["checkpoint_id"]})
+        stage_done(f"evaluate ({label_mode})")
         evaluation = _xcom(eval_run, "evaluate_best_of_n")
         from .storage import open_uri
 
@@ -171,6 +196,7 @@ def run_demo(home: Path, *, n_train: int = 96, n_test: int = 128, seed: int = 0,
     result.outputs["step index"] = db.database_url(settings).split("?")[0] + f" (data in {home / 'pgdata'})"
     result.outputs["objects"] = str(settings.store_root)
     result.seconds = time.perf_counter() - start
+    result.summary["stage_seconds"] = stages
     (home / "demo-summary.json").write_text(json.dumps(
         {"summary": result.summary, "reports": result.reports, "outputs": result.outputs,
          "seconds": result.seconds}, indent=2, default=str))

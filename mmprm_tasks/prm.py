@@ -326,6 +326,12 @@ class PRMCollator:
 # ---------------------------------------------------------------------------------- trainer
 
 
+def record_length(record: dict[str, Any]) -> int:
+    """How long a path record's text is (characters of question and process): the image's tokens
+    are the same for every record of a model, so this orders records as their token counts do."""
+    return len(str(record.get("question", ""))) + len(str(record.get("process", "")))
+
+
 def _accepts_logits_to_keep(model: Any) -> bool:
     try:
         return "logits_to_keep" in inspect.signature(model.forward).parameters
@@ -361,13 +367,31 @@ def prm_forward(model: Any, inputs: dict[str, Any], prm_token_id: int):
 
 
 class PRMTrainer(Trainer):
-    """``transformers.Trainer`` with the PRM loss (:func:`prm_loss`); only ``compute_loss`` is
-    overridden.  Token ids come from the model config (``prm_token_id``,
-    ``prm_reward_token_ids`` set by :func:`ensure_prm_tokens`), the label mode from
-    ``prm_label_mode`` ("soft"/"hard").  The loss is a per-batch mean, so the Trainer divides it
-    by the gradient-accumulation steps (``loss_is_scaled_for_ga = False``)."""
+    """``transformers.Trainer`` with the PRM loss (:func:`prm_loss`) in ``compute_loss``.  Token
+    ids come from the model config (``prm_token_id``, ``prm_reward_token_ids`` set by
+    :func:`ensure_prm_tokens`), the label mode from ``prm_label_mode`` ("soft"/"hard").  The loss
+    is a per-batch mean, so the Trainer divides it by the gradient-accumulation steps
+    (``loss_is_scaled_for_ga = False``).
+
+    ``train_lengths`` (one per record, any proxy of its token count) puts records of similar
+    length in one batch, as the Trainer's own ``group_by_length`` does for tokenised datasets
+    (path records are tokenised by the collator, so the Trainer cannot measure them itself):
+    less padding computed, the same records each epoch."""
 
     loss_is_scaled_for_ga = False
+
+    def __init__(self, *args: Any, train_lengths: Sequence[int] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.train_lengths = list(train_lengths) if train_lengths is not None else None
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        if self.train_lengths is None:
+            return super()._get_train_sampler(train_dataset)
+        from transformers.trainer_pt_utils import LengthGroupedSampler
+
+        return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                    lengths=self.train_lengths,
+                                    generator=torch.Generator().manual_seed(self.args.seed))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         config = self.accelerator.unwrap_model(model).config
@@ -434,6 +458,7 @@ class PRMTrainingConfig:
     logging_steps: int = 1
     dataloader_num_workers: int = 0
     max_grad_norm: float = 1.0
+    group_by_length: bool = False
 
     @classmethod
     def from_train_config(cls, cfg: TrainConfig, **overrides: Any) -> PRMTrainingConfig:
@@ -597,6 +622,7 @@ def train_prm(
         eval_dataset=list(eval_records) if eval_records is not None else None,
         data_collator=collator,
         processing_class=processor,
+        train_lengths=[record_length(r) for r in records] if cfg.group_by_length else None,
     )
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(LossLogCallback())

@@ -166,6 +166,10 @@ class TrainConfig(BaseModel):
     max_steps: int = -1
     max_length: int = Field(4096, ge=16)
     freeze_vision_tower: bool = True
+    # Batches of paths of similar length: less padding computed (1.15x samples/s on the demo's
+    # dataset), but such batches are mostly of one label (a negative path ends at its first error)
+    # and the demo's PRM picked worse (Best-of-8 41.4 vs 47.7): off, uniformly shuffled batches.
+    group_by_length: bool = False
     label_mode: Literal["soft", "hard"] = "soft"
     bf16: bool | None = None  # None: on when CUDA supports it
     deepspeed: str | None = None  # path to a ZeRO config, or "zero1"/"zero2"/"zero3"

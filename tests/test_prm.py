@@ -493,3 +493,28 @@ def test_training_logs_a_few_lines_instead_of_printing_every_step(tiny_dir, tmp_
     assert len(metrics["loss_history"]) == metrics["global_step"] == 16  # full history kept
     assert lines[0].startswith("PRM training step 1/16") and lines[-1].startswith("PRM training step 16/16")
     assert "{'loss'" not in capsys.readouterr().out
+
+
+def test_length_grouped_batches_hold_paths_of_similar_length(tiny_dir, tmp_path):
+    """train.group_by_length: the trainer's sampler puts paths of similar length in one batch (the
+    Trainer cannot measure path records itself: the collator tokenises them)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from mmprm_tasks.prm import PRMTrainer, record_length
+
+    records = [{**RECORDS[0], "id": i, "question": "x" * (5 + 37 * (i % 4))} for i in range(512)]
+    lengths = [record_length(r) for r in records]
+    args = _train_cfg(per_device_train_batch_size=8).training_arguments(tmp_path, seed=0)
+
+    def batches(train_lengths):
+        trainer = PRMTrainer(model=AutoModelForImageTextToText.from_pretrained(tiny_dir), args=args,
+                             train_dataset=records, processing_class=AutoProcessor.from_pretrained(tiny_dir),
+                             train_lengths=train_lengths)
+        order = list(trainer._get_train_sampler())
+        return [sorted(lengths[i] for i in order[k:k + 8]) for k in range(0, len(order), 8)]
+
+    grouped = batches(lengths)
+    assert sorted(i for b in grouped for i in b) == sorted(lengths)  # every path once
+    # Four lengths: sorted mega-batches of 16 batches leave at most 3 of each mixed.
+    assert sum(b[0] == b[-1] for b in grouped) >= 48
+    assert sum(b[0] == b[-1] for b in batches(None)) <= 2  # shuffled: 8 of one length is rare

@@ -267,3 +267,17 @@ def test_int8_is_refused_on_a_gpu():
 
     with pytest.raises(PolicyConfigError, match="CPU-only"):
         quantize_int8(torch.nn.Linear(2, 2), "cuda")
+
+
+def test_run_stats_count_the_engines_decode_steps(engine, images):
+    """Annotation records how full the running batch was (rows per decode step)."""
+    from mmprm_tasks.annotate import counted
+
+    counting = counted(engine)
+    before = engine.counters.decode_steps
+    futures = [counting.submit(r) for r in requests_for(images, ns=(4, 4, 4))]
+    [f.result() for f in futures]
+    stats = counting.settle()
+    assert stats.requests == 3 and stats.rollouts == 12
+    assert stats.decode_steps == engine.counters.decode_steps - before > 0
+    assert stats.decode_steps <= stats.row_steps <= 4 * stats.decode_steps  # capacity 4
