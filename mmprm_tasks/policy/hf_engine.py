@@ -1,8 +1,8 @@
 """A small continuous-batching engine for transformers vision-language models (CPU first).
 
-The ``transformers`` backend used to call ``model.generate`` on fixed batches: every one of a
-request's ``n`` samples was preprocessed and prefilled on its own, and a batch decoded until its
-longest row ended (on the demo's mix 1.6x the useful token slots).  This engine instead:
+With ``model.generate`` on fixed batches (the reference path) every one of a request's ``n``
+samples is preprocessed and prefilled on its own, and a batch decodes until its longest row ends
+(on the demo's mix 1.6x the useful token slots).  This engine instead:
 
 * **prefills each request once** (image + prompt through the full model) and copies the prompt's
   keys and values into ``n`` rows of a running batch, one per sample;
@@ -32,13 +32,12 @@ sliding-window layers) are not in :data:`CONTINUOUS_FAMILIES`; ``engine = "auto"
 from __future__ import annotations
 
 import hashlib
-import logging
 import threading
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -48,14 +47,9 @@ from mmprm_tasks.policy.hf import ChatPrompt, Completion, TransformersPolicy, ro
 from mmprm_tasks.rollouts import Rollout, parse_rollout
 from mmprm_tasks.settings import PolicyConfig, SamplingConfig
 
-log = logging.getLogger(__name__)
-
 # Model families (config.model_type) whose decode this engine drives exactly: a decoder with 1-D
 # rotary positions and self-attention only, reached through the model's own forward.
 CONTINUOUS_FAMILIES = frozenset({"llava"})
-
-_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
-
 
 def row_uniforms(seeds: np.ndarray, steps: np.ndarray) -> np.ndarray:
     """One uniform in (0, 1) per row: splitmix64 of (row seed, token index).  Counter-based, so a
@@ -217,7 +211,6 @@ class PromptJob:
     """``n`` samples of one rendered prompt; ``future`` resolves to their completions in order."""
 
     text: str
-    images: list[Any]
     n: int
     seed: int
     sampling: SamplingConfig
@@ -543,26 +536,29 @@ class ContinuousEngine:
 
 
 class PrefixCache:
-    """Keys and values of shared prompt prefixes (per layer ``[1, heads, tokens, dim]``), least
-    recently used out first; ``entries`` 0 keeps none."""
+    """A small thread-safe LRU map (shared prompt prefixes' keys and values per layer, a problem's
+    root prompt tokens); ``entries`` 0 keeps none."""
 
     def __init__(self, entries: int) -> None:
         self.entries = entries
         self._store: OrderedDict[Any, Any] = OrderedDict()
+        self._lock = threading.Lock()
 
     def get(self, key: Any) -> Any:
-        value = self._store.get(key)
-        if value is not None:
-            self._store.move_to_end(key)
-        return value
+        with self._lock:
+            value = self._store.get(key)
+            if value is not None:
+                self._store.move_to_end(key)
+            return value
 
     def put(self, key: Any, value: Any) -> None:
         if self.entries <= 0:
             return
-        self._store[key] = value
-        self._store.move_to_end(key)
-        while len(self._store) > self.entries:
-            self._store.popitem(last=False)
+        with self._lock:
+            self._store[key] = value
+            self._store.move_to_end(key)
+            while len(self._store) > self.entries:
+                self._store.popitem(last=False)
 
 
 def _as_policy_error(exc: Exception, where: str) -> Exception:
@@ -655,7 +651,7 @@ class ContinuousTransformersPolicy(TransformersPolicy):
         (a bad image) is a job whose future already holds the error."""
         if seed is None:
             seed = int(self._torch.randint(0, 2**31 - 1, ()).item())
-        job = PromptJob(self.render(prompt), [], n, seed, sampling or self.sampling, result=result)
+        job = PromptJob(self.render(prompt), n, seed, sampling or self.sampling, result=result)
         try:
             job.inputs = self.prepare_inputs([job.text], [load_image(b) for b in prompt.images])
         except Exception as exc:  # noqa: BLE001 - a bad image or prompt is this request's error
