@@ -70,3 +70,21 @@ def load_bench(name: str):
     sys.modules[name] = module  # its dataclasses look their module up
     spec.loader.exec_module(module)
     return module
+
+
+def policy_requests(images, ns=(2, 3, 1)):
+    """Three rollout requests of different prompt lengths (a root and two continuations) for the
+    policy tests, ``ns[i]`` samples each."""
+    from mmprm_tasks.policy import GenerationRequest
+
+    questions = ["What is the sum of the numbers?", "What is the product?", "What is it?"]
+    prefixes = [(), ("The numbers are 5, 1 and 2.",), ("Read 9.", "9 is odd.")]
+    return [GenerationRequest(q, img, p, n) for q, img, p, n in zip(questions, images, prefixes, ns)]
+
+
+def chat_prompts(requests):
+    """The transformers chat prompts of rollout requests (the platform preset)."""
+    from mmprm_tasks.policy import chat_messages
+    from mmprm_tasks.policy.hf import ChatPrompt
+
+    return [ChatPrompt(chat_messages(r.prompt), [r.image]) for r in requests]

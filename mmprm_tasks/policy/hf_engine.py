@@ -369,7 +369,6 @@ class ContinuousEngine:
         return out.logits[:, -1].float(), _cache_of(out)
 
     def _prefill(self, job: PromptJob) -> None:
-        torch = self._torch
         owner = self.owner
         if owner.model is None:
             raise PolicyError("policy is closed")
@@ -410,7 +409,6 @@ class ContinuousEngine:
         self._accept(first, end, self._sample(logits.expand(job.n, -1), first, end))
 
     def _ensure_room(self, prompt_cache: Any, rows: int, columns: int) -> None:
-        torch = self._torch
         if self._cache is None:
             layers = prompt_cache.layers
             keys = layers[0].keys

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from helpers import chat_prompts, policy_requests
+
 from mmprm_tasks.policy import GenerationRequest, PolicyBackend, PolicyError, load_policy
-from mmprm_tasks.policy.hf import ChatPrompt, TransformersPolicy
-from mmprm_tasks.policy import chat_messages, load_image, request_seed
+from mmprm_tasks.policy.hf import TransformersPolicy
+from mmprm_tasks.policy import load_image, request_seed
 from mmprm_tasks.rollouts import parse_rollout
 from mmprm_tasks.settings import PolicyConfig, SamplingConfig, Settings
 
@@ -26,19 +28,9 @@ def random_policy(random_policy_dir) -> TransformersPolicy:
     return TransformersPolicy(random_policy_dir, policy=PolicyConfig(batch_size=64), sampling=SAMPLING)
 
 
-def requests_for(images, ns=(2, 3, 1)) -> list[GenerationRequest]:
-    questions = ["What is the sum of the numbers?", "What is the product?", "What is it?"]
-    prefixes = [(), ("The numbers are 5, 1 and 2.",), ("Read 9.", "9 is odd.")]
-    return [GenerationRequest(q, img, p, n) for q, img, p, n in zip(questions, images, prefixes, ns)]
-
-
-def prompts_for(requests) -> list[ChatPrompt]:
-    return [ChatPrompt(chat_messages(r.prompt), [r.image]) for r in requests]
-
-
 def test_n_rollouts_per_request_in_order(policy, images):
     assert isinstance(policy, PolicyBackend)
-    reqs = requests_for(images)
+    reqs = policy_requests(images)
     out = policy.generate(reqs, seed=0)
     assert [len(r) for r in out] == [2, 3, 1]
     assert all(isinstance(rollout, list) and all(isinstance(s, str) for s in rollout)
@@ -47,8 +39,8 @@ def test_n_rollouts_per_request_in_order(policy, images):
 
 
 def test_same_seed_same_rollouts_other_seed_differs(random_policy, images):
-    reqs = requests_for(images, ns=(3, 3, 3))
-    prompts, ns = prompts_for(reqs), [r.n for r in reqs]
+    reqs = policy_requests(images, ns=(3, 3, 3))
+    prompts, ns = chat_prompts(reqs), [r.n for r in reqs]
     seeds = lambda call: [request_seed(call, i) for i in range(len(reqs))]  # noqa: E731 - as generate() derives them
     first = [[c.text for c in per] for per in random_policy.complete(prompts, ns, seeds=seeds(7))]
     again = [[c.text for c in per] for per in random_policy.complete(prompts, ns, seeds=seeds(7))]
@@ -64,8 +56,8 @@ def test_same_seed_same_rollouts_other_seed_differs(random_policy, images):
 def test_a_seeded_requests_samples_do_not_depend_on_its_batch(random_policy, images):
     """Each sequence samples from its own generator: a request's samples are the same alone, in a
     batch with others, and at another position (what keeps search trees independent of batching)."""
-    reqs = requests_for(images, ns=(3, 3, 3))
-    prompts, ns = prompts_for(reqs), [r.n for r in reqs]
+    reqs = policy_requests(images, ns=(3, 3, 3))
+    prompts, ns = chat_prompts(reqs), [r.n for r in reqs]
 
     def texts(order, seeds):
         out = random_policy.complete([prompts[i] for i in order], [ns[i] for i in order], seeds=seeds)
@@ -84,15 +76,15 @@ def test_seeded_call_leaves_global_rng_alone(random_policy, images):
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    random_policy.generate(requests_for(images, ns=(1, 1, 1)), seed=5)
+    random_policy.generate(policy_requests(images, ns=(1, 1, 1)), seed=5)
     assert torch.equal(torch.rand(3), expected)
 
 
 def test_batches_across_requests_and_keeps_order(random_policy_dir, images):
     """Greedy decoding is independent of batching: batch size 2 (several generate() passes over
     the mixed requests) gives exactly the completions of one pass, each at its request's place."""
-    reqs = requests_for(images, ns=(2, 3, 1))
-    prompts, ns = prompts_for(reqs), [r.n for r in reqs]
+    reqs = policy_requests(images, ns=(2, 3, 1))
+    prompts, ns = chat_prompts(reqs), [r.n for r in reqs]
     small = TransformersPolicy(random_policy_dir, policy=PolicyConfig(batch_size=2), sampling=GREEDY)
     calls: list[int] = []
     real_generate = small.model.generate
@@ -120,15 +112,15 @@ def test_batches_across_requests_and_keeps_order(random_policy_dir, images):
 
 def test_untagged_completion_is_an_empty_rollout(random_policy, images):
     """A random model writes no <step>/<answer> tags: every rollout is [] (SPEC §2)."""
-    reqs = requests_for(images, ns=(2, 2, 2))
-    completions = random_policy.complete(prompts_for(reqs), [r.n for r in reqs], seeds=[3, 4, 5])
+    reqs = policy_requests(images, ns=(2, 2, 2))
+    completions = random_policy.complete(chat_prompts(reqs), [r.n for r in reqs], seeds=[3, 4, 5])
     texts = [c.text for per in completions for c in per]
     assert all(t and "</step>" not in t and "</answer>" not in t for t in texts)
     assert random_policy.generate(reqs, seed=3) == [[[], []], [[], []], [[], []]]
 
 
 def test_stops_at_eos_and_reports_length(random_policy, images):
-    prompt = prompts_for(requests_for(images, ns=(4, 1, 1)))[0]
+    prompt = chat_prompts(policy_requests(images, ns=(4, 1, 1)))[0]
     completions = random_policy.complete([prompt], [4], seeds=[1],
                                          sampling=SamplingConfig(max_new_tokens=5))[0]
     assert all(c.completion_tokens <= 5 for c in completions)
@@ -139,7 +131,7 @@ def test_stops_at_eos_and_reports_length(random_policy, images):
 
 def test_prompt_follows_the_training_format(policy, images):
     req = GenerationRequest("What is 2+2?", images[0], ("Two and two.",))
-    text = policy.render(prompts_for([req])[0])
+    text = policy.render(chat_prompts([req])[0])
     assert text.startswith("<|im_start|>user\n<image>Your task is to answer the question below.")
     assert "Question: What is 2+2?\nPrevious Steps:<step>Two and two.</step>" in text
     assert text.endswith("<|im_start|>assistant\n")

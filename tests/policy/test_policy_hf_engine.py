@@ -11,24 +11,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mmprm_tasks.policy import GenerationRequest, PolicyConfigError, chat_messages, load_policy
-from mmprm_tasks.policy.hf import ChatPrompt, TransformersPolicy
+from helpers import chat_prompts, policy_requests
+
+from mmprm_tasks.policy import GenerationRequest, PolicyConfigError, load_policy
+from mmprm_tasks.policy.hf import TransformersPolicy
 from mmprm_tasks.policy.hf_engine import (ContinuousTransformersPolicy, RowSampling, choose_engine, row_uniforms,
                                           sample_rows)
 from mmprm_tasks.settings import PolicyConfig, SamplingConfig, Settings
 
 GREEDY = SamplingConfig(temperature=0.0, max_new_tokens=48)
 SAMPLING = SamplingConfig(max_new_tokens=48)
-
-
-def requests_for(images, ns=(2, 3, 1)) -> list[GenerationRequest]:
-    questions = ["What is the sum of the numbers?", "What is the product?", "What is it?"]
-    prefixes = [(), ("The numbers are 5, 1 and 2.",), ("Read 9.", "9 is odd.")]
-    return [GenerationRequest(q, img, p, n) for q, img, p, n in zip(questions, images, prefixes, ns)]
-
-
-def prompts_for(requests) -> list[ChatPrompt]:
-    return [ChatPrompt(chat_messages(r.prompt), [r.image]) for r in requests]
 
 
 def as_tuples(completions):
@@ -52,7 +44,7 @@ def engine(policy_dir) -> ContinuousTransformersPolicy:
 
 
 def test_greedy_text_equals_model_generate(reference, engine, images):
-    prompts = prompts_for(requests_for(images))
+    prompts = chat_prompts(policy_requests(images))
     expected = as_tuples(reference.complete([p], [n])[0] for p, n in zip(prompts, (2, 3, 1)))
     got = as_tuples(engine.complete(prompts, [2, 3, 1], sampling=GREEDY))
     assert got == expected
@@ -62,7 +54,7 @@ def test_greedy_text_equals_model_generate(reference, engine, images):
 
 
 def test_a_seeded_requests_samples_do_not_depend_on_the_batch_or_capacity(engine, policy_dir, images):
-    prompts = prompts_for(requests_for(images, ns=(3, 3, 3)))
+    prompts = chat_prompts(policy_requests(images, ns=(3, 3, 3)))
     together = as_tuples(engine.complete(prompts, [3, 3, 3], seeds=[100, 101, 102]))
     assert as_tuples(engine.complete([prompts[1]], [3], seeds=[101])) == [together[1]]
     assert as_tuples(engine.complete(prompts[::-1], [3, 3, 3], seeds=[102, 101, 100])) == together[::-1]
@@ -79,7 +71,7 @@ def test_finished_rows_leave_the_batch(engine, images):
     """Every decode step computes only rows still running: the token slots computed equal the
     tokens generated after each row's first (which comes from its request's prefill)."""
     before = dict(vars(engine.counters))
-    completions = engine.complete(prompts_for(requests_for(images, ns=(4, 4, 4))), [4, 4, 4],
+    completions = engine.complete(chat_prompts(policy_requests(images, ns=(4, 4, 4))), [4, 4, 4],
                                   sampling=SamplingConfig(max_new_tokens=12), seeds=[1, 2, 3])
     after = vars(engine.counters)
     rows = after["rows"] - before["rows"]
@@ -94,7 +86,7 @@ def test_finished_rows_leave_the_batch(engine, images):
 def test_rollout_engine_submit_and_generate_agree(engine, images):
     """The search's entry point (submit one request) and the batch one (generate) sample the same."""
     requests = [GenerationRequest(r.question, r.image, r.prefix_steps, r.n, seed=40 + i)
-                for i, r in enumerate(requests_for(images))]
+                for i, r in enumerate(policy_requests(images))]
     submitted = [engine.submit(r).result() for r in requests]
     assert submitted == engine.generate(requests, seed=None)
     assert [len(r) for r in submitted] == [2, 3, 1]
@@ -103,7 +95,7 @@ def test_rollout_engine_submit_and_generate_agree(engine, images):
 def test_trees_depend_on_the_request_seed_not_on_other_requests_in_flight(engine, images):
     """Requests submitted from several threads at once (as the search and a server do) get the
     same samples as each alone."""
-    prompts = prompts_for(requests_for(images, ns=(2, 2, 2)))
+    prompts = chat_prompts(policy_requests(images, ns=(2, 2, 2)))
     alone = [as_tuples(engine.complete([p], [2], seeds=[7 + i]))[0] for i, p in enumerate(prompts)]
     results: dict[int, list] = {}
 
@@ -121,7 +113,7 @@ def test_trees_depend_on_the_request_seed_not_on_other_requests_in_flight(engine
 def test_cancelled_requests_never_run(policy_dir, images):
     policy = ContinuousTransformersPolicy(policy_dir, sampling=SamplingConfig(max_new_tokens=40), capacity=1)
     try:
-        prompt = prompts_for(requests_for(images))[0]
+        prompt = chat_prompts(policy_requests(images))[0]
         first = policy.submit_prompt(prompt, 1, seed=1)
         queued = [policy.submit_prompt(prompt, 1, seed=2 + i) for i in range(5)]
         assert all(f.cancel() for f in queued[1:])  # still waiting behind the capacity-1 batch
@@ -167,7 +159,7 @@ def test_int8_engine_runs_on_cpu(policy_dir, images):
         quantized = torch.ao.nn.quantized.dynamic.Linear
         assert any(isinstance(m, quantized) for m in policy.model.modules())
         assert not any(type(m) is torch.nn.Linear for m in policy.model.modules())
-        out = policy.generate(requests_for(images, ns=(1, 1, 1)), seed=0)
+        out = policy.generate(policy_requests(images, ns=(1, 1, 1)), seed=0)
         assert sum(bool(r) for per in out for r in per) >= 2  # still writes tagged rollouts
     finally:
         policy.close()
@@ -240,7 +232,7 @@ def test_shared_prefix_cache_hit_or_miss_gives_the_same_samples(policy_dir, imag
 def test_gpu_continuous_engine_fp32_equals_generate_and_runs_bf16(policy_dir, images):
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    requests = requests_for(images)
+    requests = policy_requests(images)
     reference = TransformersPolicy(policy_dir, policy=PolicyConfig(engine="generate", device="cuda", dtype="float32"),
                                    sampling=GREEDY)
     fp32 = ContinuousTransformersPolicy(policy_dir, policy=PolicyConfig(device="cuda", dtype="float32"),
@@ -248,7 +240,7 @@ def test_gpu_continuous_engine_fp32_equals_generate_and_runs_bf16(policy_dir, im
     bf16 = ContinuousTransformersPolicy(policy_dir, policy=PolicyConfig(device="cuda", dtype="bfloat16"),
                                         sampling=SAMPLING, capacity=64)
     try:
-        prompts = prompts_for(requests)
+        prompts = chat_prompts(requests)
         assert as_tuples(fp32.complete(prompts, [2, 3, 1])) == as_tuples(
             reference.complete([p], [n])[0] for p, n in zip(prompts, (2, 3, 1)))
         assert fp32.engine._cache.layers[0].keys.device.type == "cuda"
@@ -275,7 +267,7 @@ def test_run_stats_count_the_engines_decode_steps(engine, images):
 
     counting = counted(engine)
     before = engine.counters.decode_steps
-    futures = [counting.submit(r) for r in requests_for(images, ns=(4, 4, 4))]
+    futures = [counting.submit(r) for r in policy_requests(images, ns=(4, 4, 4))]
     [f.result() for f in futures]
     stats = counting.settle()
     assert stats.requests == 3 and stats.rollouts == 12
