@@ -371,9 +371,11 @@ def headline_lines(reports: dict[str, dict]) -> list[str]:
             continue
         row = report["rows"][-1]
         extra = "".join(f", {name} {100 * acc:.1f}%" for name, acc in row.get("baselines", {}).items())
+        vote = (f"; PRM-weighted vote {100 * row['weighted_vote']:.1f}% vs majority vote "
+                f"{100 * row['majority_vote']:.1f}%" if "weighted_vote" in row else "")
         lines.append(f"headline: {mode}-label PRM, {top['aggregator']} aggregator, Best-of-{top['n']} "
                      f"{100 * top['accuracy']:.1f}% (random pick {100 * row['random']:.1f}%, majority vote "
-                     f"{100 * row['majority_vote']:.1f}%{extra}) on {report['num_problems']} test problems")
+                     f"{100 * row['majority_vote']:.1f}%{extra}) on {report['num_problems']} test problems{vote}")
     soft, hard = (reports.get(m, {}).get("headline") for m in ("soft", "hard"))
     if soft and hard:
         verdict = ("soft labels >= hard labels" if soft["accuracy"] >= hard["accuracy"]

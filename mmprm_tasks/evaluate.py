@@ -29,6 +29,10 @@ where noted):
   candidates without an answer do not vote; ties go to the answer whose first occurrence comes
   first among the candidates; the vote is correct when the first candidate with the winning
   answer is correct.
+* **PRM-weighted vote** (``weighted_vote`` per row): the same vote, each candidate weighted by
+  its solution score under the headline aggregator (under ``min`` when the headline is not a
+  probability, e.g. ``sum_logit``), as "Let's Verify Step by Step" and the PRM lessons papers
+  weight votes; same ties and empties.
 """
 
 from __future__ import annotations
@@ -118,22 +122,33 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def majority_vote(
-    candidates: Sequence[ScoredCandidate], answer_key: Callable[[Any], str] | None = None
+    candidates: Sequence[ScoredCandidate], answer_key: Callable[[Any], str] | None = None,
+    weight: Callable[[ScoredCandidate], float] | None = None,
 ) -> bool:
-    """Whether the majority answer is correct (see the module docstring for ties/empties)."""
+    """Whether the majority answer is correct, each candidate counting 1 or ``weight(candidate)``
+    (see the module docstring for ties/empties)."""
     key = answer_key or _normalize_answer
-    counts: dict[str, int] = {}
+    counts: dict[str, float] = {}
     first: dict[str, ScoredCandidate] = {}
     for cand in candidates:
         if cand.final_answer is None or not str(cand.final_answer).strip():
             continue
         k = key(cand.final_answer)
-        counts[k] = counts.get(k, 0) + 1
+        counts[k] = counts.get(k, 0) + (1 if weight is None else weight(cand))
         first.setdefault(k, cand)
     if not counts:
         return False
     winner = max(counts, key=counts.__getitem__)  # max() keeps the first of equal counts
     return first[winner].correct
+
+
+# Aggregators whose solution scores are probabilities, and so can weight a vote.
+PROBABILITY_AGGREGATORS = ("min", "last", "product", "average", "max")
+
+
+def vote_aggregator(headline: str) -> str:
+    """The aggregator that weights the PRM-weighted vote: the headline's when it is a probability."""
+    return headline if headline in PROBABILITY_AGGREGATORS else "min"
 
 
 def best_of_n(
@@ -167,6 +182,8 @@ def best_of_n(
     max_candidates = max((len(p) for p in problems), default=0)
     ns = sorted(set(ns)) if ns else [n for n in (1, 2, 4, 8, 16) if n <= max(max_candidates, 1)]
     total = len(problems)
+    voter = vote_aggregator(headline)
+    vote_weight = lambda cand: max(aggregate(voter, cand.step_scores), 0.0)  # noqa: E731 - empty: -inf -> 0
     rows = []
     for n in ns:
         if n < 1:
@@ -174,7 +191,7 @@ def best_of_n(
         correct = dict.fromkeys(names, 0)
         ties = dict.fromkeys(names, 0)
         decisive_ties = dict.fromkeys(names, 0)
-        random_sum = majority = oracle = 0.0
+        random_sum = majority = weighted = oracle = 0.0
         pass_sums = {k: 0.0 for k in ks if k <= n}
         for index, cands in enumerate(problems):
             head = cands[:n]
@@ -186,6 +203,7 @@ def best_of_n(
             for k in pass_sums:
                 pass_sums[k] += pass_at_k(len(head), c, k)
             majority += majority_vote(head, answer_key)
+            weighted += majority_vote(head, answer_key, vote_weight)
             for name in names:
                 scores = [aggregate(name, cand.step_scores) for cand in head]
                 top = max(scores)
@@ -204,6 +222,7 @@ def best_of_n(
                 "accuracy": {name: correct[name] / denom for name in names},
                 "random": random_sum / denom,
                 "majority_vote": majority / denom,
+                "weighted_vote": weighted / denom,
                 "oracle": oracle / denom,
                 "pass_at_k": {str(k): v / denom for k, v in pass_sums.items()},
                 "prm_ties": ties,
@@ -222,6 +241,7 @@ def best_of_n(
         "seed": seed,
         "epsilon": EPSILON,
         "aggregators": names,
+        "weighted_vote_aggregator": voter,
         "ks": list(ks),
         "max_candidates": max_candidates,
         "rows": rows,
@@ -448,6 +468,9 @@ def plot_report(report: dict[str, Any], path: str | Path, *, title: str | None =
     ax = fig.add_subplot(1, 1, 1)
     for name in report["aggregators"]:
         ax.plot(ns, [100 * r["accuracy"][name] for r in rows], marker="o", label=f"PRM {name}")
+    if rows and "weighted_vote" in rows[0]:
+        ax.plot(ns, [100 * r["weighted_vote"] for r in rows], color="tab:purple", linestyle="-.", marker="s",
+                label=f"PRM-weighted vote ({report['weighted_vote_aggregator']})")
     styles = {"random": ("k", "--"), "majority_vote": ("tab:gray", "-."), "oracle": ("k", ":")}
     for key, label in _BASELINES:
         color, style = styles[key]
@@ -486,6 +509,9 @@ def render_table(report: dict[str, Any]):
     for name in report["aggregators"]:
         label = f"PRM {name}" + (" (headline)" if headline == name else "")
         table.add_row(label, *(f"{100 * r['accuracy'][name]:.2f}" for r in rows))
+    if rows and "weighted_vote" in rows[0]:
+        table.add_row(f"PRM-weighted vote ({report['weighted_vote_aggregator']})",
+                      *(f"{100 * r['weighted_vote']:.2f}" for r in rows))
     for key, label in _BASELINES:
         table.add_row(label, *(f"{100 * r[key]:.2f}" for r in rows))
     for name in rows[0].get("baselines", {}) if rows else ():

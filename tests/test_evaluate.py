@@ -247,11 +247,12 @@ def test_render_table():
     report = best_of_n([P1, P2], ns=[1, 2, 4])
     table = render_table(report)
     assert isinstance(table, Table)
-    assert table.row_count == len(AGGREGATORS) + 3 + 2 + 4
+    assert table.row_count == len(AGGREGATORS) + 1 + 3 + 2 + 4  # + the PRM-weighted vote
     console = Console(record=True, width=160)
     console.print(table)
     text = console.export_text()
     assert "problems tied (min)" in text and "tied right/wrong (min)" in text
+    assert "PRM-weighted vote (min)" in text
     assert "PRM min" in text and "N=4" in text and "majority vote" in text and "pass@2" in text
     assert "37.50" in text  # random pick at N=4
     assert "label PRM" not in text  # no label mode in this report
@@ -383,3 +384,19 @@ def test_score_and_report_with_a_real_tiny_prm(tmp_path):
     assert all(0 < p < 1 for c in scored[0] for p in c["step_scores"])
     report = best_of_n(scored, ns=[1, 4], seed=0)
     assert _row(report, 4)["oracle"] == 1.0
+
+
+def test_prm_weighted_vote_sums_solution_scores_per_answer():
+    # "7" is the majority (3 votes) but wrong; the PRM trusts the two "9"s far more.
+    problem = [([0.1, 0.2], False, "7"), ([0.05], False, "7"), ([0.9, 0.95], True, "9"),
+               ([0.2], False, "7"), ([0.8, 0.7], True, "9"), ([], False, None)]
+    report = best_of_n([problem], ns=[6])
+    row = _row(report, 6)
+    assert row["majority_vote"] == 0.0 and row["weighted_vote"] == 1.0
+    assert report["weighted_vote_aggregator"] == "min"
+    # min weights: 7 -> 0.1 + 0.05 + 0.2 = 0.35, 9 -> 0.9 + 0.7 = 1.6; under max, 7 -> 0.45 < 9 -> 1.75
+    assert _row(best_of_n([problem], ns=[6], headline="max"), 6)["weighted_vote"] == 1.0
+    assert best_of_n([problem], ns=[6], headline="sum_logit")["weighted_vote_aggregator"] == "min"
+    # Scores that cannot tell the answers apart reduce it to the majority vote.
+    flat = [(tuple(0.5 for _ in s), c, a) for s, c, a in problem]
+    assert _row(best_of_n([flat], ns=[6]), 6)["weighted_vote"] == 0.0

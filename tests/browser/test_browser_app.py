@@ -245,9 +245,11 @@ def test_evaluation_table_ties_and_scored_steps(stocked):
     html = client.get(f"{PREFIX}/evaluations/{ids['evaluation']}").text
     table = re.search(r'<table id="bon-table">(.*?)</table>', html, re.S).group(1)
     assert table.count("<tr>") == 1 + len(report["rows"])
+    assert "PRM-weighted vote (min)" in table
     for row in report["rows"]:
         assert f'{row["prm_ties"]["min"]} / {report["num_problems"]}' in table
         assert f'{100 * row["accuracy"]["min"]:.1f}' in table
+        assert f'{100 * row["weighted_vote"]:.1f}' in table
     plot = client.get(f"{PREFIX}/evaluations/{ids['evaluation']}/plot.png")
     assert _png_size(plot.content)[0] > 300
     problem_id = next(iter(candidates_from_trees(settings, "run-a")))
