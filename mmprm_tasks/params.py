@@ -86,6 +86,9 @@ TRIGGER_PARAMS: dict[str, tuple[str | None, dict[str, Any]]] = {
                          type="number", minimum=0, maximum=2),
     "chunk_size": _knob("chunk_size", "Chunk size", "Problems per annotation task (the unit Airflow maps and "
                         "retries)", unit="problems", type="integer", minimum=1, maximum=100000),
+    "label_values": _knob("traverse.label_values", "Label values", "mc: each step's Monte Carlo value (SPEC "
+                          "section 5); relative: its value divided by its parent's, at most 1", type="string",
+                          enum=["mc", "relative"]),
     "label_mode": _knob("train.label_mode", "Label mode", "soft: the Monte Carlo value as the target; hard: "
                         "1 when it is positive", type="string", enum=["soft", "hard"]),
     "learning_rate": _knob("train.learning_rate", "Learning rate", "Peak learning rate of the PRM's "

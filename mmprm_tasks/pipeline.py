@@ -203,6 +203,18 @@ def current_runs(settings: Settings) -> list[str]:
             {"h": config_hash(settings)}).scalars())
 
 
+# Settings fields added after dataset and checkpoint ids were first derived from their groups:
+# left out of an id while at their default, so the ids made before them stay the same.
+_LATER_FIELDS: dict[str, Any] = {"label_values": "mc", "group_by_length": False}
+
+
+def key_fields(group: Any) -> dict[str, Any]:
+    """A settings group as it enters a dataset or checkpoint id."""
+    later = {name for name, default in _LATER_FIELDS.items()
+             if name in type(group).model_fields and getattr(group, name) == default}
+    return group.model_dump(exclude=later)
+
+
 def traverse_stage(settings: Settings, run_ids: list[str]) -> dict[str, Any]:
     """Trees of the runs -> training paths (SPEC §5), stored and registered as a dataset version."""
     from .traverse import iter_paths
@@ -211,7 +223,7 @@ def traverse_stage(settings: Settings, run_ids: list[str]) -> dict[str, Any]:
     store = open_store(settings)
     with engine.connect() as conn:
         rows = _run_trees(conn, run_ids)
-    params = {"traverse": settings.traverse.model_dump(), "seed": settings.seed}
+    params = {"traverse": key_fields(settings.traverse), "seed": settings.seed}
     dataset_id = "ds-" + _hash({"trees": [r.tree_sha256 for r in rows], **params})
     with engine.connect() as conn:
         existing = conn.execute(sa.text("SELECT counts FROM datasets WHERE dataset_id = :d"),
@@ -293,7 +305,7 @@ def train_stage(settings: Settings, dataset_id: str | None = None) -> dict[str, 
     dataset_id = dataset_id or latest_dataset(settings)
     engine = get_engine(settings)
     store = open_store(settings)
-    train_cfg = settings.train.model_dump()
+    train_cfg = key_fields(settings.train)
     checkpoint_id = "ckpt-" + _hash({"dataset": dataset_id, "train": train_cfg, "seed": settings.seed})
     with engine.connect() as conn:
         existing = conn.execute(sa.text("SELECT uri, metrics FROM checkpoints WHERE checkpoint_id = :c"),

@@ -151,6 +151,10 @@ class TraverseConfig(BaseModel):
     # "node": one <prm> per tree node, as the original release (a correct rollout's steps share
     # one label).  "step": one <prm> per step, as the PRM is scored; see traverse.py.
     label_granularity: Literal["node", "step"] = "node"
+    # "mc": a <prm>'s label is its node's MC value (SPEC §5). "relative": MC(node) / MC(parent),
+    # the chance the step keeps of its prefix's chance (a right step after a hard prefix is no
+    # longer labelled low for what comes later; first-error F1 0.28 -> 0.47 on the demo, issue 23).
+    label_values: Literal["mc", "relative"] = "mc"
 
 
 class TrainConfig(BaseModel):

@@ -72,13 +72,26 @@ def hard_label(mc_value: float, threshold: float = 0.0) -> float:
     return 1.0 if mc_value > threshold else 0.0
 
 
+def relative_labels(mc_values: Sequence[float], root_mc: float) -> list[float]:
+    """Each label divided by the one before it (the root's MC value before the first), at most 1:
+    how much of its prefix's chance of ending right a step keeps.  Every prefix before a path's
+    last node has an MC value above the threshold (0 by default), so no division is by zero; a
+    parent at 0 gives 0."""
+    out, before = [], root_mc
+    for value in mc_values:
+        out.append(min(1.0, value / before) if before > 0 else 0.0)
+        before = value
+    return out
+
+
 @dataclass
 class PathSet:
     """Training paths and what happened on the way.
 
     ``paths``: records ``{question, answer, image_path, process, labels, mc_values, tree_id,
-    polarity}``; ``labels`` are the training targets (soft MC values, or hard 0/1 when
-    ``label_mode == "hard"``) and ``mc_values`` always holds the soft values.
+    polarity}``; ``labels`` are the training targets (soft MC values, or relative ones with
+    ``label_values == "relative"``, or hard 0/1 when ``label_mode == "hard"``) and
+    ``mc_values`` always holds the nodes' MC values.
 
     ``counts``: ``trees_seen``, ``trees_used`` (root mc strictly inside (0, 1)),
     ``trees_skipped_root_mc``, ``positives``/``negatives`` (kept),
@@ -203,11 +216,9 @@ def iter_paths(
         counts["positives"] += len(positives)
         for polarity, group in (("negative", negatives), ("positive", positives)):
             for p in group:
-                labels = (
-                    [hard_label(v, cfg.mc_threshold) for v in p["mc_values"]]
-                    if cfg.label_mode == "hard"
-                    else list(p["mc_values"])
-                )
+                values = (relative_labels(p["mc_values"], root_mc) if cfg.label_values == "relative"
+                          else list(p["mc_values"]))
+                labels = [hard_label(v, cfg.mc_threshold) for v in values] if cfg.label_mode == "hard" else values
                 counts["paths"] += 1
                 counts["labels"] += len(labels)
                 yield {**p, "labels": labels, "tree_id": tree_id, "polarity": polarity}

@@ -185,3 +185,21 @@ def test_step_granularity_labels_each_step_of_a_node_above_the_threshold():
     # The default is the release's: one <prm> per node.
     default = {p["process"] for p in build_paths([tree_d()], TraverseConfig(balance=False), seed=0).paths}
     assert f"{S1}<prm>\n\n{S2_ADD}\n\n{ANS7}<prm>" in default
+
+
+def test_relative_labels_divide_by_the_parents_mc():
+    """label_values="relative": a step's label is MC(node) / MC(parent) (the root's before the
+    first), capped at 1; mc_values keep the nodes' own values."""
+    deep = tree("r", 0.5, [node([S1], 0.25, [node([S2_ADD], 0.2, [node([ANS7], 0.4), node(["Wrong answer 9."], 0.0)])]),
+                           node(["Step one misreads the numbers as 5 and 4."], 0.0)])
+    paths = {p["process"]: p for p in build_paths([deep], TraverseConfig(label_values="relative", min_words=0),
+                                                  seed=0).paths}
+    positive = paths[f"{S1}<prm>\n\n{S2_ADD}<prm>\n\n{ANS7}<prm>"]
+    assert positive["mc_values"] == [0.25, 0.2, 0.4]
+    assert positive["labels"] == [0.5, 0.8, 1.0]  # 0.25/0.5, 0.2/0.25, min(1, 0.4/0.2)
+    negative = paths[f"{S1}<prm>\n\n{S2_ADD}<prm>\n\nWrong answer 9.<prm>"]
+    assert negative["labels"] == [0.5, 0.8, 0.0]
+    assert paths["Step one misreads the numbers as 5 and 4.<prm>"]["labels"] == [0.0]
+    hard = build_paths([deep], TraverseConfig(label_values="relative", label_mode="hard", min_words=0), seed=0)
+    assert {tuple(p["labels"]) for p in hard.paths} <= {(1.0, 1.0, 1.0), (1.0, 1.0, 0.0), (0.0,)}
+    assert build_paths([deep], TraverseConfig(min_words=0), seed=0).paths[0]["labels"] != positive["labels"]
