@@ -426,6 +426,10 @@ def demo(
         console.print(render_first_error_table(result.reports))
     for line in headline_lines(result.reports):
         console.print(line, soft_wrap=True)
+    paths = (s.get("dataset", {}).get("counts") or {}).get("paths")
+    console.print(f"where the demo stands: its PRMs learnt from {paths} MC-labelled paths; "
+                  "bench/bench_toy_scaling.py draws Best-of-8 against training paths, MC against ground-truth "
+                  "labels (README, 'PRM quality against annotated paths')", soft_wrap=True)
     outputs = Table(title="outputs")
     outputs.add_column("what")
     outputs.add_column("where", overflow="fold")

@@ -1,0 +1,230 @@
+"""The paper's claim made measurable on the toy world: Best-of-N of PRMs trained on more and more
+Monte Carlo (MC) annotated paths, against PRMs trained on the *same paths* with the toy world's
+ground-truth step labels.
+
+1. Annotate up to ``--problems`` train problems once (the demo's search settings on the
+   continuous engine; trees cached under ``--work`` by seed and count, so reruns reuse them).
+2. Traverse them (the demo's traversal: step granularity, 3-word floor) into paths; give every
+   path both label sets: its MC labels (``--label-values mc`` or ``relative``) and its
+   ground-truth labels (1 while no step up to the ``<prm>`` is wrong).
+3. For nested subsets of the trees (``--scales``: at least that many paths, whole trees, the
+   same order for every scale), train a PRM from the toy foundation on each label set (the
+   demo's training settings), score the same held-out test candidates (``--candidates`` per
+   problem, sampled once), and report Best-of-N with the ``min`` headline and the PRM-weighted
+   vote, beside random pick, majority vote and oracle.
+4. Print the table, write the JSON report and a plot of accuracy against paths (``--out``).
+
+    .venv/bin/python bench/bench_toy_scaling.py --seed 7 --out .mmprm/bench/scaling-seed7.json
+    .venv/bin/python bench/bench_toy_scaling.py --seed 1 --problems 600 --scales 800,2000,4000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from mmprm_tasks.evaluate import best_of_n, sample_candidates, score_candidates
+from mmprm_tasks.policy.hf_engine import ContinuousTransformersPolicy
+from mmprm_tasks.prm import PRMScorer, PRMTrainingConfig, train_prm
+from mmprm_tasks.search import SearchProblem, run_search
+from mmprm_tasks.settings import (TOY_FOUNDATION_DIR, TOY_POLICY_DIR, PolicyConfig, SamplingConfig, SearchConfig,
+                                  TraverseConfig, VerifyConfig)
+from mmprm_tasks.toy.labels import prefix_first_error
+from mmprm_tasks.toy.world import generate_seeds
+from mmprm_tasks.traverse import PRM_SEPARATOR, STEP_JOINER, build_paths
+from mmprm_tasks.verify import AnswerVerifier
+
+# The demo's settings (mmprm_tasks/demo.py DEMO_SETTINGS).
+SEARCH = SearchConfig(num_rollouts=8, max_search_count=12, rollout_budget=160, concurrent_problems=32)
+SAMPLING = SamplingConfig(max_new_tokens=96)
+TRAINING = dict(learning_rate=1e-4, per_device_train_batch_size=16, max_length=512, warmup_ratio=0.03)
+
+
+def annotate(records: list[dict[str, Any]], seeds_dir: Path, policy: Any, cache: Path, seed: int) -> list[dict]:
+    """Trees of ``records`` (read from ``cache`` when an earlier run wrote them)."""
+    if cache.exists():
+        trees = [json.loads(line) for line in cache.read_text().splitlines() if line]
+        if len(trees) == len(records):
+            return trees
+    problems = [SearchProblem(r["id"], r["question"], r["correct_answer"], (seeds_dir / r["image_path"]).read_bytes(),
+                              r["image_path"]) for r in records]
+    with AnswerVerifier(VerifyConfig()) as verifier:
+        trees = [result.tree for result in run_search(problems, policy, verifier, SEARCH, seed=seed)]
+    cache.write_text("".join(json.dumps(t) + "\n" for t in trees))
+    return trees
+
+
+def step_groups(process: str) -> list[list[str]]:
+    """The steps under each ``<prm>`` of a path's process text (traverse.render_process's layout)."""
+    return [[s for s in group.split(STEP_JOINER) if s.strip()] for group in process.split(PRM_SEPARATOR)[:-1]]
+
+
+def truth_labels(process: str, gt_steps: Sequence[str]) -> list[float]:
+    """1.0 for a ``<prm>`` whose prefix holds no wrong step yet, else 0.0."""
+    labels, prefix = [], []
+    for group in step_groups(process):
+        prefix.extend(s.strip() for s in group)
+        labels.append(1.0 if prefix_first_error(gt_steps, prefix) is None else 0.0)
+    return labels
+
+
+def nested_subsets(paths: list[dict[str, Any]], scales: Sequence[int], seed: int) -> dict[int, list[dict[str, Any]]]:
+    """For each scale, the paths of the first trees (one seeded order for all scales) that hold at
+    least that many paths: every smaller subset lies inside every larger one."""
+    by_tree: dict[Any, list[dict[str, Any]]] = {}
+    for p in paths:
+        by_tree.setdefault(p["tree_id"], []).append(p)
+    order = sorted(by_tree)
+    random.Random(seed).shuffle(order)
+    subsets, taken = {}, []
+    trees = iter(order)
+    for scale in sorted(scales):
+        while len(taken) < scale:
+            tree = next(trees, None)
+            if tree is None:
+                break
+            taken.extend(by_tree[tree])
+        subsets[scale] = list(taken)
+    return subsets
+
+
+def evaluate(checkpoint: Path, test: list[dict[str, Any]], candidates: list[list[dict]], n: int) -> dict[str, float]:
+    scored = score_candidates(PRMScorer(checkpoint, batch_size=32), test, candidates)
+    report = best_of_n(scored, ns=[n])
+    row = report["rows"][-1]
+    return {"min": row["accuracy"]["min"], "weighted_vote": row["weighted_vote"], "random": row["random"],
+            "majority_vote": row["majority_vote"], "oracle": row["oracle"]}
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.5, 5.0), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    points = report["points"]
+    for labels, color in (("mc", "tab:blue"), ("truth", "tab:green")):
+        xs = [p["paths"] for p in points if p["labels"] == labels]
+        ax.plot(xs, [100 * p["min"] for p in points if p["labels"] == labels], marker="o", color=color,
+                label=f"{labels} labels, min")
+        ax.plot(xs, [100 * p["weighted_vote"] for p in points if p["labels"] == labels], marker="s",
+                linestyle="--", color=color, label=f"{labels} labels, PRM-weighted vote")
+    base = points[0]
+    for key, style, label in (("random", "--", "random pick"), ("majority_vote", "-.", "majority vote"),
+                              ("oracle", ":", "oracle")):
+        ax.axhline(100 * base[key], color="k" if key != "majority_vote" else "tab:gray", linestyle=style, label=label)
+    if report.get("demo_paths"):
+        ax.axvline(report["demo_paths"], color="tab:red", alpha=0.4, label="the demo's paths")
+    ax.set_xscale("log")
+    ax.set_xlabel("training paths")
+    ax.set_ylabel(f"Best-of-{report['n']} accuracy (%)")
+    ax.set_title(f"PRM quality against annotated paths (toy world, seed {report['seed']})")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--problems", type=int, default=1250, help="train problems annotated (about 8 paths each)")
+    ap.add_argument("--scales", default="800,2000,5000,10000", help="training paths of the nested subsets")
+    ap.add_argument("--test", type=int, default=128, help="held-out test problems")
+    ap.add_argument("--candidates", type=int, default=8, help="candidates per test problem (Best-of-N's N)")
+    ap.add_argument("--epochs", type=float, default=2.0)
+    ap.add_argument("--label-values", default="mc", choices=["mc", "relative"])
+    ap.add_argument("--labels", default="mc,truth", help="label sets to train on: mc, truth")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--demo-paths", type=int, default=3520, help="where the demo stands, drawn on the plot")
+    ap.add_argument("--work", type=Path, default=Path(".mmprm/bench/scaling-work"))
+    ap.add_argument("--out", type=Path, default=None, help="JSON report; the plot beside it (.png)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    console = Console()
+    started = time.perf_counter()
+    scales = [int(s) for s in args.scales.split(",")]
+    seeds_dir = args.work / f"seeds-{args.seed}-{args.problems}-{args.test}"
+    if not (seeds_dir / "test.json").exists():
+        generate_seeds(seeds_dir, n_train=args.problems, n_test=args.test, seed=args.seed)
+    train = json.loads((seeds_dir / "train.json").read_text())
+    test = json.loads((seeds_dir / "test.json").read_text())
+    gt = {r["id"]: r["gt_steps"] for r in train}
+    policy = ContinuousTransformersPolicy(TOY_POLICY_DIR, policy=PolicyConfig(), sampling=SAMPLING,
+                                          capacity=SEARCH.max_sequences_in_flight)
+    timings: dict[str, float] = {}
+    try:
+        t = time.perf_counter()
+        with console.status(f"annotating {len(train)} train problems"):
+            trees = annotate(train, seeds_dir, policy, seeds_dir / "trees.jsonl", args.seed)
+        timings["annotate_s"] = round(time.perf_counter() - t, 1)
+        t = time.perf_counter()
+        with console.status(f"sampling {args.candidates} candidates for {len(test)} test problems"):
+            problems = [{"id": r["id"], "question": r["question"], "answer": r["correct_answer"],
+                         "image": (seeds_dir / r["image_path"]).read_bytes()} for r in test]
+            with AnswerVerifier(VerifyConfig()) as verifier:
+                candidates = sample_candidates(problems, policy, verifier, args.candidates, args.seed)
+        timings["candidates_s"] = round(time.perf_counter() - t, 1)
+    finally:
+        policy.close()
+    cfg = TraverseConfig(min_words=3, label_granularity="step", label_values=args.label_values)
+    paths = build_paths(trees, cfg, args.seed).paths
+    for p in paths:
+        p["truth_labels"] = truth_labels(p["process"], gt[p["tree_id"]])
+    agreement = [m > 0 for p in paths for m in p["labels"]], [g > 0 for p in paths for g in p["truth_labels"]]
+    label_agreement = sum(a == b for a, b in zip(*agreement)) / max(len(agreement[0]), 1)
+    subsets = nested_subsets(paths, scales, args.seed)
+    load_image = lambda rel: (seeds_dir / rel).read_bytes()  # noqa: E731
+    points = []
+    for scale, subset in subsets.items():
+        for labels in args.labels.split(","):
+            records = [{**p, "labels": p["labels"] if labels == "mc" else p["truth_labels"]} for p in subset]
+            t = time.perf_counter()
+            with tempfile.TemporaryDirectory() as out, console.status(f"{labels} labels, {len(records)} paths"):
+                train_prm(TOY_FOUNDATION_DIR, records, out, PRMTrainingConfig(**TRAINING, num_train_epochs=args.epochs),
+                          args.seed, image_loader=load_image)
+                result = evaluate(Path(out), problems, candidates, args.candidates)
+            points.append({"scale": scale, "paths": len(records), "labels": labels, **result,
+                           "seconds": round(time.perf_counter() - t, 1)})
+            console.print(f"{labels:>5} labels, {len(records):>6} paths: min {100 * result['min']:.1f}%, "
+                          f"weighted vote {100 * result['weighted_vote']:.1f}% (random {100 * result['random']:.1f}%, "
+                          f"majority {100 * result['majority_vote']:.1f}%)")
+    report = {"seed": args.seed, "n": args.candidates, "problems": len(train), "trees": len(trees),
+              "paths": len(paths), "label_values": args.label_values, "epochs": args.epochs,
+              "mc_vs_truth_agreement": round(label_agreement, 3), "demo_paths": args.demo_paths,
+              "points": points, "timings": timings, "wall_s": round(time.perf_counter() - started, 1),
+              "machine": {"python": sys.version.split()[0], "platform": platform.platform(), "cpus": os.cpu_count(),
+                          "threads": args.threads, "loadavg": [round(x, 2) for x in os.getloadavg()]}}
+    table = Table(title=f"Best-of-{args.candidates} against training paths, seed {args.seed} "
+                        f"({len(test)} test problems; MC labels: {args.label_values})")
+    for column in ("labels", "paths", "min", "weighted vote", "random", "majority", "oracle"):
+        table.add_column(column, justify="right")
+    for p in points:
+        table.add_row(p["labels"], str(p["paths"]), *(f"{100 * p[k]:.1f}" for k in
+                                                      ("min", "weighted_vote", "random", "majority_vote", "oracle")))
+    console.print(table)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2))
+        if points:
+            plot(report, args.out.with_suffix(".png"))
+    return report
+
+
+if __name__ == "__main__":
+    main()
