@@ -36,15 +36,16 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from mmprm_tasks.consensus import consensus_filter, step_groups
 from mmprm_tasks.evaluate import best_of_n, sample_candidates, score_candidates
 from mmprm_tasks.policy.hf_engine import ContinuousTransformersPolicy
-from mmprm_tasks.prm import PRMScorer, PRMTrainingConfig, train_prm
+from mmprm_tasks.prm import PRMScorer, PRMTrainingConfig, StepLikelihoodScorer, train_prm
 from mmprm_tasks.search import SearchProblem, run_search
 from mmprm_tasks.settings import (TOY_FOUNDATION_DIR, TOY_POLICY_DIR, PolicyConfig, SamplingConfig, SearchConfig,
                                   TraverseConfig, VerifyConfig)
 from mmprm_tasks.toy.labels import prefix_first_error
 from mmprm_tasks.toy.world import generate_seeds
-from mmprm_tasks.traverse import PRM_SEPARATOR, STEP_JOINER, build_paths
+from mmprm_tasks.traverse import build_paths, hard_label
 from mmprm_tasks.verify import AnswerVerifier
 
 # The demo's settings (mmprm_tasks/demo.py DEMO_SETTINGS).
@@ -67,11 +68,6 @@ def annotate(records: list[dict[str, Any]], seeds_dir: Path, policy: Any, cache:
     return trees
 
 
-def step_groups(process: str) -> list[list[str]]:
-    """The steps under each ``<prm>`` of a path's process text (traverse.render_process's layout)."""
-    return [[s for s in group.split(STEP_JOINER) if s.strip()] for group in process.split(PRM_SEPARATOR)[:-1]]
-
-
 def truth_labels(process: str, gt_steps: Sequence[str]) -> list[float]:
     """1.0 for a ``<prm>`` whose prefix holds no wrong step yet, else 0.0."""
     labels, prefix = [], []
@@ -79,6 +75,36 @@ def truth_labels(process: str, gt_steps: Sequence[str]) -> list[float]:
         prefix.extend(s.strip() for s in group)
         labels.append(1.0 if prefix_first_error(gt_steps, prefix) is None else 0.0)
     return labels
+
+
+# What each label set trains on, from a path record.
+LABEL_SETS = {
+    "mc": lambda p: p["labels"],
+    "mc-hard": lambda p: [hard_label(v) for v in p["labels"]],
+    "truth": lambda p: p["truth_labels"],
+}
+
+
+class CachedJudge:
+    """A step judge whose scores are kept in a JSON file by (question, steps): the judge reads each
+    path once across runs of the bench."""
+
+    def __init__(self, judge: Any, path: Path) -> None:
+        self.judge, self.path = judge, path
+        self.scores: dict[str, list[float]] = json.loads(path.read_text()) if path.exists() else {}
+
+    @staticmethod
+    def _key(question: str, steps: Sequence[str]) -> str:
+        return json.dumps([question, list(steps)])
+
+    def score_many(self, items: Sequence[tuple[str, Any, Sequence[str]]]) -> list[list[float]]:
+        missing = [item for item in items if self._key(item[0], item[2]) not in self.scores]
+        for (question, _, steps), scores in zip(missing, self.judge.score_many(missing), strict=True):
+            self.scores[self._key(question, steps)] = scores
+        return [self.scores[self._key(question, steps)] for question, _, steps in items]
+
+    def save(self) -> None:
+        self.path.write_text(json.dumps(self.scores))
 
 
 def nested_subsets(paths: list[dict[str, Any]], scales: Sequence[int], seed: int) -> dict[int, list[dict[str, Any]]]:
@@ -149,7 +175,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--candidates", type=int, default=8, help="candidates per test problem (Best-of-N's N)")
     ap.add_argument("--epochs", type=float, default=2.0)
     ap.add_argument("--label-values", default="mc", choices=["mc", "relative"])
-    ap.add_argument("--labels", default="mc,truth", help="label sets to train on: mc, truth")
+    ap.add_argument("--labels", default="mc,truth",
+                    help="label sets to train on: mc (soft MC values), mc-hard (1 if MC > 0), truth")
+    ap.add_argument("--consensus-threshold", type=float, default=None,
+                    help="keep only the paths where the MC labels and the foundation's step likelihood "
+                         "(judge: a step is wrong below this probability) agree on the first error")
+    ap.add_argument("--cut-negatives", action="store_true",
+                    help="with --consensus-threshold: end each negative path at the judged wrong step")
+    ap.add_argument("--base", type=Path, default=TOY_FOUNDATION_DIR,
+                    help="train every PRM from this checkpoint (default: the toy foundation); a base other than "
+                         "the foundation is also evaluated as it is, at 0 paths")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--demo-paths", type=int, default=3520, help="where the demo stands, drawn on the plot")
     ap.add_argument("--work", type=Path, default=Path(".mmprm/bench/scaling-work"))
@@ -174,39 +209,64 @@ def main(argv: Sequence[str] | None = None) -> dict:
             trees = annotate(train, seeds_dir, policy, seeds_dir / "trees.jsonl", args.seed)
         timings["annotate_s"] = round(time.perf_counter() - t, 1)
         t = time.perf_counter()
-        with console.status(f"sampling {args.candidates} candidates for {len(test)} test problems"):
-            problems = [{"id": r["id"], "question": r["question"], "answer": r["correct_answer"],
-                         "image": (seeds_dir / r["image_path"]).read_bytes()} for r in test]
-            with AnswerVerifier(VerifyConfig()) as verifier:
-                candidates = sample_candidates(problems, policy, verifier, args.candidates, args.seed)
+        problems = [{"id": r["id"], "question": r["question"], "answer": r["correct_answer"],
+                     "image": (seeds_dir / r["image_path"]).read_bytes()} for r in test]
+        cached = seeds_dir / f"candidates-{args.candidates}.json"
+        if cached.exists():
+            candidates = json.loads(cached.read_text())
+        else:
+            with console.status(f"sampling {args.candidates} candidates for {len(test)} test problems"):
+                with AnswerVerifier(VerifyConfig()) as verifier:
+                    candidates = sample_candidates(problems, policy, verifier, args.candidates, args.seed)
+            cached.write_text(json.dumps(candidates))
         timings["candidates_s"] = round(time.perf_counter() - t, 1)
     finally:
         policy.close()
     cfg = TraverseConfig(min_words=3, label_granularity="step", label_values=args.label_values)
     paths = build_paths(trees, cfg, args.seed).paths
+    load_image = lambda rel: (seeds_dir / rel).read_bytes()  # noqa: E731
+    consensus = None
+    if args.consensus_threshold is not None:
+        t = time.perf_counter()
+        with console.status(f"judging the steps of {len(paths)} paths"):
+            judge = CachedJudge(StepLikelihoodScorer(TOY_FOUNDATION_DIR, batch_size=32),
+                                seeds_dir / "judge-step-likelihood.json")
+            result = consensus_filter(paths, judge, args.consensus_threshold, lambda p: load_image(p["image_path"]),
+                                      cut_negatives=args.cut_negatives)
+            judge.save()
+        timings["judge_s"] = round(time.perf_counter() - t, 1)
+        paths, consensus = result.kept, result.counts
+        console.print(f"consensus (judge threshold {args.consensus_threshold}): {consensus}")
     for p in paths:
         p["truth_labels"] = truth_labels(p["process"], gt[p["tree_id"]])
     agreement = [m > 0 for p in paths for m in p["labels"]], [g > 0 for p in paths for g in p["truth_labels"]]
     label_agreement = sum(a == b for a, b in zip(*agreement)) / max(len(agreement[0]), 1)
     subsets = nested_subsets(paths, scales, args.seed)
-    load_image = lambda rel: (seeds_dir / rel).read_bytes()  # noqa: E731
     points = []
+
+    def add_point(scale: int, labels: str, n_paths: int, result: dict[str, float], seconds: float) -> None:
+        points.append({"scale": scale, "paths": n_paths, "labels": labels, **result, "seconds": round(seconds, 1)})
+        console.print(f"{labels:>7} labels, {n_paths:>6} paths: min {100 * result['min']:.1f}%, "
+                      f"weighted vote {100 * result['weighted_vote']:.1f}% (random {100 * result['random']:.1f}%, "
+                      f"majority {100 * result['majority_vote']:.1f}%)")
+
+    if args.base != TOY_FOUNDATION_DIR:
+        t = time.perf_counter()
+        add_point(0, "base", 0, evaluate(args.base, problems, candidates, args.candidates), time.perf_counter() - t)
     for scale, subset in subsets.items():
         for labels in args.labels.split(","):
-            records = [{**p, "labels": p["labels"] if labels == "mc" else p["truth_labels"]} for p in subset]
+            records = [{**p, "labels": LABEL_SETS[labels](p)} for p in subset]
             t = time.perf_counter()
             with tempfile.TemporaryDirectory() as out, console.status(f"{labels} labels, {len(records)} paths"):
-                train_prm(TOY_FOUNDATION_DIR, records, out, PRMTrainingConfig(**TRAINING, num_train_epochs=args.epochs),
+                train_prm(args.base, records, out, PRMTrainingConfig(**TRAINING, num_train_epochs=args.epochs),
                           args.seed, image_loader=load_image)
                 result = evaluate(Path(out), problems, candidates, args.candidates)
-            points.append({"scale": scale, "paths": len(records), "labels": labels, **result,
-                           "seconds": round(time.perf_counter() - t, 1)})
-            console.print(f"{labels:>5} labels, {len(records):>6} paths: min {100 * result['min']:.1f}%, "
-                          f"weighted vote {100 * result['weighted_vote']:.1f}% (random {100 * result['random']:.1f}%, "
-                          f"majority {100 * result['majority_vote']:.1f}%)")
+            add_point(scale, labels, len(records), result, time.perf_counter() - t)
     report = {"seed": args.seed, "n": args.candidates, "problems": len(train), "trees": len(trees),
               "paths": len(paths), "label_values": args.label_values, "epochs": args.epochs,
               "mc_vs_truth_agreement": round(label_agreement, 3), "demo_paths": args.demo_paths,
+              "consensus_threshold": args.consensus_threshold, "consensus": consensus,
+              "cut_negatives": args.cut_negatives, "base": str(args.base),
               "points": points, "timings": timings, "wall_s": round(time.perf_counter() - started, 1),
               "machine": {"python": sys.version.split()[0], "platform": platform.platform(), "cpus": os.cpu_count(),
                           "threads": args.threads, "loadavg": [round(x, 2) for x in os.getloadavg()]}}

@@ -21,7 +21,7 @@ from mmprm_wiring.assets import TREES
     catchup=False,
     max_active_runs=1,
     tags=["mmprm", "dataset"],
-    params=P.params("annotation_run_id", "label_values"),
+    params=P.params("annotation_run_id", "label_values", "consensus_judge"),
     doc_md=__doc__,
 )
 def mmprm_dataset():

@@ -89,6 +89,10 @@ TRIGGER_PARAMS: dict[str, tuple[str | None, dict[str, Any]]] = {
     "label_values": _knob("traverse.label_values", "Label values", "mc: each step's Monte Carlo value (SPEC "
                           "section 5); relative: its value divided by its parent's, at most 1", type="string",
                           enum=["mc", "relative"]),
+    "consensus_judge": _knob("traverse.consensus_judge", "Consensus judge", "none: keep every path; "
+                             "base_likelihood: keep a path only where the PRM base model's step likelihood "
+                             "puts its first error where the Monte Carlo labels do", type="string",
+                             enum=["none", "base_likelihood"]),
     "label_mode": _knob("train.label_mode", "Label mode", "soft: the Monte Carlo value as the target; hard: "
                         "1 when it is positive", type="string", enum=["soft", "hard"]),
     "learning_rate": _knob("train.learning_rate", "Learning rate", "Peak learning rate of the PRM's "

@@ -9,10 +9,12 @@ hashes of their inputs) and rows are upserted.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import shutil
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -205,7 +207,8 @@ def current_runs(settings: Settings) -> list[str]:
 
 # Settings fields added after dataset and checkpoint ids were first derived from their groups:
 # left out of an id while at their default, so the ids made before them stay the same.
-_LATER_FIELDS: dict[str, Any] = {"label_values": "mc", "group_by_length": False}
+_LATER_FIELDS: dict[str, Any] = {"label_values": "mc", "group_by_length": False, "consensus_judge": "none",
+                                 "consensus_threshold": 0.2, "cut_negatives": False}
 
 
 def key_fields(group: Any) -> dict[str, Any]:
@@ -238,9 +241,12 @@ def traverse_stage(settings: Settings, run_ids: list[str]) -> dict[str, Any]:
     image_uris = {row.problem_id: store.uri(row.image_key) for row in rows}
     counts: dict[str, int] = {}
     paths_key = f"datasets/{dataset_id}/paths.jsonl"
+    paths = ({**path, "image_uri": image_uris[path["tree_id"]]}
+             for path in iter_paths(trees, settings.traverse, settings.seed, counts))
+    if settings.traverse.consensus_judge != "none":
+        paths = _consensus_paths(settings, paths, counts)
     with tempfile.NamedTemporaryFile("w", suffix=".jsonl", encoding="utf-8") as spool:
-        for path in iter_paths(trees, settings.traverse, settings.seed, counts):
-            path["image_uri"] = image_uris[path["tree_id"]]
+        for path in paths:
             spool.write(json.dumps(path, ensure_ascii=False) + "\n")
         spool.flush()
         store.put_file(paths_key, spool.name, "application/x-ndjson")
@@ -251,6 +257,32 @@ def traverse_stage(settings: Settings, run_ids: list[str]) -> dict[str, Any]:
             {"d": dataset_id, "runs": sorted(run_ids), "p": json.dumps(params), "c": json.dumps(counts),
              "k": paths_key})
     return {"dataset_id": dataset_id, "counts": counts, "created": True}
+
+
+def _consensus_paths(settings: Settings, paths: Iterable[dict[str, Any]],
+                     counts: dict[str, int]) -> Iterator[dict[str, Any]]:
+    """The paths that pass consensus filtering (see :mod:`mmprm_tasks.consensus`), judged a batch at
+    a time. ``counts`` gains ``consensus_<kind>`` for each of the filter's counts, and its
+    ``paths``, ``labels``, ``positives`` and ``negatives`` count what is kept."""
+    from .consensus import consensus_filter
+    from .prm import StepLikelihoodScorer
+
+    cfg = settings.traverse
+    judge = StepLikelihoodScorer(resolve_model_path(settings.train.base_model, settings),
+                                 batch_size=settings.eval.prm_batch_size)
+    load = _image_loader(settings)
+    iterator = iter(paths)
+    while batch := list(itertools.islice(iterator, 256)):
+        result = consensus_filter(batch, judge, cfg.consensus_threshold, lambda p: load(p["image_uri"]),
+                                  mc_threshold=cfg.mc_threshold, cut_negatives=cfg.cut_negatives)
+        for name, value in result.counts.items():
+            counts[f"consensus_{name}"] = counts.get(f"consensus_{name}", 0) + value
+        for sign, group in ((-1, batch), (1, result.kept)):
+            for p in group:
+                counts["paths"] += sign
+                counts["labels"] += sign * len(p["labels"])
+                counts[p["polarity"] + "s"] += sign
+        yield from result.kept
 
 
 def format_stage(settings: Settings, dataset_id: str) -> dict[str, Any]:

@@ -155,6 +155,13 @@ class TraverseConfig(BaseModel):
     # the chance the step keeps of its prefix's chance (a right step after a hard prefix is no
     # longer labelled low for what comes later; first-error F1 0.28 -> 0.47 on the demo, issue 23).
     label_values: Literal["mc", "relative"] = "mc"
+    # Consensus filtering (mmprm_tasks/consensus.py): keep a path only where a step judge puts
+    # its first error where the MC labels do. "base_likelihood": the PRM's base model
+    # (train.base_model) read as a generative verifier, a step being wrong below
+    # consensus_threshold. cut_negatives ends a kept negative path at the judged wrong step.
+    consensus_judge: Literal["none", "base_likelihood"] = "none"
+    consensus_threshold: float = Field(0.2, gt=0, lt=1)
+    cut_negatives: bool = False
 
 
 class TrainConfig(BaseModel):
