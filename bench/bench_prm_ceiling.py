@@ -32,6 +32,7 @@ import json
 import platform
 import random
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -151,6 +152,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--wrong-step-rate", type=float, default=0.5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="write the JSON report here")
+    ap.add_argument("--keep", type=Path, default=None,
+                    help="keep the ground-truth PRM here (a base that already verifies, for fine-tuning checks)")
     args = ap.parse_args(argv)
 
     rng = random.Random(args.seed)
@@ -175,6 +178,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             args.base, path_records(train, truth_labels, image_path), test, cfg, args.seed,
             Path(tmp) / "truth", image_path,
         )
+        if args.keep:
+            shutil.copytree(Path(tmp) / "truth", args.keep, dirs_exist_ok=True)
         surface_scores, surface_training = train_and_score(
             args.base, path_records(train, surface_labels, image_path), test, cfg, args.seed,
             Path(tmp) / "surface", image_path,

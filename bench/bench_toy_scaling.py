@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import random
+import resource
 import sys
 import tempfile
 import time
@@ -268,6 +269,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
               "consensus_threshold": args.consensus_threshold, "consensus": consensus,
               "cut_negatives": args.cut_negatives, "base": str(args.base),
               "points": points, "timings": timings, "wall_s": round(time.perf_counter() - started, 1),
+              # CPU-seconds of this process and its children (the verifier pool): on a shared box
+              # the wall time says little; with 1 thread this is the quiet 1-core wall time.
+              "cpu_s": round(sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF,
+                                 resource.RUSAGE_CHILDREN) for f in ("ru_utime", "ru_stime")), 1),
               "machine": {"python": sys.version.split()[0], "platform": platform.platform(), "cpus": os.cpu_count(),
                           "threads": args.threads, "loadavg": [round(x, 2) for x in os.getloadavg()]}}
     table = Table(title=f"Best-of-{args.candidates} against training paths, seed {args.seed} "

@@ -36,7 +36,12 @@ def test_tiny_scaling_run(tmp_path):
                                                                       ("truth", 80)]
     assert all(0.0 <= p["min"] <= 1.0 and p["random"] <= p["oracle"] for p in report["points"])
     assert 0.5 < report["mc_vs_truth_agreement"] <= 1.0
-    # The trees are cached: a second run with another scale annotates nothing again.
+    # The trees and candidates are cached: a second run, with consensus filtering and hard labels,
+    # annotates nothing again and trains on the paths the judge agrees with.
     again = bench.main(["--problems", "16", "--test", "6", "--scales", "40", "--candidates", "4", "--epochs", "1",
-                        "--labels", "mc", "--work", str(tmp_path / "work")])
+                        "--labels", "mc-hard", "--consensus-threshold", "0.2", "--cut-negatives",
+                        "--work", str(tmp_path / "work")])
     assert again["trees"] == report["trees"] and again["timings"]["annotate_s"] < 5
+    assert "candidates_s" in again["timings"] and again["timings"]["candidates_s"] < 5
+    assert again["consensus"]["paths"] == report["paths"] > again["consensus"]["kept"] == again["paths"] > 0
+    assert [p["labels"] for p in again["points"]] == ["mc-hard"] and again["cpu_s"] > 0
