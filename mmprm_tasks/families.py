@@ -131,3 +131,16 @@ def _processor_class_name(model_dir: Path) -> str | None:
         if value:
             return value
     return None
+
+
+def load_checkpoint(model_dir: str | Path, *, trust_remote_code: bool = False, **model_kwargs: Any) -> tuple[Any, Any, Family]:
+    """Processor, model and family of a checkpoint folder: ``AutoProcessor`` (:func:`load_processor`)
+    and ``AutoModelForImageTextToText``.  The family is checked from ``config.json`` before any
+    weight is read.  ``trust_remote_code``: run the modelling code shipped inside the folder (the
+    original release's InternVL2.5 checkpoints), never code from anywhere else."""
+    from transformers import AutoModelForImageTextToText
+
+    found = family(checkpoint_model_type(model_dir))
+    processor = load_processor(model_dir, trust_remote_code=trust_remote_code)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, trust_remote_code=trust_remote_code, **model_kwargs)
+    return processor, model, found

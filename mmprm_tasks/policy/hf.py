@@ -132,7 +132,8 @@ class TransformersPolicy:
         sampling: SamplingConfig | None = None,
     ) -> None:
         import torch
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        from mmprm_tasks.families import UnknownFamilyError, load_checkpoint
 
         self.policy_cfg = policy or PolicyConfig(model=str(model_dir))
         self.sampling = sampling or SamplingConfig()
@@ -143,8 +144,10 @@ class TransformersPolicy:
             # Never a hub id: nothing is downloaded at run time.
             raise PolicyConfigError(f"cannot load policy checkpoint {self.model_dir}: no config.json there")
         try:
-            self.processor = AutoProcessor.from_pretrained(self.model_dir)
-            self.model = AutoModelForImageTextToText.from_pretrained(self.model_dir, dtype=dtype)
+            self.processor, self.model, self.family = load_checkpoint(
+                self.model_dir, trust_remote_code=self.policy_cfg.trust_remote_code, dtype=dtype)
+        except UnknownFamilyError as exc:
+            raise PolicyConfigError(f"cannot load policy checkpoint {self.model_dir}: {exc}") from exc
         except OSError as exc:
             raise PolicyError(f"cannot load policy checkpoint {self.model_dir}: {exc}") from exc
         self.model.to(self.device).eval()
@@ -170,10 +173,11 @@ class TransformersPolicy:
                 ids.append(value)
             elif isinstance(value, list | tuple):
                 ids.extend(v for v in value if isinstance(v, int))
-        # ChatML checkpoints end an assistant turn with <|im_end|> whatever their eos is.
-        im_end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
-        if isinstance(im_end, int) and im_end != self.tokenizer.unk_token_id:
-            ids.append(im_end)
+        # A family's chat template ends an assistant turn with its own token whatever eos says.
+        for token in self.family.turn_end_tokens:
+            turn_end = self.tokenizer.convert_tokens_to_ids(token)
+            if isinstance(turn_end, int) and turn_end != self.tokenizer.unk_token_id:
+                ids.append(turn_end)
         return list(dict.fromkeys(ids))
 
     # ---------------------------------------------------------------------------- public API
@@ -306,6 +310,7 @@ def load_transformers_policy(model_dir: str | Path, *, policy: PolicyConfig, sam
     """The transformers backend as ``policy.engine`` asks: ``continuous`` (the continuous-batching
     engine), ``generate`` (``model.generate``, the reference) or ``auto`` (continuous where the
     checkpoint's family is one it drives, else generate)."""
+    from mmprm_tasks.families import checkpoint_model_type
     from mmprm_tasks.policy.hf_engine import ContinuousTransformersPolicy, choose_engine
 
     if choose_engine(policy, checkpoint_model_type(model_dir)) == "generate":
@@ -313,11 +318,3 @@ def load_transformers_policy(model_dir: str | Path, *, policy: PolicyConfig, sam
     return ContinuousTransformersPolicy(model_dir, policy=policy, sampling=sampling, capacity=capacity)
 
 
-def checkpoint_model_type(model_dir: str | Path) -> str | None:
-    """``model_type`` of a checkpoint's config.json (None when unreadable: the load then says why)."""
-    import json
-
-    try:
-        return json.loads((Path(model_dir) / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        return None

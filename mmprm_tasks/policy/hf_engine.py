@@ -43,13 +43,14 @@ from typing import Any
 import numpy as np
 
 from mmprm_tasks.policy import GenerationRequest, PolicyConfigError, PolicyError, chat_messages, load_image, request_seed
+from mmprm_tasks.families import CONTINUOUS_FAMILIES
 from mmprm_tasks.policy.hf import ChatPrompt, Completion, TransformersPolicy, row_seed
 from mmprm_tasks.rollouts import Rollout, parse_rollout
 from mmprm_tasks.settings import PolicyConfig, SamplingConfig
 
-# Model families (config.model_type) whose decode this engine drives exactly: a decoder with 1-D
-# rotary positions and self-attention only, reached through the model's own forward.
-CONTINUOUS_FAMILIES = frozenset({"llava"})
+# The model families (config.model_type) whose decode this engine drives exactly are those whose
+# entry in mmprm_tasks/families.py says continuous_engine (a decoder with 1-D rotary positions and
+# self-attention only, reached through the model's own forward).
 
 def row_uniforms(seeds: np.ndarray, steps: np.ndarray) -> np.ndarray:
     """One uniform in (0, 1) per row: splitmix64 of (row seed, token index).  Counter-based, so a
