@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -131,6 +132,14 @@ def _processor_class_name(model_dir: Path) -> str | None:
         if value:
             return value
     return None
+
+
+def per_text_images(images: Sequence[Sequence[Any]]) -> list[list[Any]] | None:
+    """Images for a processor call, nested one list per text: every family's processor reads
+    that layout, while a flat list is read by Gemma 3's and Mllama's as all the images of the
+    first text.  None when there are none."""
+    nested = [list(of_text) for of_text in images]
+    return nested if any(nested) else None
 
 
 def load_checkpoint(model_dir: str | Path, *, trust_remote_code: bool = False, **model_kwargs: Any) -> tuple[Any, Any, Family]:

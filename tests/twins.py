@@ -43,7 +43,7 @@ def _bpe(special: list[str], *, sentencepiece: bool) -> tuple[dict[str, int], li
     tok = Tokenizer(models.BPE())
     if sentencepiece:
         tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
-        alphabet = sorted({c for text in _CORPUS for c in text.replace(" ", "▁")})
+        alphabet = sorted({c for text in _CORPUS for c in text.replace(" ", "▁")} | {"\n"})
     else:
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         alphabet = pre_tokenizers.ByteLevel.alphabet()

@@ -23,6 +23,7 @@ from typing import Any
 
 from mmprm_tasks.policy import (GenerationRequest, PolicyConfigError, PolicyError, chat_messages, load_image,
                                 request_seed)
+from mmprm_tasks.families import per_text_images
 from mmprm_tasks.rollouts import Rollout, parse_rollout
 from mmprm_tasks.settings import PolicyConfig, SamplingConfig
 
@@ -225,7 +226,7 @@ class TransformersPolicy:
             for start in range(0, len(order), bs):
                 batch = order[start : start + bs]
                 batch_texts = [texts[rows[r]] for r in batch]
-                batch_images = [img for r in batch for img in images[rows[r]]]
+                batch_images = [images[rows[r]] for r in batch]
                 generated = self._generate_batch(batch_texts, batch_images, sampling,
                                                  [seeds_of_rows[r] for r in batch])
                 for r, completion in zip(batch, generated):
@@ -244,10 +245,10 @@ class TransformersPolicy:
 
     # ---------------------------------------------------------------------------- internals
 
-    def prepare_inputs(self, texts: list[str], images: list[Any]) -> Any:
-        """The processor's tensors for rendered ``texts`` and their decoded ``images``, on the
-        model's device (left-padded when several)."""
-        inputs = self.processor(text=texts, images=images or None, padding=True, return_tensors="pt")
+    def prepare_inputs(self, texts: list[str], images: list[list[Any]]) -> Any:
+        """The processor's tensors for rendered ``texts`` and their decoded images (``images[i]``:
+        those of ``texts[i]``), on the model's device (left-padded when several)."""
+        inputs = self.processor(text=texts, images=per_text_images(images), padding=True, return_tensors="pt")
         inputs = inputs.to(self.device)
         if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
@@ -259,7 +260,7 @@ class TransformersPolicy:
         return self.tokenizer.decode([t for t in ids if t not in self._drop_ids], skip_special_tokens=False)
 
     def _generate_batch(
-        self, texts: list[str], images: list[Any], sampling: SamplingConfig, seeds: list[int]
+        self, texts: list[str], images: list[list[Any]], sampling: SamplingConfig, seeds: list[int]
     ) -> list[Completion]:
         torch = self._torch
         if self.model is None:

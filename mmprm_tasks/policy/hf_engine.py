@@ -652,7 +652,7 @@ class ContinuousTransformersPolicy(TransformersPolicy):
             seed = int(self._torch.randint(0, 2**31 - 1, ()).item())
         job = PromptJob(self.render(prompt), n, seed, sampling or self.sampling, result=result)
         try:
-            job.inputs = self.prepare_inputs([job.text], [load_image(b) for b in prompt.images])
+            job.inputs = self.prepare_inputs([job.text], [[load_image(b) for b in prompt.images]])
         except Exception as exc:  # noqa: BLE001 - a bad image or prompt is this request's error
             job.future.set_exception(exc if isinstance(exc, ValueError | PolicyError)
                                      else PolicyError(f"preparing the prompt failed: {exc}"))
@@ -670,7 +670,7 @@ class ContinuousTransformersPolicy(TransformersPolicy):
             preset = self.policy_cfg.prompt_preset
             root_prompt = GenerationRequest(request.question, request.image).prompt_for(preset)
             text = self.render(ChatPrompt(chat_messages(root_prompt, preset), [request.image]))
-            root = self.prepare_inputs([text], [load_image(request.image)])["input_ids"][0].tolist()
+            root = self.prepare_inputs([text], [[load_image(request.image)]])["input_ids"][0].tolist()
             self._root_ids.put(root_key, root)
         split = 0
         for a, b in zip(ids, root):

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 import torch
 
+from mmprm_tasks.families import per_text_images
 from mmprm_tasks.formats import chat_messages
 from mmprm_tasks.prm.loss import IGNORE_LABEL, PRMDataError
 from mmprm_tasks.prm.tokens import PRM_TOKEN, PRMTokens, load_image
@@ -72,7 +73,8 @@ class PRMCollator:
             labels.append(row_labels)
         batch = dict(
             self.processor(
-                text=texts, images=images, padding=True, padding_side="right", return_tensors="pt"
+                text=texts, images=per_text_images([[image] for image in images]), padding=True,
+                padding_side="right", return_tensors="pt"
             )
         )
         input_ids = batch["input_ids"]

@@ -178,7 +178,7 @@ class StepLikelihoodScorer(_StepScorer):
             text = self.collator.text(record)
             head = text[: text.index(PROCESS_MARK) + len(PROCESS_MARK)].rstrip(" ")
             ids = self.processor(
-                text=[head], images=[self.collator._image(record)], return_tensors="pt"
+                text=[head], images=[[self.collator._image(record)]], return_tensors="pt"
             )["input_ids"][0]
             starts.append(int(ids.shape[0]))
         return starts
