@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -113,7 +114,9 @@ class Twin:
 
     name: str  # the family's config model_type
     build: Callable[[Path], None]
-    image_size: int = 64  # side of the test images fed to it
+    # Why this install cannot build or run the family's processor (None: it can); its tests skip
+    # with this reason shown.
+    missing: Callable[[], str | None] = lambda: None
 
 
 def _save(model: Any, processor: Any, out: Path, eos_ids: list[int], pad_id: int) -> None:
@@ -220,30 +223,53 @@ def build_llava_onevision(out: Path) -> None:
           tokenizer.pad_token_id)
 
 
-_IDEFICS3_TOKENS = ["<|endoftext|>", "<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"] + [
+_IDEFICS3_TOKENS = ["<|endoftext|>", "<|begin_of_text|>", "<|im_start|>", "<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"] + [
     f"<row_{r}_col_{c}>" for r in range(1, 4) for c in range(1, 4)]
 
 
-def build_idefics3(out: Path) -> None:
-    """Idefics3 (SmolVLM's architecture): SigLIP-style encoder on image tiles + pixel shuffle + Llama."""
+def _build_idefics3(out: Path, processor: Callable[..., Any], config_class: type, vision_class: type,
+                    model_class: type, turn_start: str) -> None:
     vocab, merges = _bpe(_IDEFICS3_TOKENS, sentencepiece=False)
     tokenizer = _special(tf.GPT2Tokenizer(vocab=vocab, merges=merges, eos_token="<end_of_utterance>",
                                           pad_token="<|endoftext|>"), _IDEFICS3_TOKENS)
-    tokenizer.chat_template = _turns("message['role'] | capitalize + ':'", "<image>", "'<end_of_utterance>\n'",
-                                     "'Assistant:'")
+    tokenizer.chat_template = _turns(turn_start + "message['role'] | capitalize + ':'", "<image>",
+                                     "'<end_of_utterance>\\n'", "'Assistant:'")
     # 112-pixel images split into 56-pixel tiles (2x2) plus the whole image, 4 tokens each.
     image_processor = tf.Idefics3ImageProcessorPil(size={"longest_edge": 112}, max_image_size={"longest_edge": 56})
-    processor = tf.Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4,
-                                     chat_template=tokenizer.chat_template)
+    processor = processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4,
+                          chat_template=tokenizer.chat_template)
     torch.manual_seed(0)
     text = tf.LlamaConfig(vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=2 * HIDDEN,
                           num_hidden_layers=2, num_attention_heads=HEADS, num_key_value_heads=2,
                           max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id)
-    vision = tf.Idefics3VisionConfig(hidden_size=VISION_HIDDEN, intermediate_size=2 * VISION_HIDDEN,
-                                     num_hidden_layers=1, num_attention_heads=HEADS, image_size=56, patch_size=14)
-    config = tf.Idefics3Config(vision_config=vision, text_config=text, scale_factor=2,
-                               image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
-    _save(tf.Idefics3ForConditionalGeneration(config), processor, out, [tokenizer.eos_token_id], tokenizer.pad_token_id)
+    vision = vision_class(hidden_size=VISION_HIDDEN, intermediate_size=2 * VISION_HIDDEN, num_hidden_layers=1,
+                          num_attention_heads=HEADS, image_size=56, patch_size=14)
+    config = config_class(vision_config=vision, text_config=text, scale_factor=2,
+                          image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
+    _save(model_class(config), processor, out, [tokenizer.eos_token_id], tokenizer.pad_token_id)
+
+
+def build_idefics3(out: Path) -> None:
+    """Idefics3: SigLIP-style encoder on image tiles + pixel shuffle + Llama."""
+    _build_idefics3(out, tf.Idefics3Processor, tf.Idefics3Config, tf.Idefics3VisionConfig,
+                    tf.Idefics3ForConditionalGeneration, "('<|begin_of_text|>' if loop.first else '') + ")
+
+
+def _smolvlm_missing() -> str | None:
+    import importlib.util
+
+    lacking = [m for m in ("num2words", "torchvision") if importlib.util.find_spec(m) is None]
+    if not lacking:
+        return None
+    return (f"SmolVLMProcessor needs {' and '.join(lacking)} (not installed): it spells numbers with num2words and "
+            "its apply_chat_template reads video_processor.num_frames, and every transformers video processor is "
+            "built on torchvision; Idefics3, the same architecture, is covered")
+
+
+def build_smolvlm(out: Path) -> None:
+    """SmolVLM: Idefics3's architecture with its own classes and a ChatML-style start."""
+    _build_idefics3(out, partial(image_only(tf.SmolVLMProcessor), video_processor=None), tf.SmolVLMConfig,
+                    tf.SmolVLMVisionConfig, tf.SmolVLMForConditionalGeneration, "('<|im_start|>' if loop.first else '') + ")
 
 
 _GEMMA_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>",
@@ -319,6 +345,7 @@ TWINS: dict[str, Twin] = {t.name: t for t in [
     Twin("qwen2_5_vl", build_qwen2_5_vl),
     Twin("llava_onevision", build_llava_onevision),
     Twin("idefics3", build_idefics3),
+    Twin("smolvlm", build_smolvlm, missing=_smolvlm_missing),
     Twin("gemma3", build_gemma3),
     Twin("mllama", build_mllama),
 ]}
