@@ -16,6 +16,8 @@ Everything the platform needs to know about a checkpoint's family is a lookup he
   word-initial ``▁Yes``, which is a different token);
 * ``turn_end_tokens``: the tokens that end an assistant turn whatever the checkpoint's ``eos``
   says (``<|im_end|>``, ``<end_of_turn>``, ``<|eot_id|>``, ``<end_of_utterance>``): the policy stops there;
+* ``flash_attention``: whether the family's transformers classes take ``flash_attention_2`` (the
+  GPU default for training and scoring when flash-attn is installed; Gemma 3 and Mllama do not);
 * ``continuous_engine``: whether :mod:`mmprm_tasks.policy.hf_engine`'s continuous-batching
   engine drives its decode exactly (a decoder with 1-D rotary positions and a standard cache
   whose forward takes ``pixel_values`` alone; multimodal rotary positions (Qwen2-VL),
@@ -47,6 +49,7 @@ class Family:
     yes_token: str = "Yes"
     no_token: str = "No"
     turn_end_tokens: tuple[str, ...] = ("<|im_end|>",)
+    flash_attention: bool = True
     continuous_engine: bool = False
 
 
@@ -54,14 +57,15 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in [
     Family("llava", ("vision_tower",), continuous_engine=True),
     Family("internvl", ("vision_tower",)),
     # The original release's InternVL2.5 checkpoints (remote code, trust_remote_code=True).
-    Family("internvl_chat", ("vision_model",)),
+    Family("internvl_chat", ("vision_model",), flash_attention=False),
     Family("qwen2_vl", ("visual",)),
     Family("qwen2_5_vl", ("visual",)),
     Family("llava_onevision", ("vision_tower",)),
     Family("idefics3", ("vision_model",), turn_end_tokens=("<end_of_utterance>",)),
     Family("smolvlm", ("vision_model",), turn_end_tokens=("<end_of_utterance>",)),
-    Family("gemma3", ("vision_tower",), turn_end_tokens=("<end_of_turn>",)),
-    Family("mllama", ("vision_model",), image_tokens="cross_attention", turn_end_tokens=("<|eot_id|>",)),
+    Family("gemma3", ("vision_tower",), turn_end_tokens=("<end_of_turn>",), flash_attention=False),
+    Family("mllama", ("vision_model",), image_tokens="cross_attention", turn_end_tokens=("<|eot_id|>",),
+           flash_attention=False),
 ]}
 
 CONTINUOUS_FAMILIES = frozenset(f.model_type for f in FAMILIES.values() if f.continuous_engine)

@@ -115,6 +115,20 @@ def test_every_twin_has_a_family_entry_and_unknown_families_are_refused(tmp_path
     assert "\n" not in message and "'blip-2'" in message and "families.py" in message and "vision module" in message
 
 
+def test_flash_attention_entries_match_the_model_classes(twins):
+    """The table's flash_attention says what each family's class declares (it picks the GPU default)."""
+    import transformers
+
+    from mmprm_tasks.families import checkpoint_model_type
+
+    for name, twin in TWINS.items():
+        if twin.missing():
+            continue
+        architecture = json.loads((twins(name) / "config.json").read_text())["architectures"][0]
+        assert FAMILIES[checkpoint_model_type(twins(name))].flash_attention == bool(
+            getattr(transformers, architecture)._supports_flash_attn), name
+
+
 # ----------------------------------------------------------------------------- policy
 
 

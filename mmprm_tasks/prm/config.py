@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 import torch
 
+from mmprm_tasks.families import Family
 from mmprm_tasks.settings import PACKAGE_DIR, TrainConfig
 
 PRM_CONFIG_FILE = "prm_config.json"
@@ -79,10 +80,12 @@ class PRMTrainingConfig:
             return self.bf16
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
-    def resolved_attn_implementation(self) -> str | None:
+    def resolved_attn_implementation(self, family: Family | None = None) -> str | None:
+        """The setting when given, else flash-attn for a family that takes it (bf16 on CUDA)."""
         if self.attn_implementation is not None:
             return self.attn_implementation
-        return "flash_attention_2" if flash_attn_available() and self.use_bf16() else None
+        takes_flash = family is None or family.flash_attention
+        return "flash_attention_2" if takes_flash and flash_attn_available() and self.use_bf16() else None
 
     def resolved_deepspeed(self) -> str | None:
         path = resolve_deepspeed_config(self.deepspeed)

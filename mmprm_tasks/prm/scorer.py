@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from mmprm_tasks.formats import PROCESS_MARK
-from mmprm_tasks.families import load_checkpoint
+from mmprm_tasks.families import checkpoint_model_type, family, load_checkpoint
 from mmprm_tasks.prm.collator import PRMCollator
 from mmprm_tasks.prm.config import PRM_CONFIG_FILE, flash_attn_available
 from mmprm_tasks.prm.loss import PRMDataError, prm_forward
@@ -32,7 +32,8 @@ class _StepScorer:
     """Loads a checkpoint for step scoring and lays candidates out exactly as the PRM is trained:
     each step its own group, rendered by :func:`mmprm_tasks.traverse.render_process` (a literal
     ``<prm>`` or image token inside a step is removed).  Loads on CUDA in bf16 when available
-    (flash-attn when installed), else CPU fp32.  Subclasses say what a step's score is."""
+    (flash-attn when installed and the family takes it), else CPU fp32; ``trust_remote_code=None``:
+    as the checkpoint's ``prm_config.json`` records (training's setting).  Subclasses say what a step's score is."""
 
     def __init__(
         self,
@@ -49,7 +50,8 @@ class _StepScorer:
             cuda_bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
             dtype = torch.bfloat16 if cuda_bf16 else torch.float32
         kwargs: dict[str, Any] = {"dtype": dtype}
-        if self.device.type == "cuda" and dtype != torch.float32 and flash_attn_available():
+        takes_flash = family(checkpoint_model_type(model_dir)).flash_attention
+        if self.device.type == "cuda" and dtype != torch.float32 and takes_flash and flash_attn_available():
             kwargs["attn_implementation"] = "flash_attention_2"
         if trust_remote_code is None:
             trust_remote_code = bool(_prm_config(model_dir).get("trust_remote_code", False))

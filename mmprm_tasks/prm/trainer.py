@@ -15,7 +15,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
-from mmprm_tasks.families import family_of, load_checkpoint
+from mmprm_tasks.families import checkpoint_model_type, family, family_of, load_checkpoint
 from mmprm_tasks.prm.collator import PRMCollator, record_length
 from mmprm_tasks.prm.config import PRM_CONFIG_FILE, PRMTrainingConfig
 from mmprm_tasks.prm.loss import PRMDataError, prm_forward, prm_loss
@@ -139,7 +139,7 @@ def train_prm(
 
     bf16 = cfg.use_bf16()
     deepspeed_config = cfg.resolved_deepspeed()
-    attn = cfg.resolved_attn_implementation()
+    attn = cfg.resolved_attn_implementation(family(checkpoint_model_type(base_model_dir)))
     load_kwargs: dict[str, Any] = {
         # DeepSpeed keeps fp32 master weights itself; without it, fp32 weights + autocast.
         "dtype": torch.bfloat16 if (deepspeed_config and bf16) else torch.float32,
