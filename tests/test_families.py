@@ -29,7 +29,7 @@ from mmprm_tasks.evaluate import score_candidates
 from mmprm_tasks.families import FAMILIES, UnknownFamilyError, load_checkpoint
 from mmprm_tasks.policy.hf import ChatPrompt, load_transformers_policy
 from mmprm_tasks.policy.openai_compat import OpenAIChatPolicy
-from mmprm_tasks.prm import (IGNORE_LABEL, PRM_CONFIG_FILE, PRMCollator, PRMScorer, PRMTrainingConfig,
+from mmprm_tasks.prm import (IGNORE_LABEL, PRM_CONFIG_FILE, PRMCollator, PRMDataError, PRMScorer, PRMTrainingConfig,
                              ensure_prm_tokens, train_prm)
 from mmprm_tasks.rollouts import parse_rollout
 from mmprm_tasks.settings import PolicyConfig, SamplingConfig
@@ -237,6 +237,11 @@ def test_prm_labels_sit_exactly_at_prm_after_image_expansion(twins, name):
     # Every sequence-aligned tensor the processor made still lines up with input_ids.
     outputs = model(**{k: v for k, v in batch.items() if k != "prm_labels"})
     assert outputs.logits.shape[:2] == input_ids.shape
+    # A max_length that would cut the image's tokens is refused, for every family's image token.
+    first_image = int((input_ids[0] == model.config.image_token_id).nonzero()[0])
+    with pytest.raises(PRMDataError, match="cuts into the image tokens"):
+        PRMCollator(processor, tokens, max_length=first_image + (fam.image_tokens == "expanded"),
+                    image_token_id=model.config.image_token_id)([{**RECORDS[0], "image": IMAGE}])
 
 
 @pytest.mark.parametrize("name", NAMES)

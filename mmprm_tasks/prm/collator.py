@@ -32,6 +32,10 @@ class PRMCollator:
     labels of the cut steps are dropped with them (``truncation="drop"``, counted in
     ``truncated_examples``/``dropped_labels``) or the batch fails (``truncation="error"``); after
     truncation the count of ``<prm>`` tokens equals the count of kept labels, always.
+
+    ``image_token_id``: the token whose positions carry image features (the model config's
+    ``image_token_id``), which the truncation check counts; default the processor's, which for
+    some families is only the placeholder before them (Gemma 3's ``<start_of_image>``).
     """
 
     processor: Any
@@ -39,6 +43,7 @@ class PRMCollator:
     max_length: int | None = None
     truncation: Literal["drop", "error"] = "drop"
     image_loader: Callable[[str], Any] | None = None
+    image_token_id: int | None = None
     truncated_examples: int = field(default=0, init=False)
     dropped_labels: int = field(default=0, init=False)
 
@@ -86,7 +91,9 @@ class PRMCollator:
                     f"tokens for {len(row_labels)} labels (does a step contain '{PRM_TOKEN}'?)"
                 )
         if self.max_length is not None and input_ids.shape[1] > self.max_length:
-            image_token_id = getattr(self.processor, "image_token_id", None)
+            image_token_id = self.image_token_id
+            if image_token_id is None:
+                image_token_id = getattr(self.processor, "image_token_id", None)
             if image_token_id is not None:
                 before = (input_ids == image_token_id).sum(dim=1)
                 after = (input_ids[:, : self.max_length] == image_token_id).sum(dim=1)

@@ -64,7 +64,8 @@ class _StepScorer:
             raise ValueError(f"{model_dir}: the model has no embedding for {PRM_TOKEN}")
         self.batch_size = batch_size
         self.collator = PRMCollator(
-            self.processor, self.tokens, max_length=max_length, truncation="error"
+            self.processor, self.tokens, max_length=max_length, truncation="error",
+            image_token_id=getattr(self.model.config, "image_token_id", None),
         )
 
     def process_text(self, steps: Sequence[str]) -> str:

@@ -158,6 +158,7 @@ def train_prm(
         max_length=cfg.max_length,
         truncation=cfg.truncation,
         image_loader=image_loader,
+        image_token_id=getattr(model.config, "image_token_id", None),
     )
     trainer = PRMTrainer(
         model=model,
