@@ -207,8 +207,8 @@ def current_runs(settings: Settings) -> list[str]:
 
 # Settings fields added after dataset and checkpoint ids were first derived from their groups:
 # left out of an id while at their default, so the ids made before them stay the same.
-_LATER_FIELDS: dict[str, Any] = {"label_values": "mc", "group_by_length": False, "consensus_judge": "none",
-                                 "consensus_threshold": 0.2, "cut_negatives": False}
+_LATER_FIELDS: dict[str, Any] = {"label_values": "mc", "group_by_length": False, "trust_remote_code": False,
+                                 "consensus_judge": "none", "consensus_threshold": 0.2, "cut_negatives": False}
 
 
 def key_fields(group: Any) -> dict[str, Any]:

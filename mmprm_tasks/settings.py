@@ -89,6 +89,9 @@ class PolicyConfig(BaseModel):
     max_retries: int = Field(3, ge=0)
     tensor_parallel_size: int = Field(1, ge=1)
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    # transformers backend and the CPU server: run the modelling code shipped inside the
+    # checkpoint's folder (auto_map in its config.json), as remote-code checkpoints need.
+    trust_remote_code: bool = False
 
 
 class VerifyConfig(BaseModel):
@@ -186,6 +189,9 @@ class TrainConfig(BaseModel):
     deepspeed: str | None = None  # path to a ZeRO config, or "zero1"/"zero2"/"zero3"
     # The PRM's base: a pretrained VLM, not the policy (the paper fine-tunes InternVL2.5).
     base_model: str = str(TOY_FOUNDATION_DIR)
+    # Run the modelling code shipped inside the base checkpoint's folder (auto_map in its
+    # config.json), as the original release's InternVL2.5 checkpoints need; the trained PRM records it.
+    trust_remote_code: bool = False
 
 
 class EvalConfig(BaseModel):

@@ -88,3 +88,61 @@ def chat_prompts(requests):
     from mmprm_tasks.policy.hf import ChatPrompt
 
     return [ChatPrompt(chat_messages(r.prompt), [r.image]) for r in requests]
+
+
+class PolicyServerProcess:
+    """``python -m mmprm_tasks.policy.server --model DIR`` in a subprocess on a free loopback port,
+    as a user starts it; a context manager that waits for ``/health`` and stops it with SIGTERM
+    (``output`` and ``returncode`` are set after).  PYTHONPATH is inherited, so the server runs
+    this checkout's code."""
+
+    def __init__(self, model_dir: Path, *args: str, start_timeout_s: float = 120) -> None:
+        import socket
+        import sys
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.command = [sys.executable, "-m", "mmprm_tasks.policy.server", "--model", str(model_dir),
+                        "--port", str(self.port), *args]
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.start_timeout_s = start_timeout_s
+        self.output = ""
+        self.returncode: int | None = None
+
+    def __enter__(self) -> "PolicyServerProcess":
+        import os
+        import subprocess
+        import time
+
+        import httpx
+
+        self.proc = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "OMP_NUM_THREADS": "1"})
+        deadline = time.monotonic() + self.start_timeout_s
+        while True:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"policy server exited: {self.proc.stdout.read().decode()}")
+            try:
+                if httpx.get(self.base_url + "/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                self.__exit__(None, None, None)
+                raise AssertionError(f"policy server did not come up: {self.output}")
+            time.sleep(0.2)
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+        import subprocess
+
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.output = self.proc.stdout.read().decode()
+        self.returncode = self.proc.returncode
+

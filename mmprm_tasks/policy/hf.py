@@ -23,6 +23,7 @@ from typing import Any
 
 from mmprm_tasks.policy import (GenerationRequest, PolicyConfigError, PolicyError, chat_messages, load_image,
                                 request_seed)
+from mmprm_tasks.families import per_text_images
 from mmprm_tasks.rollouts import Rollout, parse_rollout
 from mmprm_tasks.settings import PolicyConfig, SamplingConfig
 
@@ -132,7 +133,8 @@ class TransformersPolicy:
         sampling: SamplingConfig | None = None,
     ) -> None:
         import torch
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        from mmprm_tasks.families import UnknownFamilyError, load_checkpoint
 
         self.policy_cfg = policy or PolicyConfig(model=str(model_dir))
         self.sampling = sampling or SamplingConfig()
@@ -143,8 +145,10 @@ class TransformersPolicy:
             # Never a hub id: nothing is downloaded at run time.
             raise PolicyConfigError(f"cannot load policy checkpoint {self.model_dir}: no config.json there")
         try:
-            self.processor = AutoProcessor.from_pretrained(self.model_dir)
-            self.model = AutoModelForImageTextToText.from_pretrained(self.model_dir, dtype=dtype)
+            self.processor, self.model, self.family = load_checkpoint(
+                self.model_dir, trust_remote_code=self.policy_cfg.trust_remote_code, dtype=dtype)
+        except UnknownFamilyError as exc:
+            raise PolicyConfigError(f"cannot load policy checkpoint {self.model_dir}: {exc}") from exc
         except OSError as exc:
             raise PolicyError(f"cannot load policy checkpoint {self.model_dir}: {exc}") from exc
         self.model.to(self.device).eval()
@@ -170,10 +174,11 @@ class TransformersPolicy:
                 ids.append(value)
             elif isinstance(value, list | tuple):
                 ids.extend(v for v in value if isinstance(v, int))
-        # ChatML checkpoints end an assistant turn with <|im_end|> whatever their eos is.
-        im_end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
-        if isinstance(im_end, int) and im_end != self.tokenizer.unk_token_id:
-            ids.append(im_end)
+        # A family's chat template ends an assistant turn with its own token whatever eos says.
+        for token in self.family.turn_end_tokens:
+            turn_end = self.tokenizer.convert_tokens_to_ids(token)
+            if isinstance(turn_end, int) and turn_end != self.tokenizer.unk_token_id:
+                ids.append(turn_end)
         return list(dict.fromkeys(ids))
 
     # ---------------------------------------------------------------------------- public API
@@ -221,7 +226,7 @@ class TransformersPolicy:
             for start in range(0, len(order), bs):
                 batch = order[start : start + bs]
                 batch_texts = [texts[rows[r]] for r in batch]
-                batch_images = [img for r in batch for img in images[rows[r]]]
+                batch_images = [images[rows[r]] for r in batch]
                 generated = self._generate_batch(batch_texts, batch_images, sampling,
                                                  [seeds_of_rows[r] for r in batch])
                 for r, completion in zip(batch, generated):
@@ -240,10 +245,10 @@ class TransformersPolicy:
 
     # ---------------------------------------------------------------------------- internals
 
-    def prepare_inputs(self, texts: list[str], images: list[Any]) -> Any:
-        """The processor's tensors for rendered ``texts`` and their decoded ``images``, on the
-        model's device (left-padded when several)."""
-        inputs = self.processor(text=texts, images=images or None, padding=True, return_tensors="pt")
+    def prepare_inputs(self, texts: list[str], images: list[list[Any]]) -> Any:
+        """The processor's tensors for rendered ``texts`` and their decoded images (``images[i]``:
+        those of ``texts[i]``), on the model's device (left-padded when several)."""
+        inputs = self.processor(text=texts, images=per_text_images(images), padding=True, return_tensors="pt")
         inputs = inputs.to(self.device)
         if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
@@ -255,7 +260,7 @@ class TransformersPolicy:
         return self.tokenizer.decode([t for t in ids if t not in self._drop_ids], skip_special_tokens=False)
 
     def _generate_batch(
-        self, texts: list[str], images: list[Any], sampling: SamplingConfig, seeds: list[int]
+        self, texts: list[str], images: list[list[Any]], sampling: SamplingConfig, seeds: list[int]
     ) -> list[Completion]:
         torch = self._torch
         if self.model is None:
@@ -306,6 +311,7 @@ def load_transformers_policy(model_dir: str | Path, *, policy: PolicyConfig, sam
     """The transformers backend as ``policy.engine`` asks: ``continuous`` (the continuous-batching
     engine), ``generate`` (``model.generate``, the reference) or ``auto`` (continuous where the
     checkpoint's family is one it drives, else generate)."""
+    from mmprm_tasks.families import checkpoint_model_type
     from mmprm_tasks.policy.hf_engine import ContinuousTransformersPolicy, choose_engine
 
     if choose_engine(policy, checkpoint_model_type(model_dir)) == "generate":
@@ -313,11 +319,3 @@ def load_transformers_policy(model_dir: str | Path, *, policy: PolicyConfig, sam
     return ContinuousTransformersPolicy(model_dir, policy=policy, sampling=sampling, capacity=capacity)
 
 
-def checkpoint_model_type(model_dir: str | Path) -> str | None:
-    """``model_type`` of a checkpoint's config.json (None when unreadable: the load then says why)."""
-    import json
-
-    try:
-        return json.loads((Path(model_dir) / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        return None

@@ -43,13 +43,14 @@ from typing import Any
 import numpy as np
 
 from mmprm_tasks.policy import GenerationRequest, PolicyConfigError, PolicyError, chat_messages, load_image, request_seed
+from mmprm_tasks.families import CONTINUOUS_FAMILIES
 from mmprm_tasks.policy.hf import ChatPrompt, Completion, TransformersPolicy, row_seed
 from mmprm_tasks.rollouts import Rollout, parse_rollout
 from mmprm_tasks.settings import PolicyConfig, SamplingConfig
 
-# Model families (config.model_type) whose decode this engine drives exactly: a decoder with 1-D
-# rotary positions and self-attention only, reached through the model's own forward.
-CONTINUOUS_FAMILIES = frozenset({"llava"})
+# The model families (config.model_type) whose decode this engine drives exactly are those whose
+# entry in mmprm_tasks/families.py says continuous_engine (a decoder with 1-D rotary positions and
+# self-attention only, reached through the model's own forward).
 
 def row_uniforms(seeds: np.ndarray, steps: np.ndarray) -> np.ndarray:
     """One uniform in (0, 1) per row: splitmix64 of (row seed, token index).  Counter-based, so a
@@ -651,7 +652,7 @@ class ContinuousTransformersPolicy(TransformersPolicy):
             seed = int(self._torch.randint(0, 2**31 - 1, ()).item())
         job = PromptJob(self.render(prompt), n, seed, sampling or self.sampling, result=result)
         try:
-            job.inputs = self.prepare_inputs([job.text], [load_image(b) for b in prompt.images])
+            job.inputs = self.prepare_inputs([job.text], [[load_image(b) for b in prompt.images]])
         except Exception as exc:  # noqa: BLE001 - a bad image or prompt is this request's error
             job.future.set_exception(exc if isinstance(exc, ValueError | PolicyError)
                                      else PolicyError(f"preparing the prompt failed: {exc}"))
@@ -669,7 +670,7 @@ class ContinuousTransformersPolicy(TransformersPolicy):
             preset = self.policy_cfg.prompt_preset
             root_prompt = GenerationRequest(request.question, request.image).prompt_for(preset)
             text = self.render(ChatPrompt(chat_messages(root_prompt, preset), [request.image]))
-            root = self.prepare_inputs([text], [load_image(request.image)])["input_ids"][0].tolist()
+            root = self.prepare_inputs([text], [[load_image(request.image)]])["input_ids"][0].tolist()
             self._root_ids.put(root_key, root)
         split = 0
         for a, b in zip(ids, root):

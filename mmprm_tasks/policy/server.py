@@ -340,6 +340,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--batch-size", type=int, default=64, help="rows decoded at once")
     parser.add_argument("--engine", default="auto", choices=["auto", "continuous", "generate"])
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run the modelling code shipped inside the checkpoint folder (auto_map)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     serve(
@@ -348,7 +350,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.port,
         served_model_name=args.served_model_name,
         policy_cfg=PolicyConfig(
-            model=args.model, device=args.device, dtype=args.dtype, batch_size=args.batch_size, engine=args.engine
+            model=args.model, device=args.device, dtype=args.dtype, batch_size=args.batch_size, engine=args.engine,
+            trust_remote_code=args.trust_remote_code,
         ),
     )
 

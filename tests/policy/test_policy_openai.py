@@ -11,6 +11,7 @@ import time
 import httpx
 import pytest
 
+from helpers import PolicyServerProcess
 from mmprm_tasks.policy import GenerationRequest, PolicyError, chat_messages, load_policy
 from mmprm_tasks.policy.hf import ChatPrompt, TransformersPolicy
 from mmprm_tasks.policy.openai_compat import OpenAIChatPolicy
@@ -230,39 +231,12 @@ def test_serve_cli_in_a_subprocess(random_policy_dir, images):
     """``python -m mmprm_tasks.policy.server`` serves until SIGTERM; the model may be named by
     its path."""
     import signal
-    import subprocess
-    import sys
 
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mmprm_tasks.policy.server", "--model", str(random_policy_dir),
-         "--port", str(port), "--batch-size", "8"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**__import__("os").environ,
-                                                               "OMP_NUM_THREADS": "1"})
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode()
-            try:
-                if httpx.get(base + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.2)
-        backend = OpenAIChatPolicy(base + "/v1", str(random_policy_dir), sampling=SAMPLING)
+    with PolicyServerProcess(random_policy_dir, "--batch-size", "8") as server:
+        backend = OpenAIChatPolicy(server.base_url + "/v1", str(random_policy_dir), sampling=SAMPLING)
         out = backend.generate([GenerationRequest("q?", images[0], n=2)], seed=1)
         assert len(out[0]) == 2
         backend.close()
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    output = proc.stdout.read().decode()
     # uvicorn shuts down gracefully, then re-raises the signal it caught (exit -15).
-    assert proc.returncode in (0, -signal.SIGTERM), output
-    assert "Finished server process" in output, output
+    assert server.returncode in (0, -signal.SIGTERM), server.output
+    assert "Finished server process" in server.output, server.output
