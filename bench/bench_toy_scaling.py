@@ -144,7 +144,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     points = report["points"]
-    for labels, color in (("mc", "tab:blue"), ("truth", "tab:green")):
+    colors = {"mc": "tab:blue", "mc-hard": "tab:purple", "truth": "tab:green"}
+    for labels in dict.fromkeys(p["labels"] for p in points if p["labels"] in colors):
+        color = colors[labels]
         xs = [p["paths"] for p in points if p["labels"] == labels]
         ax.plot(xs, [100 * p["min"] for p in points if p["labels"] == labels], marker="o", color=color,
                 label=f"{labels} labels, min")
@@ -159,7 +161,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("training paths")
     ax.set_ylabel(f"Best-of-{report['n']} accuracy (%)")
-    ax.set_title(f"PRM quality against annotated paths (toy world, seed {report['seed']})")
+    kept = (f", consensus-filtered (judge < {report['consensus_threshold']})"
+            if report.get("consensus_threshold") is not None else "")
+    ax.set_title(f"PRM quality against annotated paths (toy world, seed {report['seed']}{kept})", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
