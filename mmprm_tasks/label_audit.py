@@ -185,7 +185,10 @@ def audit_labels(paths: Iterable[Mapping[str, Any]], gt_steps_by_problem: Mappin
             unaudited += 1
         ends_positive = path.get("polarity") == "positive"
         for g, (label, end) in enumerate(zip(labels, group_ends)):
-            kind = step_kind(end, steps[end], gt_steps, ends_positive and g == len(groups) - 1)
+            # a group with no step (a node with an empty partial solution) ends where the one
+            # before it ended; before any step it stands at the first position
+            kind = step_kind(max(end, 0), steps[end] if end >= 0 else "", gt_steps,
+                             ends_positive and g == len(groups) - 1)
             says_right = label > mc_threshold
             right = None if reference is None else truth is None or g < truth
             distribution.add(label, says_right, None)
@@ -252,18 +255,19 @@ def ground_truth_steps(conn: sa.Connection, problem_ids: Sequence[str]) -> dict[
         " WHERE problem_id = ANY(:ids) AND extra ? 'gt_steps'"), {"ids": list(problem_ids)}).all())
 
 
-def write_label_audit(settings: Settings, dataset_id: str, paths_key: str, traverse: TraverseConfig) -> str:
-    """Audit the stored paths of a dataset version and store the report beside them (its key)."""
-    store = open_store(settings)
-    paths = store.get_jsonl(paths_key)
+def write_label_audit(settings: Settings, dataset_id: str, paths: Iterable[Mapping[str, Any]],
+                      problem_ids: Sequence[str], traverse: TraverseConfig) -> str:
+    """Audit a dataset version's paths (read as they come: the dataset stage streams them from
+    its spool file) and store the report beside them; returns its key.  ``problem_ids``: the
+    problems behind the paths, whose ground truth is looked up."""
     with get_engine(settings).connect() as conn:
-        gt = ground_truth_steps(conn, sorted({str(p.get("tree_id")) for p in paths}))
+        gt = ground_truth_steps(conn, problem_ids)
     judged = traverse.consensus_judge != "none"
     report = {"dataset_id": dataset_id, **audit_labels(
         paths, gt, mc_threshold=traverse.mc_threshold,
         judge_threshold=traverse.consensus_threshold if judged else None)}
     key = label_audit_key(dataset_id)
-    store.put_bytes(key, json.dumps(report, indent=1).encode(), "application/json")
+    open_store(settings).put_bytes(key, json.dumps(report, indent=1).encode(), "application/json")
     return key
 
 
@@ -279,7 +283,9 @@ def dataset_label_audit(settings: Settings, dataset_id: str) -> dict[str, Any]:
         raise LookupError(f"no dataset {dataset_id!r} in the step index (run traverse first)")
     if row.label_audit_key and store.exists(row.label_audit_key):
         return store.get_json(row.label_audit_key)
-    key = write_label_audit(settings, dataset_id, row.paths_key, TraverseConfig(**row.params.get("traverse", {})))
+    paths = store.get_jsonl(row.paths_key)
+    key = write_label_audit(settings, dataset_id, paths, sorted({str(p.get("tree_id")) for p in paths}),
+                            TraverseConfig(**row.params.get("traverse", {})))
     with engine.begin() as conn:
         conn.execute(sa.text("UPDATE datasets SET label_audit_key = :k WHERE dataset_id = :d"),
                      {"k": key, "d": dataset_id})
@@ -329,7 +335,8 @@ def render_audit(report: Mapping[str, Any]) -> list[Any]:
         out.append("first error per path: " + ", ".join(f"{k} {fe[k]}" for k in FIRST_ERROR_OUTCOMES)
                    + f" (agreement {_fmt(fe['agreement'])})")
     dist = table("label distribution", "step kind", ["labels", "labelled right", "labelled wrong", "mean label"])
-    for kind, d in [*report["label_distribution"]["by_step_kind"].items(), ("all", report["label_distribution"]["all"])]:
+    distribution = report["label_distribution"]
+    for kind, d in [*distribution["by_step_kind"].items(), ("all", distribution["all"])]:
         dist.add_row(kind, *(cell(d[k]) for k in ("labels", "labelled_right", "labelled_wrong", "mean_label")))
     out.append(dist)
     out.extend(report["summary"])

@@ -252,7 +252,9 @@ def traverse_stage(settings: Settings, run_ids: list[str]) -> dict[str, Any]:
             spool.write(json.dumps(path, ensure_ascii=False) + "\n")
         spool.flush()
         store.put_file(paths_key, spool.name, "application/x-ndjson")
-    audit_key = write_label_audit(settings, dataset_id, paths_key, settings.traverse)
+        with open(spool.name, encoding="utf-8") as written:
+            audit_key = write_label_audit(settings, dataset_id, map(json.loads, written),
+                                          [row.problem_id for row in rows], settings.traverse)
     with engine.begin() as conn:
         conn.execute(sa.text(
             "INSERT INTO datasets (dataset_id, run_ids, params, counts, paths_key, label_audit_key)"
