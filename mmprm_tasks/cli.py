@@ -218,6 +218,23 @@ def format_cmd(dataset_id: Annotated[str, typer.Argument()]) -> None:
 
 
 @app.command()
+def audit(
+    dataset_id: Annotated[str, typer.Argument(help="Dataset version (from `mmprm traverse`)")],
+    as_json: Annotated[bool, typer.Option("--json", help="The report as JSON, for machines")] = False,
+) -> None:
+    """A dataset's label audit: labels vs the toy world's ground truth by step kind, or vs the
+    step judge (consensus filtering); computed and recorded when the dataset has none yet."""
+    from .label_audit import dataset_label_audit, render_audit
+
+    report = dataset_label_audit(_settings(), dataset_id)
+    if as_json:
+        typer.echo(json.dumps(report, indent=1))
+        return
+    for part in render_audit(report):
+        console.print(part, soft_wrap=True, highlight=False)
+
+
+@app.command()
 def train(
     dataset_id: Annotated[Optional[str], typer.Argument(help="Dataset version (default: latest)")] = None,
     label_mode: Annotated[Optional[str], typer.Option(help="soft | hard")] = None,

@@ -219,7 +219,9 @@ def key_fields(group: Any) -> dict[str, Any]:
 
 
 def traverse_stage(settings: Settings, run_ids: list[str]) -> dict[str, Any]:
-    """Trees of the runs -> training paths (SPEC §5), stored and registered as a dataset version."""
+    """Trees of the runs -> training paths (SPEC §5), stored and registered as a dataset version
+    with its label audit (mmprm_tasks.label_audit)."""
+    from .label_audit import write_label_audit
     from .traverse import iter_paths
 
     engine = get_engine(settings)
@@ -250,12 +252,15 @@ def traverse_stage(settings: Settings, run_ids: list[str]) -> dict[str, Any]:
             spool.write(json.dumps(path, ensure_ascii=False) + "\n")
         spool.flush()
         store.put_file(paths_key, spool.name, "application/x-ndjson")
+        with open(spool.name, encoding="utf-8") as written:
+            audit_key = write_label_audit(settings, dataset_id, map(json.loads, written),
+                                          [row.problem_id for row in rows], settings.traverse)
     with engine.begin() as conn:
         conn.execute(sa.text(
-            "INSERT INTO datasets (dataset_id, run_ids, params, counts, paths_key)"
-            " VALUES (:d, :runs, CAST(:p AS JSONB), CAST(:c AS JSONB), :k) ON CONFLICT (dataset_id) DO NOTHING"),
+            "INSERT INTO datasets (dataset_id, run_ids, params, counts, paths_key, label_audit_key)"
+            " VALUES (:d, :runs, CAST(:p AS JSONB), CAST(:c AS JSONB), :k, :a) ON CONFLICT (dataset_id) DO NOTHING"),
             {"d": dataset_id, "runs": sorted(run_ids), "p": json.dumps(params), "c": json.dumps(counts),
-             "k": paths_key})
+             "k": paths_key, "a": audit_key})
     return {"dataset_id": dataset_id, "counts": counts, "created": True}
 
 

@@ -28,9 +28,10 @@ from test_seeds import make_seed_file
 N_PROBLEMS = 4
 
 
-def _dataset(settings, tmp_path) -> str:
-    """Seeds -> annotated run -> dataset version (toy steps are short: min_words 3)."""
-    ingest_file(make_seed_file(tmp_path / "data", N_PROBLEMS), settings)
+def _dataset(settings, tmp_path, seed_file: Path | None = None) -> str:
+    """Seeds (``seed_file``, else N_PROBLEMS made here) -> annotated run -> dataset version (toy
+    steps are short: min_words 3)."""
+    ingest_file(seed_file or make_seed_file(tmp_path / "data", N_PROBLEMS), settings)
     s = settings.with_overrides({**SMALL, "traverse.min_words": 3})
     shard_run(s, "run-a", chunk_size=N_PROBLEMS)
     annotate_chunk(s, "run-a", 0, policy=ScriptedPolicy(arithmetic_script), verifier=ExactVerifier(), steal=False)
