@@ -401,6 +401,16 @@ def headline_lines(reports: dict[str, dict]) -> list[str]:
     return lines
 
 
+def where_the_demo_stands(counts: dict) -> str:
+    """The demo's point on the curve of PRM quality against annotated paths (README)."""
+    judged = (f" (consensus filtering kept {counts['consensus_kept']} of {counts['consensus_paths']}: the "
+              "paths whose MC labels the base model's step likelihood agrees with)" if "consensus_paths" in counts
+              else "")
+    return (f"where the demo stands: its PRMs learnt from {counts.get('paths')} MC-labelled paths{judged}; "
+            "bench/bench_toy_scaling.py draws Best-of-8 against training paths (README, 'PRM quality against "
+            "annotated paths')")
+
+
 def engine_batch_row(stats: dict) -> tuple[str, str]:
     """How full the engine ran: rows per decode step on the continuous transformers engine,
     requests per call on a batch backend."""
@@ -443,10 +453,7 @@ def demo(
         console.print(render_first_error_table(result.reports))
     for line in headline_lines(result.reports):
         console.print(line, soft_wrap=True)
-    paths = (s.get("dataset", {}).get("counts") or {}).get("paths")
-    console.print(f"where the demo stands: its PRMs learnt from {paths} MC-labelled paths; "
-                  "bench/bench_toy_scaling.py draws Best-of-8 against training paths, MC against ground-truth "
-                  "labels (README, 'PRM quality against annotated paths')", soft_wrap=True)
+    console.print(where_the_demo_stands(s.get("dataset", {}).get("counts") or {}), soft_wrap=True)
     outputs = Table(title="outputs")
     outputs.add_column("what")
     outputs.add_column("where", overflow="fold")

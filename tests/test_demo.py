@@ -62,6 +62,7 @@ def test_embedded_run_end_to_end(tmp_path):
     assert "MM-PRM embedded run" in out and "Best-of-N" in out and "outputs" in out
     assert "soft-label PRM" in out and "First-error step detection" in out
     assert "{'loss'" not in out and "Loading weights" not in proc.stdout + proc.stderr
+    assert "where the demo stands" in out and "consensus filtering kept" in out
 
     summary = json.loads((home / "demo-summary.json").read_text())
     s = summary["summary"]
