@@ -42,6 +42,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
 from mmprm_tasks.formats import PROCESS_MARK, chat_messages
+from mmprm_tasks.progress import training_progress_callback
 from mmprm_tasks.settings import PACKAGE_DIR, ConfigurationError, TrainConfig
 from mmprm_tasks.traverse import PRM_SEPARATOR, render_process
 
@@ -626,6 +627,7 @@ def train_prm(
     )
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(LossLogCallback())
+    trainer.add_callback(training_progress_callback())
     result = trainer.train()
     metrics: dict[str, Any] = dict(result.metrics)
     if eval_records is not None:

@@ -96,3 +96,12 @@ def xcom(client, run_id: str, task_id: str, map_index: int = -1, dag_id: str = D
                           params={"map_index": map_index})
     assert response.status_code == 200, response.text
     return response.json()["value"]
+
+
+def task_log(client, run_id: str, task_id: str, map_index: int = -1, try_number: int = 1,
+             dag_id: str = DAG_ID) -> list[dict[str, Any]]:
+    """A task try's log as the UI reads it: one entry per line (``event``, ``level``, ...)."""
+    response = client.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/logs/{try_number}",
+                          params={"map_index": map_index}, headers={"Accept": "application/json"})
+    assert response.status_code == 200, response.text
+    return [line for line in response.json()["content"] if isinstance(line, dict)]

@@ -42,6 +42,8 @@ SMALL_BUDGETS = {
     "MMPRM_TRAIN__MAX_STEPS": "2",
     "MMPRM_EVAL__NUM_CANDIDATES": "4",
     "MMPRM_EVAL__NS": "[1,2,4]",
+    # A progress line a second, so a task's log shows progress before its last line.
+    "MMPRM_PROGRESS_LOG_INTERVAL_S": "1",
 }
 _stacks: list[AirflowStack] = []
 

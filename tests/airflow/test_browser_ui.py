@@ -20,7 +20,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from af_helpers import DAG_ID, ingest_directly, unpause, wait_for, wait_for_run
+from af_helpers import DAG_ID, ingest_directly, task_log, unpause, wait_for, wait_for_run
 from mmprm_tasks.db import get_engine
 
 pytestmark = pytest.mark.airflow_services
@@ -98,6 +98,18 @@ def _images_loaded(page, selector: str, frame=None) -> None:
                f"image {selector} to load")
 
 
+def _check_progress_lines(log: list[dict], prefix: str, unit: str, periodic: bool = True) -> None:
+    """A long task's log says how far it is, at INFO, in lines of its own, and draws no
+    stderr progress bar (which the log shows at ERROR)."""
+    lines = [entry for entry in log if str(entry.get("event", "")).startswith(prefix)]
+    assert lines, [entry.get("event") for entry in log]
+    assert all(entry.get("level") == "info" for entry in lines), lines
+    assert re.search(rf"(\d+)/\1 {unit} \(100%\).*\(done\)$", lines[-1]["event"]), lines[-1]
+    if periodic:  # lines before the last one, each with the time left
+        assert any("ETA" in entry["event"] for entry in lines[:-1]), lines
+    assert not [entry for entry in log if "Loading weights" in str(entry.get("event", ""))]
+
+
 def test_anonymous_and_roleless_sessions_are_refused(stack, chromium):
     api = stack.api_url
     assert httpx.get(f"{api}/mmprm/").status_code == 401
@@ -164,6 +176,8 @@ def test_trigger_from_the_form_then_browse(stack, client, chromium, toy_seeds, t
         raise
     _shot(page, "03-dag-run-annotation-tab-running")
     assert wait_for_run(client, dag_run_id, timeout=420) == "success"
+    _check_progress_lines(task_log(client, dag_run_id, "annotate_chunk", map_index=0),
+                          f"annotation of {RUN_ID} chunk 0: ", "problems")
 
     page.reload()
 
@@ -211,6 +225,9 @@ def test_trigger_from_the_form_then_browse(stack, client, chromium, toy_seeds, t
         for dag_id in ("mmprm_dataset", "mmprm_train", "mmprm_evaluate"):
             print(dag_id, client.get(f"/api/v2/dags/{dag_id}/dagRuns").json())
         raise
+    train_run = client.get("/api/v2/dags/mmprm_train/dagRuns").json()["dag_runs"][0]["dag_run_id"]
+    _check_progress_lines(task_log(client, train_run, "train_prm", dag_id="mmprm_train"), "PRM training: ", "steps",
+                          periodic=False)
     page.goto(f"{api}/mmprm/")
     _shot(page, "07-index")
     page.get_by_role("link", name=evaluation_id).click()
