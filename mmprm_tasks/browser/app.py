@@ -131,6 +131,10 @@ def create_app(settings_factory=get_settings) -> FastAPI:
     def checkpoint_page(request: Request, checkpoint_id: str, user=reader):
         return _render(request, "checkpoint.html", user, **data.checkpoint_view(settings(), checkpoint_id))
 
+    @app.get("/checkpoints/{checkpoint_id}/loss.png")
+    def checkpoint_loss_curve(checkpoint_id: str, user=reader):
+        return _png(charts.loss_curve_png(data.checkpoint_loss(settings(), checkpoint_id)))
+
     @app.get("/evaluations/{evaluation_id}", response_class=HTMLResponse)
     def evaluation_page(request: Request, evaluation_id: str, user=reader):
         return _render(request, "evaluation.html", user, **data.evaluation_view(settings(), evaluation_id))

@@ -229,7 +229,21 @@ def checkpoint_view(settings: Settings, checkpoint_id: str) -> dict[str, Any]:
         evaluations = conn.execute(sa.text(
             "SELECT evaluation_id FROM evaluations WHERE checkpoint_id = :c ORDER BY created_at DESC"),
             {"c": checkpoint_id}).scalars().all()
-    return {"checkpoint": ckpt, "evaluations": evaluations, "snippet": from_pretrained_snippet(ckpt.uri)}
+    metrics = {k: v for k, v in (ckpt.metrics or {}).items() if k != "loss_history"}  # the history is plotted
+    return {"checkpoint": ckpt, "evaluations": evaluations, "snippet": from_pretrained_snippet(ckpt.uri),
+            "metrics": metrics, "has_loss_curve": bool(loss_history(ckpt.metrics))}
+
+
+def loss_history(metrics: dict[str, Any] | None) -> list[tuple[int, float]]:
+    """(step, loss) of every logged training step of a checkpoint's metrics."""
+    return [(int(e["step"]), float(e["loss"])) for e in (metrics or {}).get("loss_history", [])]
+
+
+def checkpoint_loss(settings: Settings, checkpoint_id: str) -> list[tuple[int, float]]:
+    with get_engine(settings).connect() as conn:
+        ckpt = _one(conn, "SELECT metrics FROM checkpoints WHERE checkpoint_id = :c", {"c": checkpoint_id},
+                    f"checkpoint {checkpoint_id!r}")
+    return loss_history(ckpt.metrics)
 
 
 def from_pretrained_snippet(uri: str) -> str:
