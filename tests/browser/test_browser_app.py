@@ -209,6 +209,18 @@ def test_tree_page_shows_nodes_first_error_and_image(stocked):
     assert re.search(rf'class="node first-error" id="node-{node}"', html)
     assert f"first error at step {step}" in html
     assert "correct rollouts" in html and "incorrect rollouts" in html
+    # Each node says what its MC value is computed from, in figures that agree with it.
+    with get_engine(settings).connect() as conn:
+        estimated = conn.execute(sa.text(
+            "SELECT node_index, mc_value FROM step_nodes WHERE tree_id = :t AND num_correct + num_incorrect > 0"
+            " ORDER BY node_index"), {"t": tree.tree_id}).all()
+        num_rollouts = conn.execute(sa.text(
+            "SELECT (config -> 'search' ->> 'num_rollouts')::int FROM annotation_runs WHERE run_id = 'run-a'")).scalar_one()
+    bases = re.findall(r'<div class="muted mc-basis">MC: (.*?)</div>', html)
+    assert len(bases) == tree.num_nodes
+    for index, mc in estimated:
+        assert bases[index].startswith(f"{round(mc * num_rollouts)} of {num_rollouts} sampled continuations"), bases[index]
+    assert any(b.startswith("not estimated: these steps come from a correct rollout") for b in bases)
     image = client.get(f"{PREFIX}/problems/{tree.problem_id}/image")
     assert image.content == open_store(settings).get_bytes(tree.image_key)
 
