@@ -326,24 +326,38 @@ def stack_up(
                                                     "written to the passwords file)")] = None,
     toy_seeds: Annotated[bool, typer.Option(help="generate and ingest the toy world's train and test "
                                             "seeds")] = True,
+    user: Annotated[Optional[list[str]], typer.Option(
+        "--user", help="another user as NAME:ROLE (repeatable); ROLE viewer (reads everything, cannot trigger), "
+                       "user (also triggers and clears runs), op (also connections, pools, variables) or admin. "
+                       "Its password is generated and printed once, or read from --passwords-file")] = None,
+    passwords_file: Annotated[Optional[Path], typer.Option(
+        exists=True, dir_okay=False, help="JSON object {name: password} for the --user users it names")] = None,
 ) -> None:
     """Bring the local stack up: the step index (created, migrated), the toy seeds ingested, the
     Airflow services with the platform's DAGs (the nightly refresh paused); Ctrl-C stops it."""
     from sqlalchemy.engine import make_url
 
-    from .airflow_stack import local_stack, serve
+    from .airflow_stack import local_stack, parse_users, serve
 
+    given = json.loads(passwords_file.read_text()) if passwords_file else {}
+    try:
+        users = parse_users(user or [], given)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
     settings = _settings()
     step_index = make_url(settings.database_url)
     metadata_url = metadata_url or step_index.set(database=f"{step_index.database}_airflow").render_as_string(
         hide_password=False)
     stack = local_stack(settings, home=home or settings.home / "airflow-stack", metadata_url=metadata_url,
-                        port=port, password=password, toy_seeds=(24, 16) if toy_seeds else None)
+                        port=port, password=password, toy_seeds=(24, 16) if toy_seeds else None, users=users)
     def say(line: str) -> None:  # paths and URLs whole on one line, for copying
         console.print(line, soft_wrap=True, highlight=False, markup=False)
 
     say(f"step index {step_index.render_as_string(hide_password=True)} at the latest schema"
         + (f"; toy seeds ingested from {settings.allowed_seed_roots[0] / 'toy'}" if toy_seeds else ""))
+    for name, (role, secret) in users.items():
+        # Shown once: it is kept only in the stack's passwords file (mode 0600).
+        say(f"user {name} ({role}): " + (f"password from {passwords_file}" if name in given else f"password {secret}"))
     raise typer.Exit(serve(stack, out=say))
 
 
