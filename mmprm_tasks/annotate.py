@@ -405,6 +405,11 @@ def annotate_chunk(settings: Settings, run_id: str, chunk_index: int, *, worker:
                                          settings.search, settings.seed):
                     writer.submit(result)
                     progress.advance(1, rollouts=result.stats["rollouts"])
+                # Nothing left to claim: problems of this chunk that other workers took are theirs,
+                # so the attempt's total is what it did (and the count it left to them is shown).
+                if progress.total and progress.total > progress.completed:
+                    progress.advance(0, **{"taken by other workers": progress.total - progress.completed})
+                    progress.reached(progress.completed, total=progress.completed)
         writer.close()
     except BaseException as exc:
         # Clean-up may fail on the same outage: its failures are logged in one line and the first

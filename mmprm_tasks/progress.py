@@ -78,7 +78,7 @@ class StageProgress:
                 self.total = total
                 if self._display is not None:
                     self._display.update(self._task, total=total)
-            self._show(final=False)
+            self._show(final=None)
 
     def advance(self, n: int = 1, **values: Any) -> None:
         """``n`` more units done; counters named at creation are added to, other values shown."""
@@ -89,11 +89,11 @@ class StageProgress:
                     self.counters[name] += value
                 else:
                     self.figures[name] = f"{value:.4f}" if isinstance(value, float) else str(value)
-            self._show(final=False)
+            self._show(final=None)
 
-    def close(self) -> None:
+    def close(self, outcome: str = "done") -> None:
         with self._lock:
-            self._show(final=True)
+            self._show(final=outcome)
 
     def detail(self) -> str:
         """The rates and figures: ``41.3 rollouts/s, loss 0.6931``."""
@@ -118,14 +118,15 @@ class StageProgress:
         parts.append(f"elapsed {format_duration(elapsed)}")
         return ", ".join(parts)
 
-    def _show(self, final: bool) -> None:
+    def _show(self, final: str | None) -> None:
+        """``final``: the last line's outcome (``done``, or what stopped the work)."""
         if self._display is not None:
             self._display.update(self._task, completed=self.completed, detail=self.detail())
             return
         now = time.monotonic()
         if final or now - self._last_line >= self._interval_s:
             self._last_line = now
-            log.info("%s%s", self.line(), " (done)" if final else "")
+            log.info("%s%s", self.line(), f" ({final})" if final else "")
 
 
 @contextmanager
@@ -134,8 +135,10 @@ def track(description: str, total: int | None, unit: str, *, rates: tuple[str, .
     progress = StageProgress(description, total, unit, rates=rates, display=_display.get())
     try:
         yield progress
-    finally:
-        progress.close()
+    except BaseException as exc:
+        progress.close(f"stopped by {type(exc).__name__}")
+        raise
+    progress.close()
 
 
 @contextmanager

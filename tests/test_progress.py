@@ -76,3 +76,15 @@ def test_log_lines_are_spaced_by_the_interval(caplog):
         progress.close()
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 1 and lines[0].startswith("PRM training: 50/100 steps (50%)") and lines[0].endswith("(done)")
+
+
+def test_work_that_fails_says_it_stopped_not_done(caplog):
+    with caplog.at_level(logging.INFO, logger="mmprm_tasks.progress"):
+        try:
+            with track("candidates sampled", 8, "candidates") as progress:
+                progress.advance(4)
+                raise TimeoutError("policy server gone")
+        except TimeoutError:
+            pass
+    assert caplog.records[-1].getMessage().endswith("(stopped by TimeoutError)")
+    assert "(done)" not in caplog.text
