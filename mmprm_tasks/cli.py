@@ -411,8 +411,10 @@ def demo(
     from .demo import run_demo
     from .evaluate import render_first_error_table, render_table
 
-    result = run_demo(home, n_train=train_problems, n_test=test_problems, seed=seed,
-                      log=lambda msg: console.print(f"[bold cyan]{msg}"))
+    # The DAGs' tasks run in this thread (dag.test), so their stages draw progress bars here.
+    with progress_display(console):
+        result = run_demo(home, n_train=train_problems, n_test=test_problems, seed=seed,
+                          log=lambda msg: console.print(f"[bold cyan]{msg}"))
     s = result.summary
     table = Table(title="MM-PRM embedded run")
     table.add_column("what")
