@@ -5,8 +5,8 @@ A stage opens :func:`track` and advances it; where it is shown is the caller's c
 
 * under :func:`progress_display` (the CLI) a rich progress bar with done/total, the rate, the
   stage's own figures and the time left;
-* elsewhere (Airflow tasks, the embedded demo's tasks) one log line every
-  ``MMPRM_PROGRESS_LOG_INTERVAL_S`` seconds (default 30) and one at the end, at INFO, so a task
+* elsewhere (Airflow tasks) one log line every ``progress_log_interval_s`` seconds
+  (``MMPRM_PROGRESS_LOG_INTERVAL_S``, default 30) and one at the end, at INFO, so a task
   log says how far a long task is: ``annotation: 12/64 problems (19%), 0.2 problems/s, 41.3
   rollouts/s, ETA 4m20s``.
 """
@@ -14,7 +14,6 @@ A stage opens :func:`track` and advances it; where it is shown is the caller's c
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -27,12 +26,13 @@ log = logging.getLogger(__name__)
 # The rich Progress a CLI command shows bars on; None: log lines.
 _display: ContextVar[Any] = ContextVar("mmprm_progress_display", default=None)
 
-DEFAULT_LOG_INTERVAL_S = 30.0
 
 
 def log_interval_s() -> float:
-    """Seconds between two progress lines of one piece of work in a log."""
-    return float(os.environ.get("MMPRM_PROGRESS_LOG_INTERVAL_S", DEFAULT_LOG_INTERVAL_S))
+    """Seconds between two progress lines of one piece of work in a log (the setting)."""
+    from .settings import get_settings
+
+    return get_settings().progress_log_interval_s
 
 
 def format_duration(seconds: float) -> str:

@@ -242,6 +242,9 @@ class Settings(BaseSettings):
     # less one, shared by the stage's torch processes (threads.default_torch_threads). torch's own
     # default (every core) made a shared box 6-17x slower (issue 26).
     torch_threads: int | None = Field(None, ge=1)
+    # Seconds between two progress lines of a long stage in a log (Airflow task logs); the CLI
+    # draws rich progress bars instead (progress.py).
+    progress_log_interval_s: float = Field(30.0, ge=0)
 
     store: StoreConfig = Field(default_factory=StoreConfig)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)

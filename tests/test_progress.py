@@ -8,6 +8,7 @@ import io
 import logging
 import re
 
+import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -54,8 +55,18 @@ def test_the_cli_shows_progress_bars_for_annotation_training_and_evaluation(cli_
     assert re.search(r"candidates scored \(\w+\) \(candidates\) \S+ 8/8", shown), shown
 
 
-def test_without_a_display_progress_is_logged_one_line_at_a_time(caplog, monkeypatch):
+@pytest.fixture
+def log_every_line(monkeypatch):
+    """The interval setting at 0 for this test only (get_settings() is cached)."""
+    from mmprm_tasks.settings import get_settings
+
     monkeypatch.setenv("MMPRM_PROGRESS_LOG_INTERVAL_S", "0")
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+
+
+def test_without_a_display_progress_is_logged_one_line_at_a_time(caplog, log_every_line):
     with caplog.at_level(logging.INFO, logger="mmprm_tasks.progress"):
         with track("annotation of r chunk 0", 4, "problems", rates=("rollouts",)) as progress:
             progress.advance(1, rollouts=16)
