@@ -45,7 +45,7 @@ from mmprm_tasks.threads import cores_available, default_torch_threads  # noqa: 
 
 # The variables that would pin torch's thread count from outside: the "torch default" runs must
 # not inherit them (the tests export OMP_NUM_THREADS=1).
-_PINNING_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS",
+PINNING_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS",
                 "MMPRM_TORCH_THREADS")
 
 
@@ -91,7 +91,7 @@ def work(problems: int, threads: int | None, max_steps: int, seed: int) -> dict[
 
 def measure(args: argparse.Namespace, threads: int | None) -> dict[str, Any]:
     """:func:`work` in a fresh process; ``threads`` None: torch's default."""
-    env = {k: v for k, v in os.environ.items() if k not in _PINNING_ENV}
+    env = {k: v for k, v in os.environ.items() if k not in PINNING_ENV}
     command = [sys.executable, __file__, "--worker", "--problems", str(args.problems), "--seed", str(args.seed),
                "--max-steps", str(args.max_steps), "--threads", str(threads or 0)]
     load_start = os.getloadavg()[0]
