@@ -17,6 +17,7 @@ from mmprm_wiring.assets import SEEDS
 
 @dag(
     dag_id="mmprm_annotate",
+    description="Reads the seed problems, grows OmegaPRM trees in chunks on the policy (the mmprm_trees asset); next: mmprm_dataset.",
     schedule=[SEEDS],
     start_date=pendulum.datetime(2025, 1, 1, tz="UTC"),
     catchup=False,

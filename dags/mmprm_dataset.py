@@ -16,6 +16,7 @@ from mmprm_wiring.assets import TREES
 
 @dag(
     dag_id="mmprm_dataset",
+    description="Reads the annotated trees, makes training paths and a PRM dataset version (the mmprm_prm_dataset asset); next: mmprm_train.",
     schedule=[TREES],
     start_date=pendulum.datetime(2025, 1, 1, tz="UTC"),
     catchup=False,

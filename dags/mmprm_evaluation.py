@@ -12,6 +12,7 @@ from mmprm_wiring.assets import CHECKPOINT
 
 @dag(
     dag_id="mmprm_evaluate",
+    description="Reads a PRM checkpoint, samples and scores Best-of-N candidates on the evaluation split (the mmprm_bon_report asset); the last stage.",
     schedule=[CHECKPOINT],
     start_date=pendulum.datetime(2025, 1, 1, tz="UTC"),
     catchup=False,

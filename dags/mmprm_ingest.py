@@ -15,6 +15,7 @@ from mmprm_wiring import tasks as T
 
 @dag(
     dag_id="mmprm_ingest",
+    description="Start here: reads a seed file (and the evaluation split's file) from the seed roots, indexes the seed problems (the mmprm_seeds asset); next: mmprm_annotate.",
     schedule=None,
     start_date=pendulum.datetime(2025, 1, 1, tz="UTC"),
     catchup=False,

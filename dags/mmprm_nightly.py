@@ -13,6 +13,7 @@ from mmprm_wiring import tasks as T
 
 @dag(
     dag_id="mmprm_nightly_refresh",
+    description="Daily: reads the seed problems, annotates only new ones and those annotated by an older policy or config (the mmprm_trees asset); next: mmprm_dataset.",
     schedule="@daily",
     start_date=pendulum.datetime(2025, 1, 1, tz="UTC"),
     catchup=False,

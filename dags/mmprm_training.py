@@ -12,6 +12,7 @@ from mmprm_wiring.assets import DATASET
 
 @dag(
     dag_id="mmprm_train",
+    description="Reads a dataset version, trains a PRM checkpoint (the mmprm_prm_checkpoint asset); next: mmprm_evaluate.",
     schedule=[DATASET],
     start_date=pendulum.datetime(2025, 1, 1, tz="UTC"),
     catchup=False,

@@ -600,8 +600,32 @@ class AirflowStack:
         return "\n".join(parts)
 
 
+# The simple auth manager's roles, each with the rights of the one before and more.
+ROLES = {
+    "viewer": "reads DAGs, DAG runs, task logs, assets and the annotation browser; cannot trigger",
+    "user": "a viewer who may also trigger, clear and mark DAG runs and task instances",
+    "op": "a user who may also edit connections, pools and variables",
+    "admin": "everything, including the configuration",
+}
+
+
+def parse_users(specs: Iterable[str], passwords: dict[str, str] | None = None) -> dict[str, tuple[str, str]]:
+    """``NAME:ROLE`` specs -> name -> (role, password): the password from ``passwords`` (a file the
+    operator keeps) when it names the user, else a generated one."""
+    users: dict[str, tuple[str, str]] = {}
+    for spec in specs:
+        name, sep, role = spec.partition(":")
+        if not sep or not name or role not in ROLES:
+            raise ValueError(f"--user {spec!r}: expected NAME:ROLE with ROLE one of {', '.join(ROLES)}")
+        if name in users or name == "admin":
+            raise ValueError(f"--user {spec!r}: user {name!r} is given twice (admin always exists)")
+        users[name] = (role, (passwords or {}).get(name) or secrets.token_urlsafe(12))
+    return users
+
+
 def local_stack(settings: Any, *, home: Path, metadata_url: str, port: int = 0, password: str | None = None,
-                toy_seeds: tuple[int, int] | None = (24, 16)) -> AirflowStack:
+                toy_seeds: tuple[int, int] | None = (24, 16),
+                users: dict[str, tuple[str, str]] | None = None) -> AirflowStack:
     """Everything a local stack needs before its services start (``mmprm stack up``): the step
     index's database (created when missing) at the latest schema, the toy world's train and test
     seeds ingested (``toy_seeds``: how many of each; None: none), and the Airflow metadata
@@ -619,7 +643,7 @@ def local_stack(settings: Any, *, home: Path, metadata_url: str, port: int = 0, 
         pipeline.ingest_stage(settings, str(seeds["train"]), str(seeds["test"]))
     ensure_database(metadata_url)
     return AirflowStack(home=home, metadata_url=metadata_url, api_port=port,
-                        users={"admin": ("admin", password or secrets.token_urlsafe(12))})
+                        users={"admin": ("admin", password or secrets.token_urlsafe(12)), **(users or {})})
 
 
 def serve(stack: AirflowStack, workers: Iterable[str] = (), out=print) -> int:
@@ -639,7 +663,7 @@ def serve(stack: AirflowStack, workers: Iterable[str] = (), out=print) -> int:
             stack.start_celery_worker(f"worker-{i}-{queues.replace(',', '-')}", queues.split(","), concurrency=2)
         out(f"Airflow is up: {stack.api_url} (user admin, password in {stack.passwords_file});"
             f" service logs in {stack.logs_dir}")
-        out("Ctrl-C stops every service.")
+        out(f"Ctrl-C stops {_services_named(stack)} and their task processes.")
         while not stopping:
             dead = [s for s in stack.services.values() if not s.alive()]
             if dead:
@@ -648,7 +672,16 @@ def serve(stack: AirflowStack, workers: Iterable[str] = (), out=print) -> int:
             time.sleep(1)
         return 0
     finally:
+        # Stopping takes a while (each service shuts its children down in order): say what.
+        started = time.monotonic()
+        out(f"stopping {_services_named(stack)} and their task processes ...")
         stack.stop()
+        out(f"stopped in {time.monotonic() - started:.0f} s; the step index, the objects and the Airflow metadata "
+            "database are kept")
+
+
+def _services_named(stack: AirflowStack) -> str:
+    return "the Airflow services (" + ", ".join(stack.services) + ")"
 
 
 def main(argv: list[str] | None = None) -> int:

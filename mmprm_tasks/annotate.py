@@ -24,6 +24,7 @@ import sqlalchemy as sa
 from .db import get_engine, require_schema
 from .failures import best_effort
 from .policy import GenerationRequest, PolicyBackend, load_policy
+from .progress import StageProgress, track
 from .runs import (attempt_owner, claim_problems, config_hash, end_attempt, finish_chunks, hold_leases, mark_done,
                    reclaim_dead_attempts, release_leases, renew_leases)
 from .search import SearchProblem, SearchResult, is_rollout_engine, run_search
@@ -290,6 +291,13 @@ def _load_problem(conn: sa.Connection, store: ObjectStore, problem_id: str) -> S
                          image=store.get_bytes(row.image_key), image_path=row.image_path or store.uri(row.image_key))
 
 
+def _open_problems(engine: sa.Engine, run_id: str, chunk_index: int) -> int:
+    """Problems of the chunk not done yet: the work an attempt starts with (it may steal more)."""
+    with engine.connect() as conn:
+        return conn.execute(sa.text("SELECT count(*) FROM chunk_problems WHERE run_id = :r AND chunk_index = :c"
+                                    " AND status <> 'done'"), {"r": run_id, "c": chunk_index}).scalar_one()
+
+
 def _check_run_config(engine: sa.Engine, settings: Settings, run_id: str) -> str:
     chash = config_hash(settings)
     with engine.connect() as conn:
@@ -371,7 +379,7 @@ def annotate_chunk(settings: Settings, run_id: str, chunk_index: int, *, worker:
     first = claim_problems(settings, run_id, chunk_index, owner, limit=1, steal=steal)
     counting: CountingPolicy | CountingEngine | None = None
 
-    def problems() -> Iterator[SearchProblem]:
+    def problems(progress: StageProgress) -> Iterator[SearchProblem]:
         # Claimed lazily, one at a time, so a fast worker keeps taking work while peers are busy.
         claimed = first
         while True:
@@ -380,6 +388,7 @@ def annotate_chunk(settings: Settings, run_id: str, chunk_index: int, *, worker:
             problem_id, from_chunk = claimed[0]
             if from_chunk != chunk_index:
                 stolen.append(problem_id)
+                progress.add_total(1)
             with engine.connect() as conn:
                 problem = _load_problem(conn, store, problem_id)
             yield problem  # outside the connection: the search may hold this generator for long
@@ -390,9 +399,17 @@ def annotate_chunk(settings: Settings, run_id: str, chunk_index: int, *, worker:
     try:
         if first:
             counting = counted(policy or warm_policy(settings))
-            for result in run_search(problems(), counting, verifier or warm_verifier(settings), settings.search,
-                                     settings.seed):
-                writer.submit(result)
+            with track(f"annotation of {run_id} chunk {chunk_index}", _open_problems(engine, run_id, chunk_index),
+                       "problems", rates=("rollouts",)) as progress:
+                for result in run_search(problems(progress), counting, verifier or warm_verifier(settings),
+                                         settings.search, settings.seed):
+                    writer.submit(result)
+                    progress.advance(1, rollouts=result.stats["rollouts"])
+                # Nothing left to claim: problems of this chunk that other workers took are theirs,
+                # so the attempt's total is what it did (and the count it left to them is shown).
+                if progress.total and progress.total > progress.completed:
+                    progress.advance(0, **{"taken by other workers": progress.total - progress.completed})
+                    progress.reached(progress.completed, total=progress.completed)
         writer.close()
     except BaseException as exc:
         # Clean-up may fail on the same outage: its failures are logged in one line and the first

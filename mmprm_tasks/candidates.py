@@ -44,6 +44,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from .seeds import Rejection
 from .storage import ObjectStore
+from .threads import apply_torch_threads
 
 PRM_SCORER = "prm"
 BASE_LIKELIHOOD_SCORER = "base-model likelihood"
@@ -370,6 +371,7 @@ def score_file(settings: Any, source: str, checkpoint: str, out: Path | None = N
     kind, problems, rejected = read_candidates(text, scorer=name)
     local = not source.startswith(("s3://", "file://"))
     root = image_root or (Path(source).resolve().parent if local else None)
+    apply_torch_threads(settings.torch_threads, "scorer")
     scorer = PRMScorer(resolve_checkpoint(settings, checkpoint), batch_size=settings.eval.prm_batch_size)
     scored = score_problems(scorer, problems, name, image_reader(settings, root))
     if out is None:

@@ -10,10 +10,10 @@ import typer
 import typer.core
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from .demo import DEMO_TRAIN_PROBLEMS
+from .progress import progress_display, track
 from .settings import Settings, get_settings
 
 class _ReportsFailures(typer.core.TyperGroup):
@@ -56,11 +56,6 @@ console = Console()
 
 def _settings(overrides: dict | None = None) -> Settings:
     return get_settings().with_overrides(overrides)
-
-
-def _progress() -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), console=console)
 
 
 @db_app.command("upgrade")
@@ -106,10 +101,8 @@ def ingest(
     from .seeds import ingest_file
 
     settings = _settings({"image_root": str(image_root) if image_root else None})
-    with _progress() as progress:
-        task = progress.add_task(f"ingest {seed_file.name}", total=None)
-        report = ingest_file(seed_file, settings,
-                             progress=lambda done, total: progress.update(task, completed=done, total=total))
+    with progress_display(console), track(f"ingest {seed_file.name}", None, "records") as progress:
+        report = ingest_file(seed_file, settings, progress=progress.reached)
     summary = Table(title=f"ingest {seed_file}")
     for col in ["records", "inserted", "unchanged", "rejected", "images stored"]:
         summary.add_column(col, justify="right")
@@ -162,10 +155,11 @@ def annotate(
     if (chunk is None) == (not all_chunks):
         raise typer.BadParameter("give exactly one of --chunk ID or --all")
     settings = _settings()
-    if all_chunks:
-        stats = annotate_chunk(settings, run_id, 0, worker=f"{run_id}/cli-all")
-    else:
-        stats = annotate_chunk(settings, run_id, chunk)
+    with progress_display(console):
+        if all_chunks:
+            stats = annotate_chunk(settings, run_id, 0, worker=f"{run_id}/cli-all")
+        else:
+            stats = annotate_chunk(settings, run_id, chunk)
     console.print_json(data=stats)
     progress = run_progress(settings, run_id)
     console.print(f"progress {json.dumps(progress)}")
@@ -188,10 +182,8 @@ def import_trees_cmd(
     """Load trees from the original release's pipeline (SPEC §4 records) into the step index."""
     from .tree_index import import_trees
 
-    with _progress() as bar:
-        task = bar.add_task("trees imported", total=None)
-        report = import_trees(_settings(), source, run_id, policy_model=policy_model,
-                              progress=lambda n: bar.advance(task, n))
+    with progress_display(console), track("import", None, "trees") as progress:
+        report = import_trees(_settings(), source, run_id, policy_model=policy_model, progress=progress.advance)
     console.print(f"run {run_id}: {report.trees} trees, {report.nodes} step nodes in {report.seconds:.1f} s "
                   f"({report.nodes_per_second:,.0f} nodes/s)")
     for rejected in report.rejected:
@@ -243,7 +235,8 @@ def train(
     """Train a PRM on a dataset; the checkpoint is uploaded and registered."""
     from .pipeline import train_stage
 
-    result = train_stage(_settings({"train.label_mode": label_mode, "train.max_steps": max_steps}), dataset_id)
+    with progress_display(console):
+        result = train_stage(_settings({"train.label_mode": label_mode, "train.max_steps": max_steps}), dataset_id)
     console.print_json(data=result)
 
 
@@ -259,7 +252,8 @@ def evaluate(
     from .storage import open_uri
 
     settings = _settings()
-    result = evaluate_stage(settings, checkpoint_id, split=split, limit=limit)
+    with progress_display(console):
+        result = evaluate_stage(settings, checkpoint_id, split=split, limit=limit)
     store, key = open_uri(result["report_uri"], settings)
     console.print(render_table(store.get_json(key)))
     console.print_json(data=result)
@@ -349,24 +343,38 @@ def stack_up(
                                                     "written to the passwords file)")] = None,
     toy_seeds: Annotated[bool, typer.Option(help="generate and ingest the toy world's train and test "
                                             "seeds")] = True,
+    user: Annotated[Optional[list[str]], typer.Option(
+        "--user", help="another user as NAME:ROLE (repeatable); ROLE viewer (reads everything, cannot trigger), "
+                       "user (also triggers and clears runs), op (also connections, pools, variables) or admin. "
+                       "Its password is generated and printed once, or read from --passwords-file")] = None,
+    passwords_file: Annotated[Optional[Path], typer.Option(
+        exists=True, dir_okay=False, help="JSON object {name: password} for the --user users it names")] = None,
 ) -> None:
     """Bring the local stack up: the step index (created, migrated), the toy seeds ingested, the
     Airflow services with the platform's DAGs (the nightly refresh paused); Ctrl-C stops it."""
     from sqlalchemy.engine import make_url
 
-    from .airflow_stack import local_stack, serve
+    from .airflow_stack import local_stack, parse_users, serve
 
+    given = json.loads(passwords_file.read_text()) if passwords_file else {}
+    try:
+        users = parse_users(user or [], given)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
     settings = _settings()
     step_index = make_url(settings.database_url)
     metadata_url = metadata_url or step_index.set(database=f"{step_index.database}_airflow").render_as_string(
         hide_password=False)
     stack = local_stack(settings, home=home or settings.home / "airflow-stack", metadata_url=metadata_url,
-                        port=port, password=password, toy_seeds=(24, 16) if toy_seeds else None)
+                        port=port, password=password, toy_seeds=(24, 16) if toy_seeds else None, users=users)
     def say(line: str) -> None:  # paths and URLs whole on one line, for copying
         console.print(line, soft_wrap=True, highlight=False, markup=False)
 
     say(f"step index {step_index.render_as_string(hide_password=True)} at the latest schema"
         + (f"; toy seeds ingested from {settings.allowed_seed_roots[0] / 'toy'}" if toy_seeds else ""))
+    for name, (role, secret) in users.items():
+        # Shown once: it is kept only in the stack's passwords file (mode 0600).
+        say(f"user {name} ({role}): " + (f"password from {passwords_file}" if name in given else f"password {secret}"))
     raise typer.Exit(serve(stack, out=say))
 
 
@@ -430,8 +438,10 @@ def demo(
     from .demo import run_demo
     from .evaluate import render_first_error_table, render_table
 
-    result = run_demo(home, n_train=train_problems, n_test=test_problems, seed=seed,
-                      log=lambda msg: console.print(f"[bold cyan]{msg}"))
+    # The DAGs' tasks run in this thread (dag.test), so their stages draw progress bars here.
+    with progress_display(console):
+        result = run_demo(home, n_train=train_problems, n_test=test_problems, seed=seed,
+                          log=lambda msg: console.print(f"[bold cyan]{msg}"))
     s = result.summary
     table = Table(title="MM-PRM embedded run")
     table.add_column("what")

@@ -45,6 +45,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .progress import track
+
 EPSILON = 1e-9
 DEFAULT_KS = (2, 4, 8, 16)
 
@@ -388,48 +390,56 @@ def sample_candidates(
     configured for answers the rules cannot read), since Best-of-N accuracy over candidates of
     unknown correctness would be a guess.
     """
+    out: list[list[dict[str, Any]]] = []
+    with track("candidates sampled", len(problems) * n, "candidates", rates=("problems",)) as progress:
+        for b, start in enumerate(range(0, len(problems), batch_size)):
+            chunk = problems[start : start + batch_size]
+            out.extend(_sample_batch(chunk, start, policy, verifier, n, seed + b))
+            progress.advance(n * len(chunk), problems=len(chunk))
+    return out
+
+
+def _sample_batch(chunk: Sequence[Any], start: int, policy: Any, verifier: Any, n: int, seed: int
+                  ) -> list[list[dict[str, Any]]]:
+    """:func:`sample_candidates` for the problems ``chunk`` (from index ``start``), one seed."""
     from mmprm_tasks.policy import GenerationRequest
 
-    out: list[list[dict[str, Any]]] = []
-    for b, start in enumerate(range(0, len(problems), batch_size)):
-        chunk = problems[start : start + batch_size]
-        requests = [
-            GenerationRequest(
-                question=_field(p, "question"), image=_field(p, "image"), prefix_steps=(), n=n
-            )
-            for p in chunk
-        ]
-        rollouts = policy.generate(requests, seed=seed + b)
-        if len(rollouts) != len(chunk):
-            raise RuntimeError(f"policy returned {len(rollouts)} results for {len(chunk)} requests")
-        pairs, where = [], []
-        for i, (p, rs) in enumerate(zip(chunk, rollouts, strict=True)):
-            gold = _field(p, "answer", "correct_answer")
-            for j, r in enumerate(rs):
-                if r:
-                    pairs.append((r[-1], gold))
-                    where.append((i, j))
-        verdicts = verifier.check_many(pairs) if pairs else []
-        results = [
-            [{"steps": list(r), "final_answer": r[-1] if r else None, "correct": False} for r in rs]
-            for rs in rollouts
-        ]
-        for (i, j), ok in zip(where, verdicts, strict=True):
-            if ok is None:
-                from mmprm_tasks.verify import VerificationError
+    requests = [
+        GenerationRequest(
+            question=_field(p, "question"), image=_field(p, "image"), prefix_steps=(), n=n
+        )
+        for p in chunk
+    ]
+    rollouts = policy.generate(requests, seed=seed)
+    if len(rollouts) != len(chunk):
+        raise RuntimeError(f"policy returned {len(rollouts)} results for {len(chunk)} requests")
+    pairs, where = [], []
+    for i, (p, rs) in enumerate(zip(chunk, rollouts, strict=True)):
+        gold = _field(p, "answer", "correct_answer")
+        for j, r in enumerate(rs):
+            if r:
+                pairs.append((r[-1], gold))
+                where.append((i, j))
+    verdicts = verifier.check_many(pairs) if pairs else []
+    results = [
+        [{"steps": list(r), "final_answer": r[-1] if r else None, "correct": False} for r in rs]
+        for rs in rollouts
+    ]
+    for (i, j), ok in zip(where, verdicts, strict=True):
+        if ok is None:
+            from mmprm_tasks.verify import VerificationError
 
-                try:
-                    name = _field(chunk[i], "id")
-                except KeyError:
-                    name = f"#{start + i}"
-                raise VerificationError(
-                    f"problem {name}: candidate answer {results[i][j]['final_answer']!r} cannot be "
-                    f"checked against the gold {_field(chunk[i], 'answer', 'correct_answer')!r} by the "
-                    "rules and no judge is configured (verify.judge_base_url)"
-                )
-            results[i][j]["correct"] = ok
-        out.extend(results)
-    return out
+            try:
+                name = _field(chunk[i], "id")
+            except KeyError:
+                name = f"#{start + i}"
+            raise VerificationError(
+                f"problem {name}: candidate answer {results[i][j]['final_answer']!r} cannot be "
+                f"checked against the gold {_field(chunk[i], 'answer', 'correct_answer')!r} by the "
+                "rules and no judge is configured (verify.judge_base_url)"
+            )
+        results[i][j]["correct"] = ok
+    return results
 
 
 def score_candidates(
@@ -440,10 +450,13 @@ def score_candidates(
     if len(problems) != len(candidates):
         raise ValueError("one candidate list per problem is needed")
     scored = []
-    for problem, cands in zip(problems, candidates, strict=True):
-        steps = [c["steps"] for c in cands]
-        scores = scorer.score(_field(problem, "question"), _field(problem, "image"), steps)
-        scored.append([{**c, "step_scores": list(s)} for c, s in zip(cands, scores, strict=True)])
+    with track(f"candidates scored ({getattr(scorer, 'name', type(scorer).__name__)})",
+               sum(len(c) for c in candidates), "candidates") as progress:
+        for problem, cands in zip(problems, candidates, strict=True):
+            steps = [c["steps"] for c in cands]
+            scores = scorer.score(_field(problem, "question"), _field(problem, "image"), steps)
+            scored.append([{**c, "step_scores": list(s)} for c, s in zip(cands, scores, strict=True)])
+            progress.advance(len(cands))
     return scored
 
 

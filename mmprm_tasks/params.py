@@ -130,6 +130,21 @@ def _get(settings: Settings, dotted: str) -> Any:
     return value
 
 
+# Knobs naming a seed file: the form says which folders those are (MMPRM_SEED_ROOTS).
+_SEED_FILE_PARAMS = ("seed_source", "eval_seed_source")
+
+
+def param_schemas(settings: Settings | None = None) -> dict[str, dict[str, Any]]:
+    """Each knob's JSON schema as the trigger form shows it; a seed file's description names the
+    configured seed roots, since a newcomer cannot guess them."""
+    settings = settings or get_settings()
+    roots = ", ".join(str(root) for root in settings.allowed_seed_roots)
+    schemas = {name: dict(schema) for name, (_, schema) in TRIGGER_PARAMS.items()}
+    for name in _SEED_FILE_PARAMS:
+        schemas[name]["description"] += f" Seed roots (MMPRM_SEED_ROOTS): {roots}."
+    return schemas
+
+
 def param_defaults(settings: Settings | None = None) -> dict[str, Any]:
     """Each knob's default: the current settings' value (so the UI shows what a run would use)."""
     settings = settings or get_settings()

@@ -25,6 +25,7 @@ from .policy import resolve_model_path
 from .runs import Selection, default_run_id, shard_run
 from .settings import ConfigurationError, Settings
 from .storage import ObjectStore, open_store, open_uri
+from .threads import apply_torch_threads, local_processes
 
 log = logging.getLogger(__name__)
 
@@ -353,6 +354,7 @@ def train_stage(settings: Settings, dataset_id: str | None = None) -> dict[str, 
         return {"checkpoint_id": checkpoint_id, "uri": existing.uri, "metrics": existing.metrics, "created": False}
     records = read_chat(store.get_bytes(formats["chat"]).decode())
     base_dir = resolve_model_path(settings.train.base_model, settings)
+    apply_torch_threads(settings.torch_threads, "trainer", local_processes())
     out_dir = Path(tempfile.mkdtemp(prefix="mmprm-prm-"))
     try:
         metrics = train_prm(base_dir, records, out_dir, settings.train, settings.seed,
@@ -455,6 +457,7 @@ def evaluate_stage(settings: Settings, checkpoint_id: str | None = None, *, spli
                                      "sampling": settings.sampling.model_dump(), "seed": settings.seed})
     prefix = f"reports/{evaluation_id}"
     candidates_id, candidates = candidates_stage(settings, problems)
+    apply_torch_threads(settings.torch_threads, "scorer")
     scorer = PRMScorer(resolve_model_path(ckpt.uri, settings), batch_size=settings.eval.prm_batch_size)
     scored = score_candidates(scorer, problems, candidates)
     del scorer

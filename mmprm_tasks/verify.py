@@ -130,6 +130,11 @@ def _worker_main(conn: multiprocessing.connection.Connection, rule_fn: Callable)
     """Worker loop: warm math-verify up, say ready, then answer ``(task_id, cand, gold)``."""
     import logging as _logging
 
+    from mmprm_tasks.threads import use_one_thread
+
+    # Short rule checks beside the policy's threads: more threads would only compete with them.
+    use_one_thread()
+
     # math-verify warns once that its own (signal based) timeout is off: ours is the hard one.
     _logging.getLogger("math_verify").setLevel(_logging.ERROR)
     try:

@@ -24,15 +24,20 @@ from mmprm_tasks.settings import TOY_FOUNDATION_DIR, Settings
 from mmprm_tasks.storage import open_store
 
 
+# Metrics as train_prm records them: a few scalars and the logged loss of every step.
+METRICS = {"train_loss": 0.5, "global_step": 3, "label_mode": "soft",
+           "loss_history": [{"step": 1, "loss": 0.69}, {"step": 2, "loss": 0.55}, {"step": 3, "loss": 0.41}]}
+
+
 def register_checkpoint(settings: Settings, dataset_id: str, checkpoint_id: str = "ckpt-browser",
                         uri: str = str(TOY_FOUNDATION_DIR)) -> str:
     """A checkpoint row for ``dataset_id`` whose URI is a real model folder (the shipped foundation)."""
     with get_engine(settings).begin() as conn:
         conn.execute(sa.text(
             "INSERT INTO checkpoints (checkpoint_id, dataset_id, base_model, uri, config, metrics)"
-            " VALUES (:c, :d, :b, :u, '{\"label_mode\": \"soft\"}', '{\"train_loss\": 0.5}')"
+            " VALUES (:c, :d, :b, :u, '{\"label_mode\": \"soft\"}', CAST(:m AS JSONB))"
             " ON CONFLICT (checkpoint_id) DO NOTHING"),
-            {"c": checkpoint_id, "d": dataset_id, "b": str(TOY_FOUNDATION_DIR), "u": uri})
+            {"c": checkpoint_id, "d": dataset_id, "b": str(TOY_FOUNDATION_DIR), "u": uri, "m": json.dumps(METRICS)})
     return checkpoint_id
 
 

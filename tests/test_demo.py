@@ -63,6 +63,10 @@ def test_embedded_run_end_to_end(tmp_path):
     assert "soft-label PRM" in out and "First-error step detection" in out
     assert "{'loss'" not in out and "Loading weights" not in proc.stdout + proc.stderr
     assert "where the demo stands" in out and "consensus filtering kept" in out
+    # Long stages show their progress (the DAGs' tasks run in the command's own thread).
+    for bar in ("annotation of demo-seed0-8 chunk 0 (problems)", "PRM training (steps)", "candidates sampled",
+                "candidates scored"):
+        assert bar in out, bar
 
     summary = json.loads((home / "demo-summary.json").read_text())
     s = summary["summary"]

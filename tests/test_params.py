@@ -61,3 +61,15 @@ def test_every_knob_has_a_title_and_a_description_with_its_unit_and_bounds():
     assert "Allowed: > 0 and <= 1" in TRIGGER_PARAMS["learning_rate"][1]["description"]
     assert "One of: soft, hard." in TRIGGER_PARAMS["label_mode"][1]["description"]
     assert "run_id" not in TRIGGER_PARAMS and "Airflow's Run ID" in TRIGGER_PARAMS["annotation_run_id"][1]["description"]
+
+
+def test_the_seed_file_params_name_the_configured_seed_roots(tmp_path):
+    from mmprm_tasks.params import param_schemas
+
+    roots = [tmp_path / "a", tmp_path / "b"]
+    schemas = param_schemas(Settings(home=tmp_path, seed_roots=roots))
+    for name in ("seed_source", "eval_seed_source"):
+        assert schemas[name]["description"].endswith(f"Seed roots (MMPRM_SEED_ROOTS): {roots[0]}, {roots[1]}.")
+    # None configured: the default under the home.
+    assert f"{(tmp_path / 'seeds').resolve()}." in param_schemas(Settings(home=tmp_path))["seed_source"]["description"]
+    assert "Seed roots" not in param_schemas(Settings(home=tmp_path))["num_rollouts"]["description"]

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from airflow.sdk import Param
 
-from mmprm_tasks.params import TRIGGER_PARAMS, param_defaults
+from mmprm_tasks.params import param_defaults, param_schemas
 
 
 def params(*names: str) -> dict[str, Param]:
-    defaults = param_defaults()
-    return {name: Param(defaults[name], **TRIGGER_PARAMS[name][1]) for name in names}
+    defaults, schemas = param_defaults(), param_schemas()
+    return {name: Param(defaults[name], **schemas[name]) for name in names}
 
 
 ANNOTATION = ("policy_backend", "policy_model", "policy_connection", "judge_connection", "num_rollouts", "max_search_count",

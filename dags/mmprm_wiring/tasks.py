@@ -7,6 +7,7 @@ counts and object URIs go through XCom.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -21,6 +22,10 @@ from mmprm_tasks.settings import ConfigurationError, get_settings
 from .assets import CHECKPOINT, DATASET, REPORT, SEEDS, TREES
 
 _ORCH = get_settings().orchestration
+# transformers draws a tqdm "Loading weights" bar on stderr at every model load, and a task log
+# shows stderr at ERROR level: no bars in tasks, the stages log their own progress at INFO
+# (mmprm_tasks/progress.py).
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def fails_at_once_on_configuration_errors(function: Callable[..., Any]) -> Callable[..., Any]:

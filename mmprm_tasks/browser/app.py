@@ -131,6 +131,10 @@ def create_app(settings_factory=get_settings) -> FastAPI:
     def checkpoint_page(request: Request, checkpoint_id: str, user=reader):
         return _render(request, "checkpoint.html", user, **data.checkpoint_view(settings(), checkpoint_id))
 
+    @app.get("/checkpoints/{checkpoint_id}/loss.png")
+    def checkpoint_loss_curve(checkpoint_id: str, user=reader):
+        return _png(charts.loss_curve_png(data.checkpoint_loss(settings(), checkpoint_id)))
+
     @app.get("/evaluations/{evaluation_id}", response_class=HTMLResponse)
     def evaluation_page(request: Request, evaluation_id: str, user=reader):
         return _render(request, "evaluation.html", user, **data.evaluation_view(settings(), evaluation_id))
@@ -147,14 +151,16 @@ def create_app(settings_factory=get_settings) -> FastAPI:
 
     @app.get("/dag-runs/{dag_id}/{run_id}", response_class=HTMLResponse)
     def dag_run_page(request: Request, dag_id: str, run_id: str, user=reader):
-        """The DAG run page's link: straight to what the run made (its annotation run first)."""
-        from .airflow_runs import produced
+        """The DAG run page's Annotation tab: an annotation DAG run goes straight to its annotation
+        run; any other run shows what it made (seeds ingested and rejected, dataset, checkpoint,
+        evaluation), reloading only until the DAG run has finished."""
+        from .airflow_runs import dag_run_outputs
 
-        made = produced(dag_id, run_id)
-        if made:
-            page, ident = made[0]
-            return RedirectResponse(f"{_root(request)}/{page}/{quote(ident, safe='')}", status_code=303)
-        return _render(request, "dag_run.html", user, dag_id=dag_id, run_id=run_id, made=made)
+        outputs = dag_run_outputs(dag_id, run_id)
+        annotation_runs = [ident for page, ident in outputs.made if page == "runs"]
+        if annotation_runs:
+            return RedirectResponse(f"{_root(request)}/runs/{quote(annotation_runs[0], safe='')}", status_code=303)
+        return _render(request, "dag_run.html", user, dag_id=dag_id, run_id=run_id, outputs=outputs)
 
     return app
 

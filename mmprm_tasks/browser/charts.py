@@ -4,30 +4,44 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
+from typing import Any
 
 
-def bar_chart(labels: Sequence[str], values: Sequence[float], *, title: str, xlabel: str, ylabel: str,
-              color: str = "tab:blue") -> bytes:
+def _axes() -> tuple[Any, Any]:
+    """A figure of the browser's chart size and its one axes."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6.0, 3.2), dpi=100)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
+    return fig, fig.add_subplot(1, 1, 1)
+
+
+def _finish(fig: Any, ax: Any, *, title: str, xlabel: str, ylabel: str, grid_axis: str = "both") -> bytes:
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, axis=grid_axis, alpha=0.3)
+    fig.tight_layout()
+    out = io.BytesIO()
+    fig.savefig(out, format="png")
+    return out.getvalue()
+
+
+def _nothing(ax: Any, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes)
+
+
+def bar_chart(labels: Sequence[str], values: Sequence[float], *, title: str, xlabel: str, ylabel: str,
+              color: str = "tab:blue") -> bytes:
+    fig, ax = _axes()
     if labels:
         ax.bar(range(len(labels)), values, color=color)
         ax.set_xticks(range(len(labels)))
         ax.set_xticklabels(labels, rotation=45 if len(labels) > 8 else 0, fontsize=8)
     else:
-        ax.text(0.5, 0.5, "nothing annotated yet", ha="center", va="center", transform=ax.transAxes)
-    ax.set_title(title, fontsize=10)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(True, axis="y", alpha=0.3)
-    fig.tight_layout()
-    out = io.BytesIO()
-    fig.savefig(out, format="png")
-    return out.getvalue()
+        _nothing(ax, "nothing annotated yet")
+    return _finish(fig, ax, title=title, xlabel=xlabel, ylabel=ylabel, grid_axis="y")
 
 
 def mc_histogram_png(histogram: dict[str, int]) -> bytes:
@@ -48,3 +62,14 @@ def first_error_png(positions: Sequence[tuple[int, int]]) -> bytes:
     return bar_chart([str(s) for s in range(last + 1)], [counts.get(s, 0) for s in range(last + 1)],
                      title="First-error positions", xlabel="step (0-based)", ylabel="first errors",
                      color="tab:red")
+
+
+def loss_curve_png(history: Sequence[tuple[int, float]]) -> bytes:
+    """The training loss against the optimizer step, as the checkpoint's metrics logged it."""
+    fig, ax = _axes()
+    if history:
+        ax.plot([step for step, _ in history], [loss for _, loss in history],
+                marker="o" if len(history) < 40 else None, color="tab:blue")
+    else:
+        _nothing(ax, "no loss logged")
+    return _finish(fig, ax, title="PRM training loss", xlabel="step", ylabel="loss")

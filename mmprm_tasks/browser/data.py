@@ -157,6 +157,9 @@ def tree_view(settings: Settings, run_id: str, problem_id: str) -> dict[str, Any
             "SELECT node_index, parent_index, depth, prefix_len, steps, mc_value, visit_count, num_correct,"
             " num_incorrect, is_first_error FROM step_nodes WHERE tree_id = :t ORDER BY node_index"),
             {"t": tree.tree_id}).all()
+        # The search settings the run's MC values were estimated with (the run's own config).
+        search = conn.execute(sa.text("SELECT config -> 'search' FROM annotation_runs WHERE run_id = :r"),
+                              {"r": run_id}).scalar_one_or_none() or {}
     try:
         record = open_store(settings).get_json(tree.tree_key)
         rollouts = [(n.get("correct_rollouts") or [], n.get("incorrect_rollouts") or []) for n in _walk(record)]
@@ -166,6 +169,8 @@ def tree_view(settings: Settings, run_id: str, problem_id: str) -> dict[str, Any
     for row in nodes:
         correct, incorrect = rollouts[row.node_index] if row.node_index < len(rollouts) else ([], [])
         view_nodes.append({
+            "mc_basis": mc_basis(row.mc_value, row.num_correct + row.num_incorrect, search.get("num_rollouts"),
+                                 search.get("rollout_budget")),
             "index": row.node_index, "parent": row.parent_index, "depth": row.depth,
             "first_step": row.prefix_len, "steps": list(row.steps), "mc": row.mc_value,
             "visits": row.visit_count, "num_correct": row.num_correct, "num_incorrect": row.num_incorrect,
@@ -174,6 +179,26 @@ def tree_view(settings: Settings, run_id: str, problem_id: str) -> dict[str, Any
     first_errors = [n for n in view_nodes if n["first_error"]]
     return {"problem": problem, "tree": tree, "nodes": view_nodes, "first_errors": first_errors,
             "tree_object_missing": record is None}
+
+
+def mc_basis(mc: float, distinct_rollouts: int, num_rollouts: int | None, rollout_budget: int | None) -> str:
+    """What a node's MC value is computed from, in words, so it visibly agrees with the rollout
+    counts beside it: one estimate of ``num_rollouts`` sampled continuations of the node's prefix
+    (fewer when the problem's rollout budget ran short), of which the share whose answer was
+    right; the counts shown are distinct rollouts (a repeated sample counts in MC, is kept once)."""
+    if distinct_rollouts == 0:
+        return ("not estimated: these steps come from a correct rollout of the parent, "
+                "so every continuation from here reached the right answer (MC 1 by construction)")
+    if not num_rollouts:
+        return "share of correct answers among this node's sampled continuations"
+    correct = mc * num_rollouts
+    budget = f", rollout budget {rollout_budget} per problem" if rollout_budget else ""
+    if abs(correct - round(correct)) < 1e-6:
+        return (f"{round(correct)} of {num_rollouts} sampled continuations reached the right answer "
+                f"(num_rollouts {num_rollouts}{budget}); the counts beside it are distinct rollouts, "
+                "a repeated sample counts in MC but is listed once")
+    return (f"share of right answers among the fewer than {num_rollouts} continuations sampled here: the "
+            f"problem's rollout budget ran short, or some answers could not be verified{budget}")
 
 
 def problem_image(settings: Settings, problem_id: str) -> tuple[bytes, str]:
@@ -229,7 +254,21 @@ def checkpoint_view(settings: Settings, checkpoint_id: str) -> dict[str, Any]:
         evaluations = conn.execute(sa.text(
             "SELECT evaluation_id FROM evaluations WHERE checkpoint_id = :c ORDER BY created_at DESC"),
             {"c": checkpoint_id}).scalars().all()
-    return {"checkpoint": ckpt, "evaluations": evaluations, "snippet": from_pretrained_snippet(ckpt.uri)}
+    metrics = {k: v for k, v in (ckpt.metrics or {}).items() if k != "loss_history"}  # the history is plotted
+    return {"checkpoint": ckpt, "evaluations": evaluations, "snippet": from_pretrained_snippet(ckpt.uri),
+            "metrics": metrics, "has_loss_curve": bool(loss_history(ckpt.metrics))}
+
+
+def loss_history(metrics: dict[str, Any] | None) -> list[tuple[int, float]]:
+    """(step, loss) of every logged training step of a checkpoint's metrics."""
+    return [(int(e["step"]), float(e["loss"])) for e in (metrics or {}).get("loss_history", [])]
+
+
+def checkpoint_loss(settings: Settings, checkpoint_id: str) -> list[tuple[int, float]]:
+    with get_engine(settings).connect() as conn:
+        ckpt = _one(conn, "SELECT metrics FROM checkpoints WHERE checkpoint_id = :c", {"c": checkpoint_id},
+                    f"checkpoint {checkpoint_id!r}")
+    return loss_history(ckpt.metrics)
 
 
 def from_pretrained_snippet(uri: str) -> str:

@@ -198,6 +198,9 @@ def load_policy(settings: Settings) -> PolicyBackend:
     cfg = settings.policy
     if cfg.backend == "transformers":
         from mmprm_tasks.policy.hf import load_transformers_policy
+        from mmprm_tasks.threads import apply_torch_threads
+
+        apply_torch_threads(settings.torch_threads, "policy")
 
         return load_transformers_policy(resolve_model_path(cfg.model, settings), policy=cfg,
                                         sampling=settings.sampling, capacity=settings.search.max_sequences_in_flight)

@@ -20,6 +20,7 @@ from mmprm_tasks.prm.collator import PRMCollator, record_length
 from mmprm_tasks.prm.config import PRM_CONFIG_FILE, PRMTrainingConfig
 from mmprm_tasks.prm.loss import PRMDataError, prm_forward, prm_loss
 from mmprm_tasks.prm.tokens import PRM_TOKEN, ensure_prm_tokens
+from mmprm_tasks.progress import training_progress_callback
 from mmprm_tasks.settings import ConfigurationError, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -171,6 +172,7 @@ def train_prm(
     )
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(LossLogCallback())
+    trainer.add_callback(training_progress_callback())
     result = trainer.train()
     metrics: dict[str, Any] = dict(result.metrics)
     if eval_records is not None:

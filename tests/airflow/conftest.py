@@ -12,6 +12,7 @@ On a failing test the service logs and the task logs are printed.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -23,7 +24,7 @@ import pytest
 from mmprm_tasks.airflow_stack import AirflowStack, RedisServer, create_database, drop_database, redis_reachable
 from mmprm_tasks.settings import TOY_POLICY_DIR, Settings, StoreConfig
 
-from af_helpers import DAG_ID
+from af_helpers import ARTIFACTS, DAG_ID
 
 # Small budgets: every one is a normal setting the tasks read from the environment.
 SMALL_BUDGETS = {
@@ -42,6 +43,8 @@ SMALL_BUDGETS = {
     "MMPRM_TRAIN__MAX_STEPS": "2",
     "MMPRM_EVAL__NUM_CANDIDATES": "4",
     "MMPRM_EVAL__NS": "[1,2,4]",
+    # A progress line a second, so a task's log shows progress before its last line.
+    "MMPRM_PROGRESS_LOG_INTERVAL_S": "1",
 }
 _stacks: list[AirflowStack] = []
 
@@ -207,3 +210,19 @@ def client(stack):
         stack.wait_for_dag(client, DAG_ID)
         unpause(client)
         yield client
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    executable = shutil.which("chromium")
+    if executable is None:
+        pytest.skip("Debian's chromium is not installed (scripts/setup.sh installs it: apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    for old in ARTIFACTS.glob("*.png"):  # the folder shows this run's pages only
+        old.unlink()
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+        yield browser
+        browser.close()

@@ -41,7 +41,7 @@ def test_annotation_runs_on_the_gpu_worker_and_the_rest_on_the_default_worker(st
     ingest_directly(task_settings, toy_seeds)
     dag_run = trigger(client, {"annotation_run_id": run_id, "split": "train"})
     airflow_run = dag_run["dag_run_id"]
-    state = wait_for_run(client, airflow_run, timeout=300)
+    state = wait_for_run(client, airflow_run)
     print(f"run {airflow_run} {state} after {time.monotonic() - start:.1f}s")
     assert state == "success"
 

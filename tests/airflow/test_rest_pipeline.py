@@ -14,7 +14,7 @@ from typing import Any
 import psutil
 import pytest
 
-from af_helpers import (DAG_ID, ingest_directly, step_index_check, task_instances, trigger, unpause, wait_for,
+from af_helpers import (DAG_ID, DEADLINE_S, ingest_directly, step_index_check, task_instances, trigger, unpause, wait_for,
                         wait_for_run, xcom)
 
 pytestmark = pytest.mark.airflow_services
@@ -113,10 +113,10 @@ def test_pipeline_survives_a_killed_annotation_task(stack, client, toy_seeds, ta
     dag_run = trigger(client, {"annotation_run_id": run_id, "split": "train"})
     airflow_run = dag_run["dag_run_id"]
 
-    killed = _kill_an_annotating_task(stack, client, task_settings, airflow_run, run_id, timeout=180)
+    killed = _kill_an_annotating_task(stack, client, task_settings, airflow_run, run_id, timeout=DEADLINE_S)
     print(f"killed {killed} after {time.monotonic() - start:.1f}s")
 
-    state = wait_for_run(client, airflow_run, timeout=300)
+    state = wait_for_run(client, airflow_run)
     print(f"run {airflow_run} {state} after {time.monotonic() - start:.1f}s")
     assert state == "success"
 
@@ -154,7 +154,7 @@ def test_a_configuration_error_fails_with_one_try(stack, client, toy_seeds, task
     ingest_directly(task_settings, toy_seeds)
     conf = {"annotation_run_id": "bad-policy", "split": "train", "policy_model": "/nonexistent/policy-checkpoint"}
     dag_run = trigger(client, conf)
-    assert wait_for_run(client, dag_run["dag_run_id"], timeout=300) == "failed"
+    assert wait_for_run(client, dag_run["dag_run_id"]) == "failed"
     tis = {ti["task_id"]: ti for ti in task_instances(client, dag_run["dag_run_id"])}
     preflight = tis["preflight_annotation"]
     assert (preflight["state"], preflight["try_number"]) == ("failed", 1), preflight
@@ -183,10 +183,10 @@ def test_the_stages_follow_each_other_on_asset_events(stack, client, toy_seeds, 
         runs = client.get(f"/api/v2/dags/{dag_id}/dagRuns", params={"run_type": "asset_triggered"}).json()
         return next(iter(runs["dag_runs"]), None)
 
-    annotate = wait_for(lambda: asset_run("mmprm_annotate"), 180, "mmprm_annotate started by the seeds event")
-    assert wait_for_run(client, annotate["dag_run_id"], timeout=420) == "success"
-    dataset = wait_for(lambda: asset_run("mmprm_dataset"), 120, "mmprm_dataset started by the trees event")
-    assert wait_for_run(client, dataset["dag_run_id"], timeout=300, dag_id="mmprm_dataset") == "success"
+    annotate = wait_for(lambda: asset_run("mmprm_annotate"), "mmprm_annotate started by the seeds event")
+    assert wait_for_run(client, annotate["dag_run_id"]) == "success"
+    dataset = wait_for(lambda: asset_run("mmprm_dataset"), "mmprm_dataset started by the trees event")
+    assert wait_for_run(client, dataset["dag_run_id"], dag_id="mmprm_dataset") == "success"
 
     events = {}
     for event in client.get("/api/v2/assets/events", params={"limit": 100}).json()["asset_events"]:

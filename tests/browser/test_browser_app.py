@@ -209,6 +209,18 @@ def test_tree_page_shows_nodes_first_error_and_image(stocked):
     assert re.search(rf'class="node first-error" id="node-{node}"', html)
     assert f"first error at step {step}" in html
     assert "correct rollouts" in html and "incorrect rollouts" in html
+    # Each node says what its MC value is computed from, in figures that agree with it.
+    with get_engine(settings).connect() as conn:
+        estimated = conn.execute(sa.text(
+            "SELECT node_index, mc_value FROM step_nodes WHERE tree_id = :t AND num_correct + num_incorrect > 0"
+            " ORDER BY node_index"), {"t": tree.tree_id}).all()
+        num_rollouts = conn.execute(sa.text(
+            "SELECT (config -> 'search' ->> 'num_rollouts')::int FROM annotation_runs WHERE run_id = 'run-a'")).scalar_one()
+    bases = re.findall(r'<div class="muted mc-basis">MC: (.*?)</div>', html)
+    assert len(bases) == tree.num_nodes
+    for index, mc in estimated:
+        assert bases[index].startswith(f"{round(mc * num_rollouts)} of {num_rollouts} sampled continuations"), bases[index]
+    assert any(b.startswith("not estimated: these steps come from a correct rollout") for b in bases)
     image = client.get(f"{PREFIX}/problems/{tree.problem_id}/image")
     assert image.content == open_store(settings).get_bytes(tree.image_key)
 
@@ -226,6 +238,46 @@ def test_dataset_page_labels_and_balance(stocked):
     assert f"<th>paths</th><td class=\"num\">{len(paths)}</td>" in html
     assert f"<td class=\"num\">{positive}</td>" in html
     assert html.count("&lt;prm&gt; ") == labels  # one label shown per <prm>
+
+
+def _no_raw_json(html: str) -> None:
+    """A page shows records as tables: no serialized JSON object in its text."""
+    text = re.sub(r"<[^>]+>", " ", html_lib.unescape(re.sub(r"<style.*?</style>", "", html, flags=re.S)))
+    assert not re.search(r'\{\s*"', text), re.search(r'.{0,80}\{\s*".{0,80}', text).group(0)
+
+
+def test_dataset_page_shows_its_counts_and_parameters_as_tables(stocked):
+    settings, ids = stocked
+    html = _client(settings).get(f"{PREFIX}/datasets/{ids['dataset']}").text
+    with get_engine(settings).connect() as conn:
+        counts, params = conn.execute(sa.text("SELECT counts, params FROM datasets")).one()
+    assert counts and params
+    for name, value in counts.items():
+        assert f"<tr><th>{name}</th><td class=\"num\">{value}</td></tr>" in html, name
+    assert '<table id="traversal-params"' in html and "<th>label_granularity</th>" in html
+    _no_raw_json(html)
+
+
+def test_checkpoint_page_shows_metrics_as_a_table_and_the_loss_curve(stocked):
+    from browser_data import METRICS
+
+    settings, ids = stocked
+    client = _client(settings)
+    html = client.get(f"{PREFIX}/checkpoints/{ids['checkpoint']}").text
+    assert '<tr><th>train_loss</th><td class="num">0.5</td></tr>' in html
+    assert '<tr><th>global_step</th><td class="num">3</td></tr>' in html
+    assert "loss_history" not in html  # plotted, not listed
+    assert '<table id="training-config"' in html and "<th>label_mode</th><td>soft</td>" in html
+    _no_raw_json(html)
+    loss = _parse(html).images
+    assert loss == [f"{PREFIX}/checkpoints/{ids['checkpoint']}/loss.png"]
+    response = client.get(loss[0])
+    assert response.status_code == 200 and _png_size(response.content) == (600, 320)
+    # The curve's points are the logged losses (the same history drawn again gives the same picture).
+    from mmprm_tasks.browser.charts import loss_curve_png
+
+    history = [(e["step"], e["loss"]) for e in METRICS["loss_history"]]
+    assert response.content == loss_curve_png(history) != loss_curve_png(history[:2])
 
 
 def test_checkpoint_snippet_loads_the_checkpoint(stocked):

@@ -30,6 +30,24 @@ def test_no_import_errors_and_expected_dags(dagbag):
     assert set(dagbag.dags) == set(DAG_IDS)
 
 
+# Which DAG each one's description names as the next (the last names none).
+NEXT_DAG = {"mmprm_ingest": "mmprm_annotate", "mmprm_annotate": "mmprm_dataset", "mmprm_nightly_refresh": "mmprm_dataset",
+            "mmprm_dataset": "mmprm_train", "mmprm_train": "mmprm_evaluate", "mmprm_evaluate": None}
+
+
+def test_every_dag_has_a_one_line_description_naming_what_comes_next(dagbag):
+    for dag_id, next_dag in NEXT_DAG.items():
+        description = dagbag.dags[dag_id].description
+        assert description and "\n" not in description and description.startswith(("Reads", "Start here", "Daily")), dag_id
+        assert "Reads" in description or "reads" in description, dag_id  # what it reads
+        if next_dag:
+            assert description.endswith(f"next: {next_dag}."), (dag_id, description)
+        else:
+            assert description.endswith("the last stage."), description
+    assert dagbag.dags["mmprm_ingest"].description.startswith("Start here:")
+    assert sum(d.description.startswith("Start here") for d in dagbag.dags.values()) == 1
+
+
 @pytest.mark.parametrize("dag_id", ["mmprm_annotate", "mmprm_nightly_refresh"])
 def test_annotation_is_mapped_over_chunks_on_the_gpu_queue(dagbag, dag_id):
     dag = dagbag.dags[dag_id]
