@@ -107,10 +107,31 @@ class ObjectStore(ABC):
         return key
 
 
-def _check_key(key: str) -> str:
-    if not key or key.startswith("/") or any(part in ("", ".", "..") for part in key.rstrip("/").split("/")):
-        raise ValueError(f"invalid object key {key!r}: use relative 'a/b/c' keys without '.' or '..'")
+# S3 limits a key to 1,024 bytes.
+MAX_KEY_BYTES = 1024
+
+
+def check_key(key: str) -> str:
+    """``key`` when it names an object the same way in both stores: relative ``a/b/c`` parts,
+    none empty, ``.`` or ``..``, no backslash (a Windows separator S3 servers read differently),
+    no control character; ValueError naming the key otherwise."""
+    from .validation import escape_text, text_problem
+
+    parts = key.rstrip("/").split("/")
+    if (not key or key.startswith("/") or any(part in ("", ".", "..") for part in parts) or "\\" in key
+            or text_problem(key) or len(key.encode(errors="surrogatepass")) > MAX_KEY_BYTES):
+        raise ValueError(f"invalid object key {escape_text(key)}: use relative 'a/b/c' keys without empty, '.' "
+                         f"or '..' parts, backslashes or control characters, at most {MAX_KEY_BYTES} bytes")
     return key
+
+
+def is_request_error(exc: Exception) -> bool:
+    """An S3 error about the request itself (a key or argument the server refuses), which no retry
+    can fix, as opposed to the server failing (5xx) or being unreachable."""
+    response = getattr(exc, "response", None)
+    status = getattr(response, "status", None)
+    return isinstance(status, int) and 400 <= status < 500 and getattr(exc, "code", None) not in (
+        "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "RequestTimeTooSkewed")
 
 
 TEMPORARY_PREFIX = ".tmp-"
@@ -131,7 +152,7 @@ class LocalStore(ObjectStore):
         self._swept: set[Path] = set()
 
     def _path(self, key: str) -> Path:
-        return self.root / _check_key(key)
+        return self.root / check_key(key)
 
     def _sweep_stale_temporaries(self, directory: Path) -> None:
         if directory in self._swept:
@@ -235,14 +256,14 @@ class S3Store(ObjectStore):
 
     def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> str:
         self.client.put_object(
-            bucket_name=self.bucket, object_name=_check_key(key), data=io.BytesIO(data),
+            bucket_name=self.bucket, object_name=check_key(key), data=io.BytesIO(data),
             length=len(data), content_type=content_type,
         )
         return self.uri(key)
 
     def put_file(self, key: str, path: str | os.PathLike[str], content_type: str = "application/octet-stream") -> str:
         # Streamed from disk; large files go up as a multipart upload.
-        self.client.fput_object(bucket_name=self.bucket, object_name=_check_key(key), file_path=str(path),
+        self.client.fput_object(bucket_name=self.bucket, object_name=check_key(key), file_path=str(path),
                                 content_type=content_type)
         return self.uri(key)
 
@@ -250,7 +271,7 @@ class S3Store(ObjectStore):
         from minio.error import S3Error
 
         try:
-            response = self.client.get_object(bucket_name=self.bucket, object_name=_check_key(key))
+            response = self.client.get_object(bucket_name=self.bucket, object_name=check_key(key))
         except S3Error as exc:
             if exc.code in ("NoSuchKey", "NoSuchObject"):
                 raise ObjectNotFound(self.uri(key)) from None
@@ -265,7 +286,7 @@ class S3Store(ObjectStore):
         from minio.error import S3Error
 
         try:
-            self.client.stat_object(bucket_name=self.bucket, object_name=_check_key(key))
+            self.client.stat_object(bucket_name=self.bucket, object_name=check_key(key))
         except S3Error as exc:
             if exc.code in ("NoSuchKey", "NoSuchObject", "NotFound"):
                 return False
@@ -278,7 +299,7 @@ class S3Store(ObjectStore):
                 yield obj.object_name
 
     def delete(self, key: str) -> None:
-        self.client.remove_object(bucket_name=self.bucket, object_name=_check_key(key))
+        self.client.remove_object(bucket_name=self.bucket, object_name=check_key(key))
 
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"

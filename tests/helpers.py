@@ -88,3 +88,30 @@ def chat_prompts(requests):
     from mmprm_tasks.policy.hf import ChatPrompt
 
     return [ChatPrompt(chat_messages(r.prompt), [r.image]) for r in requests]
+
+
+def cli_env(settings, **extra: str) -> dict[str, str]:
+    """The environment a separate ``mmprm`` process needs to use ``settings``' Postgres and store."""
+    import os
+
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1", "MMPRM_DATABASE_URL": settings.database_url, "MMPRM_HOME": str(settings.home)}
+    store = settings.store
+    if store.kind == "s3":
+        env |= {"MMPRM_STORE__KIND": "s3", "MMPRM_STORE__ENDPOINT": store.endpoint,
+                "MMPRM_STORE__BUCKET": store.bucket, "MMPRM_STORE__ACCESS_KEY": store.access_key or "",
+                "MMPRM_STORE__SECRET_KEY": store.secret_key.get_secret_value() if store.secret_key else ""}
+    else:
+        env["MMPRM_STORE__ROOT"] = str(settings.store_root)
+    return env | extra
+
+
+def run_mmprm(settings, *args: str, timeout: float = 180, **env: str):
+    """``mmprm ARGS`` as its own process (as a user runs it); asserts it printed no traceback."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "mmprm_tasks", *args], capture_output=True, text=True,
+                          env=cli_env(settings, **env), timeout=timeout)
+    assert "Traceback" not in done.stdout + done.stderr, done.stdout + done.stderr
+    return done

@@ -17,7 +17,7 @@ from mmprm_tasks.policy import load_policy
 from mmprm_tasks.settings import ConfigurationError, Settings
 from mmprm_tasks.storage import open_store
 
-from helpers import write_png
+from helpers import run_mmprm, write_png
 from test_seeds import count, make_seed_file
 
 DAGS = Path(__file__).resolve().parents[2] / "dags"
@@ -74,6 +74,48 @@ def test_streaming_reader_matches_the_whole_file_parse_at_any_block_size(setting
     monkeypatch.setattr(seeds, "_land", lambda batch, *a: (landed.append(len(batch)), real_land(batch, *a)))
     report = seeds.ingest_file(make_seed_file(tmp_path / "data", 4), settings)
     assert report.inserted == 4 and landed == [1, 1, 1, 1]
+
+
+# Records that once cost the whole file (a database error at the insert, a reader that gave up),
+# as raw JSON text so NaN, 1e309 and deep nesting reach the reader as a user's file has them.
+_ONCE_FATAL = {
+    "nul-answer": ("correct_answer", '{"id": "nul-answer", "question": "q1?", "correct_answer": "4\\u0000", '
+                                     '"image_path": "images/p0.png"}'),
+    "nul-extra": ("note", '{"id": "nul-extra", "question": "q2?", "correct_answer": "4", "note": "a\\u0000b", '
+                          '"image_path": "images/p0.png"}'),
+    "nan-answer": ("correct_answer", '{"id": "nan-answer", "question": "q3?", "correct_answer": NaN, '
+                                     '"image_path": "images/p0.png"}'),
+    "inf-answer": ("correct_answer", '{"id": "inf-answer", "question": "q4?", "correct_answer": 1e309, '
+                                     '"image_path": "images/p0.png"}'),
+    "ansi-question": ("question", '{"id": "ansi-question", "question": "\\u001b[31mred?", "correct_answer": "4", '
+                                  '"image_path": "images/p0.png"}'),
+    "deep": ("<record>", '{"id": "deep", "notes": ' + "[" * 5000 + "]" * 5000 + "}"),
+}
+
+
+@pytest.mark.parametrize("layout", ["json", "jsonl"])
+def test_cli_ingest_rejects_each_once_fatal_record_alone_and_orphans_no_image(settings, tmp_path, layout):
+    """As a separate process: every good record lands, each bad one is named with its field, exit
+    1 without a traceback, and every stored image belongs to a landed problem."""
+    good = json.loads(make_seed_file(tmp_path / "data", 3).read_text())
+    texts = [json.dumps(good[0]), *(text for _, text in _ONCE_FATAL.values()), *map(json.dumps, good[1:])]
+    seed = tmp_path / "data" / f"hostile.{layout}"
+    seed.write_text("[" + ",\n".join(texts) + "]" if layout == "json" else "\n".join(texts) + "\n")
+    done = run_mmprm(settings, "ingest", str(seed))
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert count(settings, "seed_problems") == 3
+    report = seeds.ingest_file(seed, settings)  # again, to read the rejections as data
+    assert report.unchanged == 3
+    # a record too deep to read has no id to name: it is named by its position (after good[0])
+    assert {r.record_id or f"record {r.record_index}": r.field for r in report.rejected} == {
+        (rid if rid != "deep" else f"record {1 + list(_ONCE_FATAL).index(rid)}"): field
+        for rid, (field, _) in _ONCE_FATAL.items()}
+    for rid in _ONCE_FATAL:
+        assert rid in done.stdout or rid == "deep"
+    store = open_store(settings)
+    with seeds.get_engine(settings).connect() as conn:
+        image_keys = set(conn.execute(seeds.sa.text("SELECT image_key FROM seed_problems")).scalars())
+    assert set(store.list_keys("images/")) == image_keys
 
 
 def test_a_trigger_cannot_name_an_endpoint_url():
