@@ -12,6 +12,7 @@ seed reader, ``import-trees``, ``mmprm score``, the DAG Params and the browser's
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from typing import Any
@@ -95,6 +96,37 @@ def find_bad_value(obj: Any, field: str = "") -> InvalidValue | None:
         elif isinstance(value, list):
             stack.extend((f"{where}[{i}]", item) for i, item in reversed(list(enumerate(value))))
     return None
+
+
+# How a forbidden character can reach a string parsed from JSON text (the strict reader refuses
+# raw C0 controls): as a \\u escape of one, or as a raw DEL or C1 character (UTF-8 C2 80-9F).
+# Both patterns start with a literal byte, so a clean text costs a fast scan.
+_ESCAPED_FORBIDDEN = re.compile(rb"\\u(?:00[0-1189][0-9a-fA-F]|007[fF]|[dD][89abAB])")
+_RAW_FORBIDDEN = re.compile(rb"\x7f|\xc2[\x80-\x9f]")
+
+
+def load_json(data: bytes) -> tuple[Any, InvalidValue | None]:
+    """``json.loads(data)`` and the first value in it that breaks the rules (see
+    :func:`find_bad_value`), or None.  The walk runs only when the text holds something suspect
+    (a non-finite number, an escape of a control character), so clean records (nearly all) cost a
+    scan of the text, not a walk of every string."""
+    suspect = False
+
+    def number(text: str) -> float:
+        nonlocal suspect
+        value = float(text)
+        suspect = suspect or not math.isfinite(value)  # 1e309
+        return value
+
+    def constant(name: str) -> float:  # NaN, Infinity, -Infinity
+        nonlocal suspect
+        suspect = True
+        return float(name)
+
+    parsed = json.loads(data, parse_float=number, parse_constant=constant)
+    if suspect or _ESCAPED_FORBIDDEN.search(data) or _RAW_FORBIDDEN.search(data):
+        return parsed, find_bad_value(parsed)
+    return parsed, None
 
 
 def escape_text(value: str, limit: int = 200) -> str:

@@ -19,6 +19,7 @@ from mmprm_tasks.storage import open_store
 
 from helpers import run_mmprm, write_png
 from test_seeds import count, make_seed_file
+from test_tree_index import _annotated
 
 DAGS = Path(__file__).resolve().parents[2] / "dags"
 
@@ -116,6 +117,43 @@ def test_cli_ingest_rejects_each_once_fatal_record_alone_and_orphans_no_image(se
     with seeds.get_engine(settings).connect() as conn:
         image_keys = set(conn.execute(seeds.sa.text("SELECT image_key FROM seed_problems")).scalars())
     assert set(store.list_keys("images/")) == image_keys
+
+
+def _with_first_step(tree: dict, text: str) -> dict:
+    """A copy of ``tree`` whose first child's first step is ``text``."""
+    tree = json.loads(json.dumps(tree))
+    tree["children"][0]["partial_solution"][0] = text
+    return tree
+
+
+def test_cli_import_trees_rejects_a_hostile_tree_alone_and_orphans_no_object(settings, tmp_path):
+    """A NUL in one step once failed the whole batch's COPY after its objects were put: now each
+    bad tree is named, the others land, every tree object under the run has its row."""
+    trees = _annotated(settings, tmp_path, n=4)
+    hostile = {
+        "nul-step": json.dumps(_with_first_step(trees[1], "x = 1\x00")),
+        "ansi-step": json.dumps(_with_first_step(trees[2], "\x1b[2Jgone")),
+        "nan-mc": json.dumps(trees[3]).replace('"mc_value": ' + json.dumps(trees[3]["mc_value"]), '"mc_value": NaN', 1),
+        "climbing-id": json.dumps({**trees[3], "id": "../../x"}),
+    }
+    source = tmp_path / "trees.jsonl"
+    source.write_text("\n".join([json.dumps(trees[0]), *hostile.values(), json.dumps(trees[3])]) + "\n")
+    done = run_mmprm(settings, "import-trees", str(source), "--run", "imported")
+    assert done.returncode == 1, done.stdout + done.stderr
+    out = done.stdout.replace("\n", "")
+    step = "children[0].partial_solution[0]"
+    for line, field in enumerate([step, step, "mc_value", "id"], start=2):
+        assert f"{source}:{line}: {field}: " in out, (line, out)
+    assert "NUL" in out and "U+001B" in out and "4 record(s) rejected" in out
+    with seeds.get_engine(settings).connect() as conn:
+        keys = set(conn.execute(seeds.sa.text("SELECT tree_key FROM trees WHERE run_id = 'imported'")).scalars())
+    assert keys == {"trees/imported/p0000.json", "trees/imported/p0003.json"}
+    assert set(open_store(settings).list_keys("trees/imported/")) == keys
+
+
+def test_cli_import_trees_of_a_missing_path_is_one_line(settings, tmp_path):
+    done = run_mmprm(settings, "import-trees", str(tmp_path / "nowhere"), "--run", "imported")
+    assert done.returncode == 1 and "no such file or folder" in done.stderr, done.stdout + done.stderr
 
 
 def test_a_trigger_cannot_name_an_endpoint_url():
