@@ -42,8 +42,10 @@ from typing import Any
 import sqlalchemy as sa
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from .seeds import Rejection
-from .storage import ObjectStore
+from .seeds import Rejection, decode_image
+from .settings import ConfigurationError
+from .storage import ObjectNotFound, ObjectStore
+from .validation import find_bad_value
 
 PRM_SCORER = "prm"
 BASE_LIKELIHOOD_SCORER = "base-model likelihood"
@@ -85,8 +87,9 @@ class ProblemCandidates(BaseModel):
         return self
 
 
-class CandidateFileError(ValueError):
-    """A candidate file that cannot be read at all (not JSON, not JSONL, unknown format)."""
+class CandidateFileError(ConfigurationError):
+    """A candidate file that cannot be read at all (not a JSON array or JSONL, or holding both
+    formats): a one-line error of the command, exit 1."""
 
 
 # ------------------------------------------------------------------------------ conversions
@@ -191,31 +194,50 @@ def read_candidates(text: str, *, scorer: str = PRM_SCORER) -> tuple[str, list[P
     or of the project's records (``candidates``).  Returns the format (``"release"`` or
     ``"mmprm"``), the good records and one :class:`~mmprm_tasks.seeds.Rejection` per bad one
     (position, id and field); a release file's ``prm_scores`` become ``step_scores[scorer]``."""
-    records = _records(text)
-    kinds = {("release" if "solutions_splits" in r else "mmprm") for r in records if isinstance(r, dict)}
+    kind, good, rejected = _read_records(_records(text), scorer)
+    return kind, [problem for _, problem in good], rejected
+
+
+def _file_kind(records: list[Any]) -> str:
+    """The file's format, from the records that show theirs (a record missing both defining
+    fields is judged, and rejected, in the file's format)."""
+    kinds = {kind for r in records if isinstance(r, dict)
+             for kind, marker in (("release", "solutions_splits"), ("mmprm", "candidates")) if marker in r}
     if len(kinds) > 1:
         raise CandidateFileError("the file mixes release records (solutions_splits) and mmprm records (candidates)")
-    kind = kinds.pop() if kinds else "mmprm"
-    good: list[ProblemCandidates] = []
+    return kinds.pop() if kinds else "mmprm"
+
+
+def _read_records(records: list[Any], scorer: str) -> tuple[str, list[tuple[int, ProblemCandidates]], list[Rejection]]:
+    """:func:`read_candidates` with each good record's position in the file."""
+    kind = _file_kind(records)
+    good: list[tuple[int, ProblemCandidates]] = []
     rejected: list[Rejection] = []
+    seen: dict[str, int] = {}
     for position, record in enumerate(records):
         if not isinstance(record, dict):
             rejected.append(Rejection(position, None, "<record>", str(record) if isinstance(record, Exception)
                                       else f"expected a JSON object, got {type(record).__name__}"))
             continue
         rid = record.get("problem_id", record.get("id"))
+        rid = rid if isinstance(rid, str) and find_bad_value(rid) is None else None
         try:
-            good.append(_from_release(record, position, scorer) if kind == "release"
-                        else ProblemCandidates.model_validate(record))
+            bad = find_bad_value(record)
+            if bad:
+                raise _FieldError(bad.field, bad.message)
+            problem = (_from_release(record, position, scorer) if kind == "release"
+                       else ProblemCandidates.model_validate(record))
+            if problem.problem_id in seen:
+                raise _FieldError("problem_id" if kind == "mmprm" else "id",
+                                  f"{problem.problem_id!r} repeats record {seen[problem.problem_id]}")
+            seen[problem.problem_id] = position
+            good.append((position, problem))
         except _FieldError as exc:
             rejected.append(Rejection(position, rid, exc.field, str(exc)))
         except ValidationError as exc:
             err = exc.errors()[0]
             field = ".".join(str(p) for p in err["loc"]) or "<record>"
             rejected.append(Rejection(position, rid, field, err["msg"]))
-    ids = [p.problem_id for p in good]
-    if len(set(ids)) != len(ids):
-        raise CandidateFileError(f"problem ids repeat in the file: {sorted({i for i in ids if ids.count(i) > 1})[:5]}")
     return kind, good, rejected
 
 
@@ -367,11 +389,14 @@ def score_file(settings: Any, source: str, checkpoint: str, out: Path | None = N
     from .prm import PRMScorer
 
     text = _read_text(source, settings)
-    kind, problems, rejected = read_candidates(text, scorer=name)
+    records = _records(text)
+    kind, good, rejected = _read_records(records, name)
     local = not source.startswith(("s3://", "file://"))
     root = image_root or (Path(source).resolve().parent if local else None)
+    good, images = _with_images(good, image_reader(settings, root), rejected)
     scorer = PRMScorer(resolve_checkpoint(settings, checkpoint), batch_size=settings.eval.prm_batch_size)
-    scored = score_problems(scorer, problems, name, image_reader(settings, root))
+    problems = [problem for _, problem in good]
+    scored = score_problems(scorer, problems, name, images.__getitem__)
     if out is None:
         stem = Path(source.rsplit("/", 1)[-1]).stem
         out = (Path(source).parent if local else Path(".")) / f"{stem}.scored.{'json' if kind == 'release' else 'jsonl'}"
@@ -379,8 +404,7 @@ def score_file(settings: Any, source: str, checkpoint: str, out: Path | None = N
     if kind == "release":
         # The records as given (their other fields kept), each with its prm_scores, as the
         # release's scoring script writes them.
-        bad = {r.record_index for r in rejected}
-        kept = [r for i, r in enumerate(_records(text)) if i not in bad]
+        kept = [records[position] for position, _ in good]
         for record, problem in zip(kept, scored, strict=True):
             record["prm_scores"] = [c.step_scores[name] for c in sorted(problem.candidates, key=lambda c: c.index)]
         out.write_text(json.dumps(kept, ensure_ascii=False, indent=1))
@@ -388,10 +412,30 @@ def score_file(settings: Any, source: str, checkpoint: str, out: Path | None = N
         out.write_bytes(jsonl(scored))
     report = best_of_n(best_of_n_input(scored, name), settings.eval.ns, settings.seed,
                        headline=settings.eval.headline_aggregator) if scored else None
+    rejected.sort(key=lambda r: r.record_index)
     return {"format": kind, "out": str(out), "problems": len(scored),
             "candidates": sum(len(p.candidates) for p in scored),
             "steps_scored": sum(len(c.steps) for p in scored for c in p.candidates),
             "rejected": [r.describe() for r in rejected], "report": report}
+
+
+def _with_images(good: list[tuple[int, ProblemCandidates]], load_image: Callable[[str], bytes],
+                 rejected: list[Rejection]) -> tuple[list[tuple[int, ProblemCandidates]], dict[str, bytes]]:
+    """The records whose image can be read, and their images by ``image``; a record whose image is
+    missing or unreadable is rejected (field ``image``), the others are still scored.  An outage of
+    the store is not a record's fault and is raised."""
+    kept, images = [], {}
+    for position, problem in good:
+        try:
+            if problem.image not in images:
+                data = load_image(problem.image)
+                decode_image(data)  # RecordRejected (a ValueError) when it is not an image
+                images[problem.image] = data
+            kept.append((position, problem))
+        except (OSError, ObjectNotFound, ValueError) as exc:
+            reason = exc.args[0] if isinstance(exc, ObjectNotFound) and exc.args else exc
+            rejected.append(Rejection(position, problem.problem_id, "image", f"cannot be read: {reason}"))
+    return kept, images
 
 
 def export_evaluation(settings: Any, evaluation_id: str | None, out_dir: Path, *,

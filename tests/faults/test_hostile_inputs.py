@@ -18,6 +18,7 @@ from mmprm_tasks.settings import ConfigurationError, Settings
 from mmprm_tasks.storage import open_store
 
 from helpers import run_mmprm, write_png
+from test_candidates import _release_file
 from test_seeds import count, make_seed_file
 from test_tree_index import _annotated
 
@@ -154,6 +155,35 @@ def test_cli_import_trees_rejects_a_hostile_tree_alone_and_orphans_no_object(set
 def test_cli_import_trees_of_a_missing_path_is_one_line(settings, tmp_path):
     done = run_mmprm(settings, "import-trees", str(tmp_path / "nowhere"), "--run", "imported")
     assert done.returncode == 1 and "no such file or folder" in done.stderr, done.stdout + done.stderr
+
+
+def test_cli_score_rejects_each_bad_record_alone_and_scores_the_rest(settings, tmp_path):
+    """One record missing solutions_splits once failed the file as "mixing formats", one missing
+    image with a FileNotFoundError: now each bad record is named with its field, the good ones
+    are scored and written, exit 1 without a traceback."""
+    from mmprm_tasks.settings import TOY_POLICY_DIR
+
+    path, records = _release_file(tmp_path)
+    (tmp_path / "imgs" / "notes.png").write_text("not an image")
+    good = records[0]
+    hostile = [
+        ("solutions_splits", {k: v for k, v in good.items() if k != "solutions_splits"}),
+        ("image", {**good, "id": "no-image", "image_path": "imgs/missing.png"}),
+        ("image", {**good, "id": "not-image", "image_path": "imgs/notes.png"}),
+        ("solutions_splits[0][0]", {**good, "id": "nul-step", "solutions_splits": [["3 + 4 = 7\x00"], ["7"]],
+                                    "labels": [1, 1]}),
+        ("question", {**good, "id": "ansi", "question": "\x1b]0;pwned\x07What?"}),
+        ("id", {**records[1], "id": "twice"}),
+    ]
+    path.write_text(json.dumps([{**records[1], "id": "twice"}, *(record for _, record in hostile), good]))
+    out = tmp_path / "scored.json"
+    done = run_mmprm(settings, "score", str(path), "--checkpoint", str(TOY_POLICY_DIR), "--out", str(out))
+    assert done.returncode == 1, done.stdout + done.stderr
+    said = done.stdout.replace("\n", "")
+    for position, (field, _) in enumerate(hostile, start=1):
+        assert f"record {position}" in said and f"field {field!r}" in said, (position, field, said)
+    assert "\x1b" not in done.stdout
+    assert [len(r["prm_scores"]) for r in json.loads(out.read_text())] == [2, 3]  # the two good ones
 
 
 def test_a_trigger_cannot_name_an_endpoint_url():
