@@ -54,6 +54,18 @@ _mount_toy()
 console = Console()
 
 
+def _an_id(value: str | list[str] | None) -> str | list[str] | None:
+    """Every id a user types (runs, datasets, checkpoints, evaluations) is held to the one id rule
+    (mmprm_tasks.validation) before anything is searched or written: a usage error, exit 2."""
+    from .validation import escape_text, id_problem
+
+    for item in [value] if isinstance(value, str) else value or []:
+        problem = id_problem(item)
+        if problem:
+            raise typer.BadParameter(escape_text(problem, 300))
+    return value
+
+
 def _settings(overrides: dict | None = None) -> Settings:
     return get_settings().with_overrides(overrides)
 
@@ -133,7 +145,8 @@ def ingest(
 
 @app.command()
 def chunks(
-    run_id: Annotated[Optional[str], typer.Option("--run", help="Run id (default: derived from the config)")] = None,
+    run_id: Annotated[Optional[str], typer.Option("--run", help="Run id (default: derived from the config)",
+                                                  callback=_an_id)] = None,
     chunk_size: Annotated[Optional[int], typer.Option(min=1)] = None,
     selection: Annotated[str, typer.Option(help="all | stale (new or annotated under another config)")] = "all",
     split: Annotated[Optional[str], typer.Option(help="Only problems of this split")] = None,
@@ -151,7 +164,7 @@ def chunks(
 
 @app.command()
 def annotate(
-    run_id: Annotated[str, typer.Option("--run", help="Run id (sharded with `mmprm chunks`)")],
+    run_id: Annotated[str, typer.Option("--run", help="Run id (sharded with `mmprm chunks`)", callback=_an_id)],
     chunk: Annotated[Optional[int], typer.Option("--chunk", help="Annotate this chunk (then steal unclaimed work)")] = None,
     all_chunks: Annotated[bool, typer.Option("--all", help="Annotate every chunk of the run")] = False,
 ) -> None:
@@ -182,7 +195,8 @@ def annotate(
 @app.command("import-trees")
 def import_trees_cmd(
     source: Annotated[str, typer.Argument(help="Tree JSON/JSONL file, folder, or s3:// / file:// URI (object or prefix)")],
-    run_id: Annotated[str, typer.Option("--run", help="Run the trees join (created as an imported run if new)")],
+    run_id: Annotated[str, typer.Option("--run", help="Run the trees join (created as an imported run if new)",
+                                        callback=_an_id)],
     policy_model: Annotated[str, typer.Option(help="The policy that grew the trees, recorded on a new run")] = "unknown",
 ) -> None:
     """Load trees from the original release's pipeline (SPEC §4 records) into the step index."""
@@ -202,7 +216,7 @@ def import_trees_cmd(
 
 
 @app.command()
-def traverse(run_ids: Annotated[list[str], typer.Argument(help="Runs whose trees become paths")]) -> None:
+def traverse(run_ids: Annotated[list[str], typer.Argument(help="Runs whose trees become paths", callback=_an_id)]) -> None:
     """Trees -> training paths (SPEC §5), registered as a dataset version."""
     from .pipeline import traverse_stage
 
@@ -210,7 +224,7 @@ def traverse(run_ids: Annotated[list[str], typer.Argument(help="Runs whose trees
 
 
 @app.command("format")
-def format_cmd(dataset_id: Annotated[str, typer.Argument()]) -> None:
+def format_cmd(dataset_id: Annotated[str, typer.Argument(callback=_an_id)]) -> None:
     """Write a dataset in the InternVL conversation format and the generic chat format."""
     from .pipeline import format_stage
 
@@ -219,7 +233,7 @@ def format_cmd(dataset_id: Annotated[str, typer.Argument()]) -> None:
 
 @app.command()
 def train(
-    dataset_id: Annotated[Optional[str], typer.Argument(help="Dataset version (default: latest)")] = None,
+    dataset_id: Annotated[Optional[str], typer.Argument(help="Dataset version (default: latest)", callback=_an_id)] = None,
     label_mode: Annotated[Optional[str], typer.Option(help="soft | hard")] = None,
     max_steps: Annotated[Optional[int], typer.Option()] = None,
 ) -> None:
@@ -232,7 +246,7 @@ def train(
 
 @app.command()
 def evaluate(
-    checkpoint_id: Annotated[Optional[str], typer.Argument(help="PRM checkpoint (default: latest)")] = None,
+    checkpoint_id: Annotated[Optional[str], typer.Argument(help="PRM checkpoint (default: latest)", callback=_an_id)] = None,
     split: Annotated[str, typer.Option()] = "test",
     limit: Annotated[Optional[int], typer.Option(min=1)] = None,
 ) -> None:
@@ -275,7 +289,8 @@ def score(
 
 @export_app.command("eval")
 def export_eval(
-    evaluation_id: Annotated[Optional[str], typer.Argument(help="Evaluation (default: the latest with candidates)")] = None,
+    evaluation_id: Annotated[Optional[str], typer.Argument(help="Evaluation (default: the latest with candidates)",
+                                                           callback=_an_id)] = None,
     out: Annotated[Path, typer.Option(help="Output folder: <evaluation_id>.json and images/")] = Path("eval-export"),
     scorer: Annotated[str, typer.Option(help="Whose step scores become prm_scores")] = "prm",
 ) -> None:
@@ -289,7 +304,7 @@ def export_eval(
 
 @export_app.command("internvl")
 def export_internvl_cmd(
-    dataset_id: Annotated[str, typer.Argument(help="Dataset version (from `mmprm traverse`)")],
+    dataset_id: Annotated[str, typer.Argument(help="Dataset version (from `mmprm traverse`)", callback=_an_id)],
     out_dir: Annotated[Path, typer.Argument(file_okay=False, help="Folder to write (created if missing)")],
 ) -> None:
     """A dataset as the original release's InternVL training folder: annotation.jsonl, images/
@@ -301,7 +316,7 @@ def export_internvl_cmd(
 
 @export_app.command("hf")
 def export_hf_cmd(
-    dataset_id: Annotated[str, typer.Argument(help="Dataset version (from `mmprm traverse`)")],
+    dataset_id: Annotated[str, typer.Argument(help="Dataset version (from `mmprm traverse`)", callback=_an_id)],
     out_dir: Annotated[Path, typer.Argument(file_okay=False, help="Folder to write (created if missing)")],
 ) -> None:
     """A dataset as Parquet with an image column and a dataset card, for datasets.load_dataset."""

@@ -24,6 +24,7 @@ import sqlalchemy as sa
 
 from .db import get_engine, require_schema
 from .settings import Settings
+from .validation import check_id
 
 Selection = Literal["all", "stale"]
 
@@ -65,6 +66,7 @@ def shard_run(settings: Settings, run_id: str, *, chunk_size: int | None = None,
     search config (new problems, or ones annotated by an older policy/config): the nightly refresh.
     Re-running on an already-sharded run returns its existing chunks unchanged.
     """
+    check_id(run_id, "run_id")  # it names objects (trees/<run>/...) and URLs
     engine = get_engine(settings)
     require_schema(engine)
     size = chunk_size or settings.chunk_size

@@ -285,6 +285,7 @@ def import_trees(settings: Settings, source: str, run_id: str, *, policy_model: 
     ``num_rollouts`` the distinct rollouts the record kept (the file does not say how many were drawn).
     """
     started = time.perf_counter()
+    check_id(run_id, "run_id")
     engine = get_engine(settings)
     require_schema(engine)
     store = open_store(settings)

@@ -17,11 +17,13 @@ import math
 import re
 from typing import Any
 
-# Letters and digits first (so never "." or ".."), then letters, digits and ._:@+=- ; at most 200.
+from .settings import ConfigurationError
+
+# Letters and digits first (so never "." or ".."), then letters, digits and _.:@+=- ; at most 200.
 # Checked with re.fullmatch (a "$" alone would let a trailing newline through); the DAG Params
 # carry the same pattern in their JSON schema.
-ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@+=-]{0,199}$"
-ID_RULE = "letters, digits and ._:@+=-, starting with a letter or digit, at most 200 characters"
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:@+=-]{0,199}$"
+ID_RULE = "letters, digits and _.:@+=-, starting with a letter or digit, at most 200 characters"
 _ID = re.compile(ID_PATTERN)
 
 # C0 controls but tab and newline, DEL, C1 controls (U+0080-U+009F: U+009B starts a terminal
@@ -29,8 +31,9 @@ _ID = re.compile(ID_PATTERN)
 _FORBIDDEN_CHAR = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
-class InvalidValue(ValueError):
-    """A value breaks one of the rules; ``field`` names where (``question``, ``steps[2]``)."""
+class InvalidValue(ConfigurationError):
+    """A value breaks one of the rules; ``field`` names where (``question``, ``steps[2]``).  Where
+    it escapes a stage (an id given to a DAG run) it is a configuration error: never retried."""
 
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}")
@@ -99,10 +102,11 @@ def find_bad_value(obj: Any, field: str = "") -> InvalidValue | None:
 
 
 # How a forbidden character can reach a string parsed from JSON text (the strict reader refuses
-# raw C0 controls): as a \\u escape of one, or as a raw DEL or C1 character (UTF-8 C2 80-9F).
-# Both patterns start with a literal byte, so a clean text costs a fast scan.
+# raw C0 controls): as a \\u escape of one, as a raw DEL or C1 character (UTF-8 C2 80-9F), or as
+# an encoded surrogate (ED A0-BF: json.loads decodes bytes with "surrogatepass").  Each pattern
+# starts with a literal byte, so a clean text costs a fast scan.
 _ESCAPED_FORBIDDEN = re.compile(rb"\\u(?:00[0-1189][0-9a-fA-F]|007[fF]|[dD][89abAB])")
-_RAW_FORBIDDEN = re.compile(rb"\x7f|\xc2[\x80-\x9f]")
+_RAW_FORBIDDEN = re.compile(rb"\x7f|\xc2[\x80-\x9f]|\xed[\xa0-\xbf]")
 
 
 def load_json(data: bytes) -> tuple[Any, InvalidValue | None]:

@@ -186,6 +186,19 @@ def test_cli_score_rejects_each_bad_record_alone_and_scores_the_rest(settings, t
     assert [len(r["prm_scores"]) for r in json.loads(out.read_text())] == [2, 3]  # the two good ones
 
 
+@pytest.mark.parametrize("command", [["chunks", "--run"], ["annotate", "--all", "--run"], ["traverse"],
+                                     ["import-trees", ".", "--run"]], ids=lambda c: c[0])
+def test_cli_refuses_an_id_outside_the_id_rule_before_writing(settings, command):
+    """Each id that once exited 0 (and failed later at a write, or made keys that climb); every
+    command reads its ids through the one rule, so the others try two of them."""
+    bad_ids = ["..", "a\nb", ".", "../../etc", "a/b", "x" * 300, "run\x1b[2J"]
+    for bad in bad_ids if command[0] == "chunks" else bad_ids[:2]:
+        done = run_mmprm(settings, *command, bad)
+        assert done.returncode == 2 and "is not a valid id" in done.stderr, (bad, done.stdout + done.stderr)
+        assert "\x1b" not in done.stderr
+    assert count(settings, "annotation_runs") == 0
+
+
 def test_a_trigger_cannot_name_an_endpoint_url():
     assert not [name for name in TRIGGER_PARAMS if "url" in name or "key" in name]
     with pytest.raises(KeyError, match="unknown"):
