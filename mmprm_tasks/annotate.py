@@ -27,7 +27,7 @@ from .policy import GenerationRequest, PolicyBackend, load_policy
 from .runs import (attempt_owner, claim_problems, config_hash, end_attempt, finish_chunks, hold_leases, mark_done,
                    reclaim_dead_attempts, release_leases, renew_leases)
 from .search import SearchProblem, SearchResult, is_rollout_engine, run_search
-from .settings import Settings
+from .settings import ConfigurationError, Settings
 from .storage import ObjectStore, open_store
 from .tree_index import TreeEntry, encode_json, write_trees
 from .verify import AnswerVerifier
@@ -290,16 +290,21 @@ def _load_problem(conn: sa.Connection, store: ObjectStore, problem_id: str) -> S
                          image=store.get_bytes(row.image_key), image_path=row.image_path or store.uri(row.image_key))
 
 
-def _check_run_config(engine: sa.Engine, settings: Settings, run_id: str) -> str:
+def _check_run(engine: sa.Engine, settings: Settings, run_id: str, chunk_index: int) -> str:
+    """The run's config hash, once the run exists with these settings and has the chunk (a run
+    with no chunks has nothing to do): anything else is a one-line configuration error."""
     chash = config_hash(settings)
     with engine.connect() as conn:
         recorded = conn.execute(sa.text("SELECT config_hash FROM annotation_runs WHERE run_id = :r"),
                                 {"r": run_id}).scalar_one_or_none()
+        chunks = conn.execute(sa.text("SELECT count(*) FROM chunks WHERE run_id = :r"), {"r": run_id}).scalar_one()
     if recorded is None:
         raise LookupError(f"annotation run {run_id!r} does not exist: shard it first (`mmprm chunks`)")
     if recorded != chash:
-        raise ValueError(f"run {run_id!r} was created with config {recorded}, these settings give {chash}: "
-                         "annotate a run with the settings it was sharded with")
+        raise ConfigurationError(f"run {run_id!r} was created with config {recorded}, these settings give "
+                                 f"{chash}: annotate a run with the settings it was sharded with")
+    if chunks and not 0 <= chunk_index < chunks:
+        raise LookupError(f"annotation run {run_id!r} has no chunk {chunk_index} (its chunks are 0 to {chunks - 1})")
     return chash
 
 
@@ -359,7 +364,7 @@ def annotate_chunk(settings: Settings, run_id: str, chunk_index: int, *, worker:
     """
     engine = get_engine(settings)
     require_schema(engine)
-    chash = _check_run_config(engine, settings, run_id)
+    chash = _check_run(engine, settings, run_id, chunk_index)
     store = open_store(settings)
     # Owners name the attempt (host, pid, token): a retry takes back at once only the leases of
     # attempts that died on this host; a live attempt's are never taken, others expire.

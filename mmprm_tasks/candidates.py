@@ -353,12 +353,18 @@ def export_release(problems: Sequence[ProblemCandidates], out_dir: Path, name: s
 
 
 def _read_text(source: str, settings: Any) -> str:
-    if source.startswith(("s3://", "file://")):
-        from .storage import open_uri
+    """The candidate file's text; a file that is not there (or not UTF-8) is a one-line error."""
+    try:
+        if source.startswith(("s3://", "file://")):
+            from .storage import open_uri
 
-        store, key = open_uri(source, settings)
-        return store.get_bytes(key).decode()
-    return Path(source).read_text()
+            store, key = open_uri(source, settings)
+            return store.get_bytes(key).decode()
+        return Path(source).read_text()
+    except (ObjectNotFound, OSError, UnicodeDecodeError) as exc:
+        reason = exc.args[0] if isinstance(exc, ObjectNotFound) and exc.args else (
+            getattr(exc, "strerror", None) or str(exc))
+        raise CandidateFileError(f"{source}: cannot be read: {reason}") from None
 
 
 def resolve_checkpoint(settings: Any, checkpoint: str) -> str:

@@ -165,7 +165,8 @@ def chunks(
 @app.command()
 def annotate(
     run_id: Annotated[str, typer.Option("--run", help="Run id (sharded with `mmprm chunks`)", callback=_an_id)],
-    chunk: Annotated[Optional[int], typer.Option("--chunk", help="Annotate this chunk (then steal unclaimed work)")] = None,
+    chunk: Annotated[Optional[int], typer.Option("--chunk", min=0,
+                                                 help="Annotate this chunk (then steal unclaimed work)")] = None,
     all_chunks: Annotated[bool, typer.Option("--all", help="Annotate every chunk of the run")] = False,
 ) -> None:
     """Grow OmegaPRM trees for a chunk (or all chunks) of a run; resumable and idempotent."""

@@ -146,9 +146,10 @@ class LocalStore(ObjectStore):
     directory (per store object) removes the ones older than :data:`STALE_TEMPORARY_S`, so
     leftovers do not pile up and the scan costs one directory listing, not one per write."""
 
-    def __init__(self, root: str | os.PathLike[str]):
+    def __init__(self, root: str | os.PathLike[str], *, create: bool = True):
         self.root = Path(root).resolve()
-        self.root.mkdir(parents=True, exist_ok=True)
+        if create:  # a store opened to read what a URI names creates nothing
+            self.root.mkdir(parents=True, exist_ok=True)
         self._swept: set[Path] = set()
 
     def _path(self, key: str) -> Path:
@@ -315,17 +316,19 @@ def open_store(settings: Settings) -> ObjectStore:
 def open_uri(uri: str, settings: Settings) -> tuple[ObjectStore, str]:
     """Resolve ``s3://bucket/key`` or ``file:///abs/path`` to a store and a key within it (for
     reading what a URI names: a bucket is never created here)."""
+    from .settings import ConfigurationError
+
     parsed = urlparse(uri)
     if parsed.scheme == "s3":
         if settings.store.kind != "s3":
-            raise ValueError(f"{uri}: s3:// URI but the configured store is {settings.store.kind!r}")
+            raise ConfigurationError(f"{uri}: s3:// URI but the configured store is {settings.store.kind!r}")
         store = S3Store.from_settings(settings.with_overrides({"store.bucket": parsed.netloc}), create_bucket=False)
         return store, parsed.path.lstrip("/")
     if parsed.scheme == "file":
         path = Path(parsed.path)
-        local = LocalStore(settings.store_root)
+        local = LocalStore(settings.store_root, create=False)
         try:
             return local, path.resolve().relative_to(local.root).as_posix()
         except ValueError:
-            return LocalStore(path.parent), path.name
-    raise ValueError(f"unsupported object URI {uri!r}: expected s3://bucket/key or file:///path")
+            return LocalStore(path.parent, create=False), path.name
+    raise ConfigurationError(f"unsupported object URI {uri!r}: expected s3://bucket/key or file:///path")

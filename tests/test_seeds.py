@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from mmprm_tasks.db import get_engine
 from mmprm_tasks.seeds import ingest_file
+from mmprm_tasks.settings import ConfigurationError
 from mmprm_tasks.storage import open_store
 
 from helpers import write_png
@@ -308,10 +309,12 @@ def test_a_trigger_can_name_only_seed_files_under_the_seed_roots(settings, tmp_p
     secret = tmp_path / "airflow" / "simple_auth_manager_passwords.json"
     secret.parent.mkdir()
     secret.write_text('{"admin": "hunter2"}')
-    with pytest.raises(ValueError, match="outside the allowed seed roots"):
+    with pytest.raises(ConfigurationError, match="outside the allowed seed roots"):
         ingest_stage(settings, str(secret))
-    with pytest.raises(ValueError, match="outside the allowed seed roots"):  # no climbing out
+    with pytest.raises(ConfigurationError, match="outside the allowed seed roots"):  # no climbing out
         ingest_stage(settings, str(settings.home / "seeds" / ".." / "x.json"))
+    with pytest.raises(ConfigurationError, match="no such file"):  # not retried: waiting cannot help
+        ingest_stage(settings, str(settings.home / "seeds" / "missing.json"))
     assert not open_store(settings).list_keys("quarantine/")
     seed = make_seed_file(settings.home / "seeds", 2)
     assert ingest_stage(settings, str(seed))["inserted"] == 2

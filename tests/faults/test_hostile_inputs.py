@@ -199,6 +199,50 @@ def test_cli_refuses_an_id_outside_the_id_rule_before_writing(settings, command)
     assert count(settings, "annotation_runs") == 0
 
 
+@pytest.fixture
+def sharded_home(settings, tmp_path):
+    """Two seeds, run r1 sharded into 2 chunks and never annotated, and its dataset (empty, not
+    formatted)."""
+    from mmprm_tasks.pipeline import traverse_stage
+    from mmprm_tasks.runs import shard_run
+
+    seeds.ingest_file(make_seed_file(tmp_path / "data", 2), settings)
+    shard_run(settings, "r1", chunk_size=1)
+    return settings, traverse_stage(settings, ["r1"])["dataset_id"]
+
+
+# command -> (exit code, what the one-line error says); {tmp} and {dataset} are filled in.
+_ONE_LINE_FAILURES = {
+    "train-unknown": (["train", "ds-nope"], 1, "'ds-nope' is not in the step index"),
+    "train-unformatted": (["train", "{dataset}"], 1, "is not formatted yet"),
+    "evaluate-unknown": (["evaluate", "ckpt-nope"], 1, "'ckpt-nope' is not in the step index"),
+    "score-missing": (["score", "{tmp}/missing.json", "--checkpoint", "x"], 1, "cannot be read"),
+    "score-s3-on-local": (["score", "s3://bucket/a.json", "--checkpoint", "x"], 1, "configured store is 'local'"),
+    "score-file-uri": (["score", "file://{tmp}/dir/newdir/a.json", "--checkpoint", "x"], 1, "cannot be read"),
+    "traverse-unknown": (["traverse", "no-such-run"], 1, "not in the step index: ['no-such-run']"),
+    "annotate-huge-chunk": (["annotate", "--run", "r1", "--chunk", "99999999999999999999"], 1, "has no chunk"),
+    "annotate-chunk-past-end": (["annotate", "--run", "r1", "--chunk", "2"], 1, "has no chunk 2"),
+    "annotate-negative-chunk": (["annotate", "--run", "r1", "--chunk", "-1"], 2, "greater than or equal to 0"),
+}
+
+
+@pytest.mark.parametrize("case", list(_ONE_LINE_FAILURES))
+def test_cli_failures_are_one_line_and_never_silent(sharded_home, tmp_path, case):
+    """Each once ended in a traceback or exited 0 having done nothing (or an empty dataset); and
+    reading a file:// URI never creates a folder."""
+    settings, dataset = sharded_home
+    args, code, says = _ONE_LINE_FAILURES[case]
+    (tmp_path / "dir").mkdir()
+    datasets_before = count(settings, "datasets")
+    done = run_mmprm(settings, *(a.format(tmp=tmp_path, dataset=dataset) for a in args))
+    assert done.returncode == code and says in done.stderr.replace("\n", " "), done.stdout + done.stderr
+    if code == 1:
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        assert len(lines) == 2 and lines[0].startswith("error: ") and lines[1].startswith("hint: "), lines
+    assert list((tmp_path / "dir").iterdir()) == []
+    assert count(settings, "datasets") == datasets_before
+
+
 def test_a_trigger_cannot_name_an_endpoint_url():
     assert not [name for name in TRIGGER_PARAMS if "url" in name or "key" in name]
     with pytest.raises(KeyError, match="unknown"):
