@@ -400,7 +400,9 @@ def score_file(settings: Any, source: str, checkpoint: str, out: Path | None = N
     local = not source.startswith(("s3://", "file://"))
     root = image_root or (Path(source).resolve().parent if local else None)
     good, images = _with_images(good, image_reader(settings, root), rejected)
-    scorer = PRMScorer(resolve_checkpoint(settings, checkpoint), batch_size=settings.eval.prm_batch_size)
+    scorer = PRMScorer(resolve_checkpoint(settings, checkpoint), batch_size=settings.eval.prm_batch_size,
+                       max_length=settings.eval.max_input_tokens)
+    good = _within_length(good, scorer, images, kind, rejected)
     problems = [problem for _, problem in good]
     scored = score_problems(scorer, problems, name, images.__getitem__)
     if out is None:
@@ -442,6 +444,30 @@ def _with_images(good: list[tuple[int, ProblemCandidates]], load_image: Callable
             reason = exc.args[0] if isinstance(exc, ObjectNotFound) and exc.args else exc
             rejected.append(Rejection(position, problem.problem_id, "image", f"cannot be read: {reason}"))
     return kept, images
+
+
+def _within_length(good: list[tuple[int, ProblemCandidates]], scorer: Any, images: dict[str, bytes], kind: str,
+                   rejected: list[Rejection]) -> list[tuple[int, ProblemCandidates]]:
+    """The records whose every candidate fits the scorer's input limit; a record with a longer
+    candidate is rejected naming it (its tokens are counted, never run through the model)."""
+    limit = scorer.max_input_tokens
+    kept = []
+    for position, problem in good:
+        too_long = None
+        for cand in sorted(problem.candidates, key=lambda c: c.index) if limit else []:
+            tokens = scorer.input_length(problem.question, images[problem.image], cand.steps) if cand.steps else 0
+            if tokens > limit:
+                too_long = (cand.index, tokens)
+                break
+        if too_long is None:
+            kept.append((position, problem))
+            continue
+        index, tokens = too_long
+        field = f"solutions_splits[{index}]" if kind == "release" else f"candidates[{index}].steps"
+        rejected.append(Rejection(position, problem.problem_id, field,
+                                  f"{tokens:,} tokens, over the PRM's input limit of {limit:,} (setting "
+                                  "eval.max_input_tokens, and the model's positions)"))
+    return kept
 
 
 def export_evaluation(settings: Any, evaluation_id: str | None, out_dir: Path, *,

@@ -243,6 +243,25 @@ def test_cli_failures_are_one_line_and_never_silent(sharded_home, tmp_path, case
     assert count(settings, "datasets") == datasets_before
 
 
+def test_cli_score_rejects_a_10k_step_candidate_without_loading_it(settings, tmp_path):
+    """It was tokenised to ~98k tokens and run through the model whole (18.8 GB until the kernel
+    killed it): now it is counted, rejected by name, and the rest scored, well under 1 GB."""
+    from mmprm_tasks.settings import TOY_POLICY_DIR
+
+    path, records = _release_file(tmp_path)
+    runaway = {**records[0], "id": "runaway", "labels": [1],
+               "solutions_splits": [[f"step {i}: add {i} to the running total" for i in range(10_000)]]}
+    path.write_text(json.dumps([records[0], runaway, records[1]]))
+    out = tmp_path / "scored.json"
+    done = run_mmprm(settings, "score", str(path), "--checkpoint", str(TOY_POLICY_DIR), "--out", str(out),
+                     rss_limit_mb=2048, timeout=600)
+    assert done.returncode == 1, (done.peak_rss_mb, done.stdout + done.stderr)
+    said = done.stdout.replace("\n", "")
+    assert "(id 'runaway'): field 'solutions_splits[0]'" in said and "over the PRM's input limit" in said, said
+    assert [len(r["prm_scores"]) for r in json.loads(out.read_text())] == [3, 2]
+    assert done.peak_rss_mb < 1024, done.peak_rss_mb
+
+
 def test_a_trigger_cannot_name_an_endpoint_url():
     assert not [name for name in TRIGGER_PARAMS if "url" in name or "key" in name]
     with pytest.raises(KeyError, match="unknown"):
