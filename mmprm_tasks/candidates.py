@@ -170,13 +170,19 @@ class _FieldError(ValueError):
         self.field = field
 
 
-def _records(text: str) -> list[Any]:
+def _records(text: str, jsonl: bool | None = None) -> list[Any]:
+    """The file's records: JSONL when ``jsonl`` (a ``.jsonl`` name: its first record may be an
+    array), a JSON array when not, and when None a JSON array if the text starts with ``[``."""
     stripped = text.lstrip()
-    if stripped.startswith("["):
+    if jsonl is False or (jsonl is None and stripped.startswith("[")):
         try:
             data = json.loads(stripped)
         except json.JSONDecodeError as exc:
             raise CandidateFileError(f"not a JSON array: {exc}") from exc
+        except RecursionError:
+            raise CandidateFileError("not a JSON array this reader can read: a record is nested too deeply") from None
+        if not isinstance(data, list):
+            raise CandidateFileError(f"not a JSON array: the file holds one {type(data).__name__}")
         return data
     out = []
     for number, line in enumerate(text.splitlines(), 1):
@@ -186,15 +192,19 @@ def _records(text: str) -> list[Any]:
             out.append(json.loads(line))
         except json.JSONDecodeError as exc:
             out.append(CandidateFileError(f"line {number}: not JSON: {exc}"))
+        except RecursionError:
+            out.append(CandidateFileError(f"line {number}: JSON nested too deeply to read"))
     return out
 
 
-def read_candidates(text: str, *, scorer: str = PRM_SCORER) -> tuple[str, list[ProblemCandidates], list[Rejection]]:
+def read_candidates(text: str, *, scorer: str = PRM_SCORER, jsonl: bool | None = None
+                    ) -> tuple[str, list[ProblemCandidates], list[Rejection]]:
     """Parse a candidate file: a JSON array or JSONL of release records (``solutions_splits``)
     or of the project's records (``candidates``).  Returns the format (``"release"`` or
     ``"mmprm"``), the good records and one :class:`~mmprm_tasks.seeds.Rejection` per bad one
-    (position, id and field); a release file's ``prm_scores`` become ``step_scores[scorer]``."""
-    kind, good, rejected = _read_records(_records(text), scorer)
+    (position, id and field); a release file's ``prm_scores`` become ``step_scores[scorer]``.
+    ``jsonl``: see :func:`_records`."""
+    kind, good, rejected = _read_records(_records(text, jsonl), scorer)
     return kind, [problem for _, problem in good], rejected
 
 
@@ -395,7 +405,7 @@ def score_file(settings: Any, source: str, checkpoint: str, out: Path | None = N
     from .prm import PRMScorer
 
     text = _read_text(source, settings)
-    records = _records(text)
+    records = _records(text, jsonl=True if source.endswith((".jsonl", ".ndjson")) else None)
     kind, good, rejected = _read_records(records, name)
     local = not source.startswith(("s3://", "file://"))
     root = image_root or (Path(source).resolve().parent if local else None)

@@ -28,7 +28,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, field_validator
 
 from .db import get_engine, require_schema
-from .settings import Settings
+from .settings import ConfigurationError, Settings
 from .storage import ObjectStore, open_store, sha256_hex
 from .validation import find_bad_value, id_problem
 
@@ -172,6 +172,10 @@ def _text_blocks(path: Path) -> Iterator[str]:
 
 
 def _is_json_array(path: Path) -> bool:
+    """A ``.jsonl``/``.ndjson`` file is JSON lines whatever its first record (which may be an array,
+    rejected alone); any other file is a JSON array when its text starts with ``[``."""
+    if path.suffix.lower() in (".jsonl", ".ndjson"):
+        return False
     for block in _text_blocks(path):
         stripped = block.lstrip()
         if stripped:
@@ -228,8 +232,9 @@ def _iter_json_array(path: Path) -> Iterator[Any]:
             if pos < len(buffer) or not more():
                 return buffer[pos] if pos < len(buffer) else ""
 
-    def fail(message: str) -> ValueError:
-        return ValueError(f"{path}: not a valid JSON array: {message}")
+    def fail(message: str) -> ConfigurationError:
+        # The whole file is unreadable: a one-line error of the command, never retried.
+        return ConfigurationError(f"{path}: not a valid JSON array: {message}")
 
     if skip_space() != "[":
         raise fail("it does not start with '['")
