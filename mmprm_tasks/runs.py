@@ -240,15 +240,21 @@ def release_leases(settings: Settings, run_id: str, owner: str, error: str) -> i
 
 def finish_chunks(settings: Settings, run_id: str) -> None:
     """Mark chunks whose problems are all done, and the run when every chunk is."""
-    with get_engine(settings).begin() as conn:
+    from .tree_index import analyze_index
+
+    engine = get_engine(settings)
+    with engine.begin() as conn:
         conn.execute(sa.text(
             "UPDATE chunks c SET status = 'done', updated_at = now() WHERE c.run_id = :run AND c.status <> 'done'"
             " AND NOT EXISTS (SELECT 1 FROM chunk_problems p WHERE p.run_id = c.run_id"
             " AND p.chunk_index = c.chunk_index AND p.status <> 'done')"), {"run": run_id})
-        conn.execute(sa.text(
+        finished = conn.execute(sa.text(
             "UPDATE annotation_runs r SET status = 'succeeded', finished_at = now() WHERE r.run_id = :run"
+            " AND r.status <> 'succeeded'"
             " AND NOT EXISTS (SELECT 1 FROM chunks c WHERE c.run_id = r.run_id AND c.status <> 'done')"),
-            {"run": run_id})
+            {"run": run_id}).rowcount
+    if finished:  # the run's trees are all written: the planner sees them from now on
+        analyze_index(engine)
 
 
 def run_progress(settings: Settings, run_id: str) -> dict[str, int]:

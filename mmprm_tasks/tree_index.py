@@ -341,5 +341,14 @@ def import_trees(settings: Settings, source: str, run_id: str, *, policy_model: 
             pending.result()
         if batch:
             write(batch)
+    if report.trees:
+        analyze_index(engine)
     report.seconds = time.perf_counter() - started
     return report
+
+
+def analyze_index(engine: sa.Engine) -> None:
+    """Fresh planner statistics after a bulk write: without them the README's first-error query
+    took 640 ms at 1.1M imported nodes instead of ~100 ms, until autovacuum came round."""
+    with engine.begin() as conn:
+        conn.execute(sa.text("ANALYZE trees, step_nodes"))
