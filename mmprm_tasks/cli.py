@@ -171,12 +171,16 @@ def annotate(
 ) -> None:
     """Grow OmegaPRM trees for a chunk (or all chunks) of a run; resumable and idempotent."""
     from .annotate import annotate_chunk, run_summary
-    from .runs import run_progress
+    from .db import get_engine
+    from .runs import lease_holders, reclaim_dead_attempts, run_progress
 
     if (chunk is None) == (not all_chunks):
         raise typer.BadParameter("give exactly one of --chunk ID or --all")
     settings = _settings()
     if all_chunks:
+        # --all helps until the run is done: problems of workers that died on this host are taken
+        # back at once and finished here.
+        reclaim_dead_attempts(settings, run_id, None)
         stats = annotate_chunk(settings, run_id, 0, worker=f"{run_id}/cli-all")
     else:
         stats = annotate_chunk(settings, run_id, chunk)
@@ -185,6 +189,13 @@ def annotate(
     console.print(f"progress {json.dumps(progress)}")
     console.print_json(data=run_summary(settings, run_id))
     unfinished = {status: n for status, n in progress.items() if status != "done" and n}
+    holders = lease_holders(get_engine(settings), run_id) if all_chunks and unfinished else []
+    if all_chunks and set(unfinished) == {"leased"} and all(holder.live for holder in holders):
+        # Peers are finishing the rest: this worker's part is done, and so will the run be.
+        owners = ", ".join(f"{holder.owner} ({holder.problems})" for holder in holders)
+        console.print(f"run {run_id}: nothing left to claim; {unfinished['leased']} problem(s) are being annotated "
+                      f"by live workers: {owners}", soft_wrap=True, markup=False, highlight=False)
+        return
     if all_chunks and unfinished:
         # Problems leased by another worker (maybe a dead one) come back when the lease expires.
         console.print(f"[red]run {run_id} is not finished: {unfinished}; leased problems return when their "

@@ -212,15 +212,35 @@ def _is_dead(owner: str) -> bool:
         return False
 
 
-def reclaim_dead_attempts(settings: Settings, run_id: str, base: str) -> int:
-    """Hand back at once the leases of earlier attempts of ``base`` (e.g. this chunk) that died on
-    this host; a live attempt's leases, or one on another host, are left to their expiry."""
+def reclaim_dead_attempts(settings: Settings, run_id: str, base: str | None) -> int:
+    """Hand back at once the leases of earlier attempts of ``base`` (e.g. this chunk; None: of any
+    worker of the run) that died on this host; a live attempt's leases, or one on another host,
+    are left to their expiry."""
     with get_engine(settings).connect() as conn:
         owners = conn.execute(sa.text(
             "SELECT DISTINCT lease_owner FROM chunk_problems WHERE run_id = :run AND status = 'leased'"
-            " AND left(lease_owner, :n) = :prefix"), {"run": run_id, "n": len(base) + 1, "prefix": base + "@"}).scalars()
+            " AND (CAST(:prefix AS TEXT) IS NULL OR left(lease_owner, :n) = :prefix)"),
+            {"run": run_id, "n": len(base or "") + 1, "prefix": None if base is None else base + "@"}).scalars()
         dead = [owner for owner in owners if _is_dead(owner)]
     return sum(release_leases(settings, run_id, owner, f"resumed by a new attempt: {owner} died") for owner in dead)
+
+
+@dataclass(frozen=True)
+class LeaseHolder:
+    owner: str
+    problems: int
+    live: bool  # its leases are unexpired and its process is not known to be dead
+
+
+def lease_holders(engine: sa.Engine, run_id: str) -> list[LeaseHolder]:
+    """Who holds the run's leased problems, and whether each holder is still working on them."""
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text(
+            "SELECT lease_owner, count(*) AS problems, bool_and(lease_expires_at > now()) AS unexpired"
+            " FROM chunk_problems WHERE run_id = :run AND status = 'leased' GROUP BY lease_owner"
+            " ORDER BY lease_owner"), {"run": run_id}).all()
+    return [LeaseHolder(row.lease_owner, row.problems, bool(row.unexpired) and not _is_dead(row.lease_owner))
+            for row in rows]
 
 
 def storable_error(error: str, limit: int = 2000) -> str:

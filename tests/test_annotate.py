@@ -202,17 +202,20 @@ def test_run_config_must_match(annotated_settings):
                        verifier=ExactVerifier())
 
 
-def test_cli_annotate_all_fails_while_a_dead_worker_holds_leases(cli_settings, tmp_path):
+def test_cli_annotate_all_leaves_unexpired_leases_of_another_host_to_their_holder(cli_settings, tmp_path):
+    """A worker elsewhere may be alive (its heartbeat renews its leases): --all, with nothing left
+    to claim, says who holds the rest and exits 0 (issue 25; it used to exit 1)."""
     from typer.testing import CliRunner
 
     from mmprm_tasks import cli
 
     ingest_file(make_seed_file(tmp_path / "data", 3), cli_settings)
     shard_run(cli_settings, "run-d", chunk_size=3)
-    assert len(claim_problems(cli_settings, "run-d", 0, "dead-worker", limit=3)) == 3
+    elsewhere = "run-d/chunk-0@another-host:123:abcd"
+    assert len(claim_problems(cli_settings, "run-d", 0, elsewhere, limit=3)) == 3
     result = CliRunner().invoke(cli.app, ["annotate", "--run", "run-d", "--all"])
-    assert result.exit_code == 1, result.output
-    assert "run-d is not finished" in result.output and "'leased': 3" in result.output
+    assert result.exit_code == 0, result.output
+    assert "3 problem(s) are being annotated by live workers" in result.output and elsewhere in result.output
 
 
 def test_an_empty_chunk_loads_nothing_and_chunks_share_one_warm_engine(annotated_settings, monkeypatch):
