@@ -105,13 +105,49 @@ class CountingEngine:
         return self.inner.submit(request)
 
 
+_ENGINE_FIELDS = ("calls", "requests", "rollouts", "seconds", "decode_steps", "row_steps")
+
+
+class StatsLedger:
+    """The engine work of one attempt not yet added to the run's stats.  Each tree transaction
+    adds, with its trees, the work done since the last one (:meth:`take`), so a SIGKILLed attempt
+    loses at most its work since its last commit: never its committed work or an earlier
+    attempt's (issue 25: the stats were added once, at the end, so only the last attempt counted)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.counting: CountingPolicy | CountingEngine | None = None
+        self._recorded = dict.fromkeys(_ENGINE_FIELDS, 0.0)
+
+    def _now(self) -> dict[str, float]:
+        stats = self.counting.settle() if self.counting else EngineStats()
+        return {name: getattr(stats, name) for name in _ENGINE_FIELDS}
+
+    def take(self, written: Sequence[SearchResult] = ()) -> dict[str, float]:
+        """The run-stats delta to add now (engine work since the last take, and the unverifiable
+        answers of ``written``); counted as recorded until :meth:`give_back`."""
+        with self._lock:
+            now = self._now()
+            delta = {name: now[name] - self._recorded[name] for name in _ENGINE_FIELDS}
+            self._recorded = now
+        return {"unverifiable_answers": sum(r.stats["unverifiable"] for r in written),
+                **{f"engine_{name}": round(value, 3) if name == "seconds" else int(value)
+                   for name, value in delta.items()}}
+
+    def give_back(self, delta: dict[str, float]) -> None:
+        """A taken delta whose transaction did not commit: it is added by a later take."""
+        with self._lock:
+            for name in _ENGINE_FIELDS:
+                self._recorded[name] -= delta[f"engine_{name}"]
+
+
 def counted(backend: Any) -> CountingPolicy | CountingEngine:
     """The backend wrapped to count what the engine was asked (recorded as run stats)."""
     return CountingEngine(backend) if is_rollout_engine(backend) else CountingPolicy(backend)
 
 
 def persist_trees(conn: sa.Connection, store: ObjectStore, run_id: str, chash: str, results: Sequence[SearchResult],
-                  owner: str) -> list[SearchResult]:
+                  owner: str, ledger: StatsLedger | None = None) -> list[SearchResult]:
     """In one transaction on ``conn``: lock the problems ``owner`` still leases, write their trees'
     JSON, index their nodes (upsert by run and problem) and mark them done.  Returns the results
     written; a problem whose lease a peer took is not written (nothing of it is, the peer searches
@@ -124,6 +160,7 @@ def persist_trees(conn: sa.Connection, store: ObjectStore, run_id: str, chash: s
         prepared.append((result, data, TreeEntry.build(run_id, result.tree, data, num_rollouts=result.stats["rollouts"],
                                                        num_searches=result.stats["searches"])))
     put: list[tuple[str, str]] = []
+    delta: dict[str, float] | None = None
     try:
         with conn.begin():
             # Atomic but not flushed to disk at commit: a database crash can lose the last few
@@ -137,7 +174,12 @@ def persist_trees(conn: sa.Connection, store: ObjectStore, run_id: str, chash: s
                 put.append((result.problem_id, entry.key))
             write_trees(conn, run_id, chash, [entry for _, _, entry in prepared])
             mark_done(conn, run_id, [result.problem_id for result, _, _ in prepared])
+            if ledger is not None:  # last: the run's row is locked only until the commit
+                delta = ledger.take([result for result, _, _ in prepared])
+                _add_run_stats(conn, run_id, delta)
     except BaseException as exc:
+        if delta is not None:  # not committed: a later transaction adds it
+            ledger.give_back(delta)  # type: ignore[union-attr]
         for problem_id, key in put:
             best_effort(lambda: remove_uncommitted_tree(conn.engine, store, run_id, problem_id, key),
                         f"removing the uncommitted tree object {key}", exc)
@@ -182,8 +224,8 @@ class TreeWriter:
     """
 
     def __init__(self, engine: sa.Engine, store: ObjectStore, settings: Settings, run_id: str, chash: str,
-                 owner: str, *, max_pending: int = 64) -> None:
-        self._engine, self._store, self._settings = engine, store, settings
+                 owner: str, *, max_pending: int = 64, ledger: StatsLedger | None = None) -> None:
+        self._engine, self._store, self._settings, self._ledger = engine, store, settings, ledger
         self._run_id, self._chash, self._owner = run_id, chash, owner
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_pending)
         self._error: BaseException | None = None
@@ -257,7 +299,8 @@ class TreeWriter:
                     continue  # drain: the problems stay leased and are handed back by the caller
                 try:
                     if batch:
-                        written = persist_trees(conn, self._store, self._run_id, self._chash, batch, self._owner)
+                        written = persist_trees(conn, self._store, self._run_id, self._chash, batch, self._owner,
+                                                self._ledger)
                         landed = {r.problem_id for r in written}
                         lost = [r.problem_id for r in batch if r.problem_id not in landed]
                         if lost:  # a peer searches them again; not this chunk's failure
@@ -309,7 +352,9 @@ def _check_run(engine: sa.Engine, settings: Settings, run_id: str, chunk_index: 
 
 
 def _add_run_stats(conn: sa.Connection, run_id: str, delta: dict[str, float]) -> None:
-    current = conn.execute(sa.text("SELECT stats FROM annotation_runs WHERE run_id = :r FOR UPDATE"),
+    # NO KEY UPDATE: it does not wait on the key-share locks a peer's tree rows hold on the run
+    # (their foreign key), so two writers adding stats after their trees cannot deadlock.
+    current = conn.execute(sa.text("SELECT stats FROM annotation_runs WHERE run_id = :r FOR NO KEY UPDATE"),
                            {"r": run_id}).scalar_one()
     merged = dict(current)
     for name, value in delta.items():
@@ -390,11 +435,12 @@ def annotate_chunk(settings: Settings, run_id: str, chunk_index: int, *, worker:
             yield problem  # outside the connection: the search may hold this generator for long
             claimed = claim_problems(settings, run_id, chunk_index, owner, limit=1, steal=steal)
 
-    writer = TreeWriter(engine, store, settings, run_id, chash, owner)
+    ledger = StatsLedger()
+    writer = TreeWriter(engine, store, settings, run_id, chash, owner, ledger=ledger)
     failure: BaseException | None = None
     try:
         if first:
-            counting = counted(policy or warm_policy(settings))
+            counting = ledger.counting = counted(policy or warm_policy(settings))
             for result in run_search(problems(), counting, verifier or warm_verifier(settings), settings.search,
                                      settings.seed):
                 writer.submit(result)
@@ -411,20 +457,25 @@ def annotate_chunk(settings: Settings, run_id: str, chunk_index: int, *, worker:
     finally:
         end_attempt(owner)
         # What this attempt did. Only the engine's work and the unverifiable answers are added to
-        # the run's stats (work done, crashed attempts included); tree and rollout counts of the
-        # run are read from the index (run_summary), so a duplicate or killed attempt cannot
-        # double or drop them.
+        # the run's stats (work done, crashed attempts included), with each tree transaction and
+        # here the rest since the last one; tree and rollout counts of the run are read from the
+        # index (run_summary), so a duplicate or killed attempt cannot double or drop them.
         engine_stats = counting.settle() if counting else EngineStats()
-        engine_work = {"unverifiable_answers": sum(r.stats["unverifiable"] for r in writer.written),
-                       "engine_calls": engine_stats.calls, "engine_requests": engine_stats.requests,
-                       "engine_rollouts": engine_stats.rollouts, "engine_seconds": round(engine_stats.seconds, 3),
-                       "engine_decode_steps": engine_stats.decode_steps, "engine_row_steps": engine_stats.row_steps}
         stats = {"trees": len(writer.written), "rollouts": sum(r.stats["rollouts"] for r in writer.written),
-                 "trees_mixed_root": sum(0 < r.tree["mc_value"] < 1 for r in writer.written), **engine_work}
+                 "trees_mixed_root": sum(0 < r.tree["mc_value"] < 1 for r in writer.written),
+                 "unverifiable_answers": sum(r.stats["unverifiable"] for r in writer.written),
+                 "engine_calls": engine_stats.calls, "engine_requests": engine_stats.requests,
+                 "engine_rollouts": engine_stats.rollouts, "engine_seconds": round(engine_stats.seconds, 3),
+                 "engine_decode_steps": engine_stats.decode_steps, "engine_row_steps": engine_stats.row_steps}
         if counting:
             def add_stats() -> None:
-                with engine.begin() as conn:
-                    _add_run_stats(conn, run_id, engine_work)
+                rest = ledger.take()
+                try:
+                    with engine.begin() as conn:
+                        _add_run_stats(conn, run_id, rest)
+                except BaseException:
+                    ledger.give_back(rest)
+                    raise
             if failure is None:
                 add_stats()
             else:
