@@ -263,24 +263,29 @@ def traverse_stage(settings: Settings, run_ids: list[str]) -> dict[str, Any]:
 def format_stage(settings: Settings, dataset_id: str) -> dict[str, Any]:
     """The dataset as the release's InternVL folder (annotation, images, description; see
     :mod:`mmprm_tasks.exports`) and in the generic chat format."""
-    from .exports import INTERNVL_ANNOTATION, INTERNVL_META, dataset_paths, write_internvl_folder
-    from .formats import jsonl_text, to_chat
+    from .exports import INTERNVL_ANNOTATION, INTERNVL_META, iter_dataset_paths, write_internvl_folder
+    from .formats import chat_line
 
     engine = get_engine(settings)
     store = open_store(settings)
-    paths = dataset_paths(settings, dataset_id)
+    paths = iter_dataset_paths(settings, dataset_id)
     prefix = f"datasets/{dataset_id}"
     keys = {
         "internvl": f"{prefix}/internvl/{INTERNVL_ANNOTATION}",
         "internvl_description": f"{prefix}/internvl/{INTERNVL_META}",
         "chat": f"{prefix}/chat.jsonl",
     }
-    write_internvl_folder(settings, dataset_id, paths, store, f"{prefix}/internvl")
-    store.put_bytes(keys["chat"], jsonl_text(to_chat(paths)).encode(), "application/x-ndjson")
+    # Both formats in one pass over the paths, each spooled to a file: flat in the dataset's size.
+    with tempfile.NamedTemporaryFile("w", encoding="utf-8", suffix=".jsonl") as chat:
+        written = write_internvl_folder(settings, dataset_id, paths, store, f"{prefix}/internvl",
+                                        each=lambda n, path: chat.write(chat_line(n, path) + "\n"))
+        chat.flush()
+        store.put_file(keys["chat"], chat.name, "application/x-ndjson")
     with engine.begin() as conn:
         conn.execute(sa.text("UPDATE datasets SET formats = CAST(:f AS JSONB) WHERE dataset_id = :d"),
                      {"f": json.dumps(keys), "d": dataset_id})
-    return {"dataset_id": dataset_id, "records": len(paths), "uris": {k: store.uri(v) for k, v in keys.items()}}
+    return {"dataset_id": dataset_id, "records": written["records"],
+            "uris": {k: store.uri(v) for k, v in keys.items()}}
 
 
 def latest_dataset(settings: Settings) -> str:

@@ -68,6 +68,10 @@ class ObjectStore(ABC):
     def get_json(self, key: str) -> Any:
         return json.loads(self.get_bytes(key))
 
+    def iter_lines(self, key: str) -> Iterator[str]:
+        """The object's non-blank lines (paths, candidates); the stores read them as a stream."""
+        yield from (line for line in self.get_bytes(key).decode().splitlines() if line.strip())
+
     def get_jsonl(self, key: str) -> list[Any]:
         """The object's non-blank lines, each parsed as JSON (paths, candidates)."""
         return [json.loads(line) for line in self.get_bytes(key).decode().splitlines() if line.strip()]
@@ -202,6 +206,14 @@ class LocalStore(ObjectStore):
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
+    def iter_lines(self, key: str) -> Iterator[str]:
+        try:
+            handle = self._path(key).open(encoding="utf-8")
+        except FileNotFoundError:
+            raise ObjectNotFound(self.uri(key)) from None
+        with handle:
+            yield from (line.rstrip("\n") for line in handle if line.strip())
+
     def iter_keys(self, prefix: str = "") -> Iterator[str]:
         for path in self.root.rglob("*"):
             if path.is_file() and not path.name.startswith(TEMPORARY_PREFIX):
@@ -279,6 +291,26 @@ class S3Store(ObjectStore):
             raise
         try:
             return response.read()
+        finally:
+            response.close()
+            response.release_conn()
+
+    def iter_lines(self, key: str) -> Iterator[str]:
+        from minio.error import S3Error
+
+        try:
+            response = self.client.get_object(bucket_name=self.bucket, object_name=check_key(key))
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchObject"):
+                raise ObjectNotFound(self.uri(key)) from None
+            raise
+        try:
+            rest = b""
+            for chunk in response.stream(1 << 20):
+                *lines, rest = (rest + chunk).split(b"\n")
+                yield from (line.decode() for line in lines if line.strip())
+            if rest.strip():
+                yield rest.decode()
         finally:
             response.close()
             response.release_conn()
