@@ -314,7 +314,8 @@ class TreeWriter:
                             log.info("tree %s: root mc %.3f, %d nodes", result.problem_id, result.tree["mc_value"],
                                      result.stats["nodes"])
                     if renews and time.monotonic() >= next_renewal:
-                        renew_leases(self._settings, self._run_id, self._owner)
+                        renew_leases(self._engine, self._run_id, self._owner,
+                                     lease_seconds=self._settings.lease_seconds)
                         next_renewal = time.monotonic() + self._heartbeat
                 except BaseException as exc:  # raised on the search thread
                     self._fail(exc)
@@ -414,11 +415,12 @@ def annotate_chunk(settings: Settings, run_id: str, chunk_index: int, *, worker:
     # Owners name the attempt (host, pid, token): a retry takes back at once only the leases of
     # attempts that died on this host; a live attempt's are never taken, others expire.
     base = worker or f"{run_id}/chunk-{chunk_index}"
-    resumed = reclaim_dead_attempts(settings, run_id, base)
+    resumed = reclaim_dead_attempts(engine, run_id, base)
     owner = attempt_owner(base)
     stolen: list[str] = []
     # Nothing to do costs nothing: no engine or verifier is touched before a problem is claimed.
-    first = claim_problems(settings, run_id, chunk_index, owner, limit=1, steal=steal)
+    lease = settings.lease_seconds
+    first = claim_problems(engine, run_id, chunk_index, owner, limit=1, lease_seconds=lease, steal=steal)
     counting: CountingPolicy | CountingEngine | None = None
 
     def problems() -> Iterator[SearchProblem]:
@@ -433,7 +435,7 @@ def annotate_chunk(settings: Settings, run_id: str, chunk_index: int, *, worker:
             with engine.connect() as conn:
                 problem = _load_problem(conn, store, problem_id)
             yield problem  # outside the connection: the search may hold this generator for long
-            claimed = claim_problems(settings, run_id, chunk_index, owner, limit=1, steal=steal)
+            claimed = claim_problems(engine, run_id, chunk_index, owner, limit=1, lease_seconds=lease, steal=steal)
 
     ledger = StatsLedger()
     writer = TreeWriter(engine, store, settings, run_id, chash, owner, ledger=ledger)
@@ -451,7 +453,7 @@ def annotate_chunk(settings: Settings, run_id: str, chunk_index: int, *, worker:
         # below, so a retry on this host takes them back at once (others get them on expiry).
         failure = exc
         best_effort(writer.close, "writing finished trees", exc)  # trees finished before still land
-        best_effort(lambda: release_leases(settings, run_id, owner, f"{type(exc).__name__}: {exc}"),
+        best_effort(lambda: release_leases(engine, run_id, owner, f"{type(exc).__name__}: {exc}"),
                     "releasing leases", exc)
         raise
     finally:
@@ -480,7 +482,7 @@ def annotate_chunk(settings: Settings, run_id: str, chunk_index: int, *, worker:
                 add_stats()
             else:
                 best_effort(add_stats, "adding the attempt's engine stats", failure)
-    finish_chunks(settings, run_id)
+    finish_chunks(engine, run_id)
     return {**stats, "run_id": run_id, "chunk_index": chunk_index, "stolen": len(stolen),
             "resumed_leases": resumed, "leases_lost": len(writer.lost),
             "mean_batch_size": engine_stats.mean_batch_size}

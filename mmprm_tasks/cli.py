@@ -152,6 +152,7 @@ def chunks(
     split: Annotated[Optional[str], typer.Option(help="Only problems of this split")] = None,
 ) -> None:
     """Create an annotation run and shard its problems into chunks (idempotent per run)."""
+    from .db import get_engine
     from .runs import default_run_id, run_progress, shard_run
 
     settings = _settings()
@@ -159,7 +160,7 @@ def chunks(
                        selection=selection, split=split)  # type: ignore[arg-type]
     verb = "created" if result.created else "already had"
     console.print(f"run [bold]{result.run_id}[/]: {verb} {len(result.chunk_indices)} chunks over "
-                  f"{result.num_problems} problems; progress {json.dumps(run_progress(settings, result.run_id))}")
+                  f"{result.num_problems} problems; progress {json.dumps(run_progress(get_engine(settings), result.run_id))}")
 
 
 @app.command()
@@ -180,12 +181,12 @@ def annotate(
     if all_chunks:
         # --all helps until the run is done: problems of workers that died on this host are taken
         # back at once and finished here.
-        reclaim_dead_attempts(settings, run_id, None)
+        reclaim_dead_attempts(get_engine(settings), run_id, None)
         stats = annotate_chunk(settings, run_id, 0, worker=f"{run_id}/cli-all")
     else:
         stats = annotate_chunk(settings, run_id, chunk)
     console.print_json(data=stats)
-    progress = run_progress(settings, run_id)
+    progress = run_progress(get_engine(settings), run_id)
     console.print(f"progress {json.dumps(progress)}")
     console.print_json(data=run_summary(settings, run_id))
     unfinished = {status: n for status, n in progress.items() if status != "done" and n}

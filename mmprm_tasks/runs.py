@@ -120,17 +120,15 @@ RETURNING c.problem_id, c.chunk_index
 """
 
 
-def claim_problems(settings: Settings, run_id: str, chunk_index: int, owner: str, limit: int,
-                   *, steal: bool = True) -> list[tuple[str, int]]:
+def claim_problems(engine: sa.Engine, run_id: str, chunk_index: int, owner: str, limit: int,
+                   *, lease_seconds: float, steal: bool = True) -> list[tuple[str, int]]:
     """Lease up to ``limit`` problems: the chunk's own first, then (``steal``) other chunks'.
 
     A problem is claimable when pending or leased by someone whose lease has expired (a dead
     worker).  A retried task first takes back its dead attempts' leases with
     :func:`reclaim_dead_attempts`.
     """
-    engine = get_engine(settings)
-    params = {"run": run_id, "chunk": chunk_index, "owner": owner, "limit": limit,
-              "lease": settings.lease_seconds}
+    params = {"run": run_id, "chunk": chunk_index, "owner": owner, "limit": limit, "lease": lease_seconds}
     with engine.begin() as conn:
         conn.execute(sa.text("UPDATE chunks SET status = 'running', attempts = attempts + 1, updated_at = now()"
                              " WHERE run_id = :run AND chunk_index = :chunk AND status = 'pending'"), params)
@@ -142,12 +140,12 @@ def claim_problems(settings: Settings, run_id: str, chunk_index: int, owner: str
     return [(pid, idx) for pid, idx in rows]
 
 
-def renew_leases(settings: Settings, run_id: str, owner: str) -> int:
-    with get_engine(settings).begin() as conn:
+def renew_leases(engine: sa.Engine, run_id: str, owner: str, *, lease_seconds: float) -> int:
+    with engine.begin() as conn:
         return conn.execute(sa.text(
             "UPDATE chunk_problems SET lease_expires_at = now() + make_interval(secs => :lease)"
             " WHERE run_id = :run AND lease_owner = :owner AND status = 'leased'"),
-            {"run": run_id, "owner": owner, "lease": settings.lease_seconds}).rowcount
+            {"run": run_id, "owner": owner, "lease": lease_seconds}).rowcount
 
 
 def hold_leases(conn: sa.Connection, run_id: str, problem_ids: Sequence[str], owner: str) -> set[str]:
@@ -212,17 +210,17 @@ def _is_dead(owner: str) -> bool:
         return False
 
 
-def reclaim_dead_attempts(settings: Settings, run_id: str, base: str | None) -> int:
+def reclaim_dead_attempts(engine: sa.Engine, run_id: str, base: str | None) -> int:
     """Hand back at once the leases of earlier attempts of ``base`` (e.g. this chunk; None: of any
     worker of the run) that died on this host; a live attempt's leases, or one on another host,
     are left to their expiry."""
-    with get_engine(settings).connect() as conn:
+    with engine.connect() as conn:
         owners = conn.execute(sa.text(
             "SELECT DISTINCT lease_owner FROM chunk_problems WHERE run_id = :run AND status = 'leased'"
             " AND (CAST(:prefix AS TEXT) IS NULL OR left(lease_owner, :n) = :prefix)"),
             {"run": run_id, "n": len(base or "") + 1, "prefix": None if base is None else base + "@"}).scalars()
         dead = [owner for owner in owners if _is_dead(owner)]
-    return sum(release_leases(settings, run_id, owner, f"resumed by a new attempt: {owner} died") for owner in dead)
+    return sum(release_leases(engine, run_id, owner, f"resumed by a new attempt: {owner} died") for owner in dead)
 
 
 @dataclass(frozen=True)
@@ -249,20 +247,19 @@ def storable_error(error: str, limit: int = 2000) -> str:
     return error.replace("\x00", "\\x00")[:limit]
 
 
-def release_leases(settings: Settings, run_id: str, owner: str, error: str) -> int:
+def release_leases(engine: sa.Engine, run_id: str, owner: str, error: str) -> int:
     """Give unfinished leases back at once (the task failed; its retry or a peer continues)."""
-    with get_engine(settings).begin() as conn:
+    with engine.begin() as conn:
         return conn.execute(sa.text(
             "UPDATE chunk_problems SET status = 'pending', lease_owner = NULL, lease_expires_at = NULL,"
             " error = :err WHERE run_id = :run AND lease_owner = :owner AND status = 'leased'"),
             {"run": run_id, "owner": owner, "err": storable_error(error)}).rowcount
 
 
-def finish_chunks(settings: Settings, run_id: str) -> None:
+def finish_chunks(engine: sa.Engine, run_id: str) -> None:
     """Mark chunks whose problems are all done, and the run when every chunk is."""
     from .tree_index import analyze_index
 
-    engine = get_engine(settings)
     with engine.begin() as conn:
         conn.execute(sa.text(
             "UPDATE chunks c SET status = 'done', updated_at = now() WHERE c.run_id = :run AND c.status <> 'done'"
@@ -277,8 +274,8 @@ def finish_chunks(settings: Settings, run_id: str) -> None:
         analyze_index(engine)
 
 
-def run_progress(settings: Settings, run_id: str) -> dict[str, int]:
-    with get_engine(settings).connect() as conn:
+def run_progress(engine: sa.Engine, run_id: str) -> dict[str, int]:
+    with engine.connect() as conn:
         rows = conn.execute(sa.text(
             "SELECT status, count(*) FROM chunk_problems WHERE run_id = :run GROUP BY status"), {"run": run_id}).all()
     return {status: count for status, count in rows}

@@ -34,7 +34,7 @@ def test_annotate_all_finishes_dead_workers_problems_and_leaves_live_peers_their
     assert run_mmprm(settings, "chunks", "--run", "r", "--chunk-size", "1", **SMALL_ENV).returncode == 0
     engine = get_engine(settings)
     peer = attempt_owner("r/chunk-2")  # this test process: alive while the CLI runs
-    [(live_problem, _)] = claim_problems(settings, "r", 2, peer, limit=1, steal=False)
+    [(live_problem, _)] = claim_problems(get_engine(settings), "r", 2, peer, limit=1, steal=False, lease_seconds=settings.lease_seconds)
     with engine.begin() as conn:  # a worker that died holding chunk 1's problem, lease still running
         conn.execute(sa.text("UPDATE chunk_problems SET status = 'leased', lease_owner = :o,"
                              " lease_expires_at = now() + interval '1 hour' WHERE run_id = 'r' AND chunk_index = 1"),
