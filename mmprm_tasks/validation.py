@@ -69,13 +69,6 @@ def text_problem(value: str) -> str | None:
     return f"contains {what} at position {bad.start()} (only newline and tab are allowed)"
 
 
-def check_text(value: str, field: str) -> str:
-    problem = text_problem(value)
-    if problem:
-        raise InvalidValue(field, problem)
-    return value
-
-
 def find_bad_value(obj: Any, field: str = "") -> InvalidValue | None:
     """The first text (key or value) or number anywhere in the JSON value ``obj`` that breaks the
     rules, as an :class:`InvalidValue` naming its place (``notes.tags[1]``); None when all pass.
@@ -105,7 +98,7 @@ def find_bad_value(obj: Any, field: str = "") -> InvalidValue | None:
 # raw C0 controls): as a \\u escape of one, as a raw DEL or C1 character (UTF-8 C2 80-9F), or as
 # an encoded surrogate (ED A0-BF: json.loads decodes bytes with "surrogatepass").  Each pattern
 # starts with a literal byte, so a clean text costs a fast scan.
-_ESCAPED_FORBIDDEN = re.compile(rb"\\u(?:00[0-1189][0-9a-fA-F]|007[fF]|[dD][89abAB])")
+_ESCAPED_FORBIDDEN = re.compile(rb"\\u(?:00[0189][0-9a-fA-F]|007[fF]|[dD][89abAB])")
 _RAW_FORBIDDEN = re.compile(rb"\x7f|\xc2[\x80-\x9f]|\xed[\xa0-\xbf]")
 
 
