@@ -207,6 +207,7 @@ def sharded_home(settings, tmp_path):
     from mmprm_tasks.runs import shard_run
 
     seeds.ingest_file(make_seed_file(tmp_path / "data", 2), settings)
+    (tmp_path / "broken.json").write_text('[{"id": "a", "question": ')  # cut: not a JSON array
     shard_run(settings, "r1", chunk_size=1)
     return settings, traverse_stage(settings, ["r1"])["dataset_id"]
 
@@ -222,6 +223,7 @@ _ONE_LINE_FAILURES = {
     "traverse-unknown": (["traverse", "no-such-run"], 1, "not in the step index: ['no-such-run']"),
     "annotate-huge-chunk": (["annotate", "--run", "r1", "--chunk", "99999999999999999999"], 1, "has no chunk"),
     "annotate-chunk-past-end": (["annotate", "--run", "r1", "--chunk", "2"], 1, "has no chunk 2"),
+    "ingest-broken-array": (["ingest", "{tmp}/broken.json"], 1, "not a valid JSON array"),
     "annotate-negative-chunk": (["annotate", "--run", "r1", "--chunk", "-1"], 2, "greater than or equal to 0"),
 }
 
