@@ -95,10 +95,10 @@ def find_bad_value(obj: Any, field: str = "") -> InvalidValue | None:
 
 
 # How a forbidden character can reach a string parsed from JSON text (the strict reader refuses
-# raw C0 controls): as a \\u escape of one, as a raw DEL or C1 character (UTF-8 C2 80-9F), or as
-# an encoded surrogate (ED A0-BF: json.loads decodes bytes with "surrogatepass").  Each pattern
-# starts with a literal byte, so a clean text costs a fast scan.
-_ESCAPED_FORBIDDEN = re.compile(rb"\\u(?:00[0189][0-9a-fA-F]|007[fF]|[dD][89abAB])")
+# raw C0 controls): as an escape of one (\\u001b, or the short \\b, \\f and \\r), as a raw DEL or
+# C1 character (UTF-8 C2 80-9F), or as an encoded surrogate (ED A0-BF: json.loads decodes bytes
+# with "surrogatepass").  Each pattern starts with a literal byte: a clean text costs a fast scan.
+_ESCAPED_FORBIDDEN = re.compile(rb"\\(?:u(?:00[0189][0-9a-fA-F]|007[fF]|[dD][89abAB])|[bfr])")
 _RAW_FORBIDDEN = re.compile(rb"\x7f|\xc2[\x80-\x9f]|\xed[\xa0-\xbf]")
 
 

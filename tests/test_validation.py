@@ -52,6 +52,8 @@ json_values = st.recursive(
 
 @hsettings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(json_values, st.booleans())
+@example({"\r": None}, False)  # a short escape (\r, \b, \f) of a forbidden character: once missed
+@example(["\b\f"], True)
 def test_load_json_finds_exactly_what_the_full_walk_finds(value, ascii_only):
     """The scan that lets clean records skip the walk never lets a bad value through."""
     try:
