@@ -280,15 +280,19 @@ class S3Store(ObjectStore):
                                 content_type=content_type)
         return self.uri(key)
 
-    def get_bytes(self, key: str) -> bytes:
+    def _open(self, key: str) -> Any:
+        """The object's response (read it, then close and release it); ObjectNotFound if absent."""
         from minio.error import S3Error
 
         try:
-            response = self.client.get_object(bucket_name=self.bucket, object_name=check_key(key))
+            return self.client.get_object(bucket_name=self.bucket, object_name=check_key(key))
         except S3Error as exc:
             if exc.code in ("NoSuchKey", "NoSuchObject"):
                 raise ObjectNotFound(self.uri(key)) from None
             raise
+
+    def get_bytes(self, key: str) -> bytes:
+        response = self._open(key)
         try:
             return response.read()
         finally:
@@ -296,14 +300,7 @@ class S3Store(ObjectStore):
             response.release_conn()
 
     def iter_lines(self, key: str) -> Iterator[str]:
-        from minio.error import S3Error
-
-        try:
-            response = self.client.get_object(bucket_name=self.bucket, object_name=check_key(key))
-        except S3Error as exc:
-            if exc.code in ("NoSuchKey", "NoSuchObject"):
-                raise ObjectNotFound(self.uri(key)) from None
-            raise
+        response = self._open(key)
         try:
             rest = b""
             for chunk in response.stream(1 << 20):
