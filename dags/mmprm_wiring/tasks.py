@@ -37,7 +37,8 @@ def fails_at_once_on_configuration_errors(function: Callable[..., Any]) -> Calla
             failure = describe(exc)
             if failure is None or failure.exit_code != EXIT_CONFIGURATION:
                 raise
-            raise AirflowFailException(f"configuration error (not retried): {failure.cause}") from exc
+            first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise AirflowFailException(f"configuration error (not retried): {first_line}") from exc
 
     return wrapper
 
