@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .airflow_launch import LOG_SERVER_HOST_ENV
 from .browser import PLUGINS_DIR as BROWSER_PLUGINS_DIR
 from .resources import dags_folder
 
@@ -383,6 +384,7 @@ class AirflowStack:
             "AIRFLOW__API__WORKERS": "1",
             "AIRFLOW__API__SECRET_KEY": self._secrets["api"],
             "AIRFLOW__API_AUTH__JWT_SECRET": self._secrets["jwt"],
+            LOG_SERVER_HOST_ENV: self.host,
             "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(self._port("worker_log")),
             "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(self._port("trigger_log")),
             "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
@@ -405,7 +407,8 @@ class AirflowStack:
         return self._ports[name]
 
     def _airflow_args(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "airflow", *args]
+        # The airflow command, with its log servers bound to self.host (see airflow_launch).
+        return [sys.executable, "-m", "mmprm_tasks.airflow_launch", *args]
 
     def cli(self, *args: str, timeout: float = 300.0, check: bool = True) -> subprocess.CompletedProcess:
         """Run an ``airflow`` CLI command against this installation."""

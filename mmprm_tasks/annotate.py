@@ -28,7 +28,7 @@ from .progress import StageProgress, track
 from .runs import (attempt_owner, claim_problems, config_hash, end_attempt, finish_chunks, hold_leases, mark_done,
                    reclaim_dead_attempts, release_leases, renew_leases)
 from .search import SearchProblem, SearchResult, is_rollout_engine, run_search
-from .settings import Settings
+from .settings import ConfigurationError, Settings
 from .storage import ObjectStore, open_store
 from .tree_index import TreeEntry, encode_json, write_trees
 from .verify import AnswerVerifier
@@ -106,13 +106,49 @@ class CountingEngine:
         return self.inner.submit(request)
 
 
+_ENGINE_FIELDS = ("calls", "requests", "rollouts", "seconds", "decode_steps", "row_steps")
+
+
+class StatsLedger:
+    """The engine work of one attempt not yet added to the run's stats.  Each tree transaction
+    adds, with its trees, the work done since the last one (:meth:`take`), so a SIGKILLed attempt
+    loses at most its work since its last commit: never its committed work or an earlier
+    attempt's (issue 25: the stats were added once, at the end, so only the last attempt counted)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.counting: CountingPolicy | CountingEngine | None = None
+        self._recorded = dict.fromkeys(_ENGINE_FIELDS, 0.0)
+
+    def _now(self) -> dict[str, float]:
+        stats = self.counting.settle() if self.counting else EngineStats()
+        return {name: getattr(stats, name) for name in _ENGINE_FIELDS}
+
+    def take(self, written: Sequence[SearchResult] = ()) -> dict[str, float]:
+        """The run-stats delta to add now (engine work since the last take, and the unverifiable
+        answers of ``written``); counted as recorded until :meth:`give_back`."""
+        with self._lock:
+            now = self._now()
+            delta = {name: now[name] - self._recorded[name] for name in _ENGINE_FIELDS}
+            self._recorded = now
+        return {"unverifiable_answers": sum(r.stats["unverifiable"] for r in written),
+                **{f"engine_{name}": round(value, 3) if name == "seconds" else int(value)
+                   for name, value in delta.items()}}
+
+    def give_back(self, delta: dict[str, float]) -> None:
+        """A taken delta whose transaction did not commit: it is added by a later take."""
+        with self._lock:
+            for name in _ENGINE_FIELDS:
+                self._recorded[name] -= delta[f"engine_{name}"]
+
+
 def counted(backend: Any) -> CountingPolicy | CountingEngine:
     """The backend wrapped to count what the engine was asked (recorded as run stats)."""
     return CountingEngine(backend) if is_rollout_engine(backend) else CountingPolicy(backend)
 
 
 def persist_trees(conn: sa.Connection, store: ObjectStore, run_id: str, chash: str, results: Sequence[SearchResult],
-                  owner: str) -> list[SearchResult]:
+                  owner: str, ledger: StatsLedger | None = None) -> list[SearchResult]:
     """In one transaction on ``conn``: lock the problems ``owner`` still leases, write their trees'
     JSON, index their nodes (upsert by run and problem) and mark them done.  Returns the results
     written; a problem whose lease a peer took is not written (nothing of it is, the peer searches
@@ -125,6 +161,7 @@ def persist_trees(conn: sa.Connection, store: ObjectStore, run_id: str, chash: s
         prepared.append((result, data, TreeEntry.build(run_id, result.tree, data, num_rollouts=result.stats["rollouts"],
                                                        num_searches=result.stats["searches"])))
     put: list[tuple[str, str]] = []
+    delta: dict[str, float] | None = None
     try:
         with conn.begin():
             # Atomic but not flushed to disk at commit: a database crash can lose the last few
@@ -138,7 +175,12 @@ def persist_trees(conn: sa.Connection, store: ObjectStore, run_id: str, chash: s
                 put.append((result.problem_id, entry.key))
             write_trees(conn, run_id, chash, [entry for _, _, entry in prepared])
             mark_done(conn, run_id, [result.problem_id for result, _, _ in prepared])
+            if ledger is not None:  # last: the run's row is locked only until the commit
+                delta = ledger.take([result for result, _, _ in prepared])
+                _add_run_stats(conn, run_id, delta)
     except BaseException as exc:
+        if delta is not None:  # not committed: a later transaction adds it
+            ledger.give_back(delta)  # type: ignore[union-attr]
         for problem_id, key in put:
             best_effort(lambda: remove_uncommitted_tree(conn.engine, store, run_id, problem_id, key),
                         f"removing the uncommitted tree object {key}", exc)
@@ -183,8 +225,8 @@ class TreeWriter:
     """
 
     def __init__(self, engine: sa.Engine, store: ObjectStore, settings: Settings, run_id: str, chash: str,
-                 owner: str, *, max_pending: int = 64) -> None:
-        self._engine, self._store, self._settings = engine, store, settings
+                 owner: str, *, max_pending: int = 64, ledger: StatsLedger | None = None) -> None:
+        self._engine, self._store, self._settings, self._ledger = engine, store, settings, ledger
         self._run_id, self._chash, self._owner = run_id, chash, owner
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_pending)
         self._error: BaseException | None = None
@@ -258,7 +300,8 @@ class TreeWriter:
                     continue  # drain: the problems stay leased and are handed back by the caller
                 try:
                     if batch:
-                        written = persist_trees(conn, self._store, self._run_id, self._chash, batch, self._owner)
+                        written = persist_trees(conn, self._store, self._run_id, self._chash, batch, self._owner,
+                                                self._ledger)
                         landed = {r.problem_id for r in written}
                         lost = [r.problem_id for r in batch if r.problem_id not in landed]
                         if lost:  # a peer searches them again; not this chunk's failure
@@ -272,7 +315,8 @@ class TreeWriter:
                             log.info("tree %s: root mc %.3f, %d nodes", result.problem_id, result.tree["mc_value"],
                                      result.stats["nodes"])
                     if renews and time.monotonic() >= next_renewal:
-                        renew_leases(self._settings, self._run_id, self._owner)
+                        renew_leases(self._engine, self._run_id, self._owner,
+                                     lease_seconds=self._settings.lease_seconds)
                         next_renewal = time.monotonic() + self._heartbeat
                 except BaseException as exc:  # raised on the search thread
                     self._fail(exc)
@@ -298,21 +342,28 @@ def _open_problems(engine: sa.Engine, run_id: str, chunk_index: int) -> int:
                                     " AND status <> 'done'"), {"r": run_id, "c": chunk_index}).scalar_one()
 
 
-def _check_run_config(engine: sa.Engine, settings: Settings, run_id: str) -> str:
+def _check_run(engine: sa.Engine, settings: Settings, run_id: str, chunk_index: int) -> str:
+    """The run's config hash, once the run exists with these settings and has the chunk (a run
+    with no chunks has nothing to do): anything else is a one-line configuration error."""
     chash = config_hash(settings)
     with engine.connect() as conn:
         recorded = conn.execute(sa.text("SELECT config_hash FROM annotation_runs WHERE run_id = :r"),
                                 {"r": run_id}).scalar_one_or_none()
+        chunks = conn.execute(sa.text("SELECT count(*) FROM chunks WHERE run_id = :r"), {"r": run_id}).scalar_one()
     if recorded is None:
         raise LookupError(f"annotation run {run_id!r} does not exist: shard it first (`mmprm chunks`)")
     if recorded != chash:
-        raise ValueError(f"run {run_id!r} was created with config {recorded}, these settings give {chash}: "
-                         "annotate a run with the settings it was sharded with")
+        raise ConfigurationError(f"run {run_id!r} was created with config {recorded}, these settings give "
+                                 f"{chash}: annotate a run with the settings it was sharded with")
+    if chunks and not 0 <= chunk_index < chunks:
+        raise LookupError(f"annotation run {run_id!r} has no chunk {chunk_index} (its chunks are 0 to {chunks - 1})")
     return chash
 
 
 def _add_run_stats(conn: sa.Connection, run_id: str, delta: dict[str, float]) -> None:
-    current = conn.execute(sa.text("SELECT stats FROM annotation_runs WHERE run_id = :r FOR UPDATE"),
+    # NO KEY UPDATE: it does not wait on the key-share locks a peer's tree rows hold on the run
+    # (their foreign key), so two writers adding stats after their trees cannot deadlock.
+    current = conn.execute(sa.text("SELECT stats FROM annotation_runs WHERE run_id = :r FOR NO KEY UPDATE"),
                            {"r": run_id}).scalar_one()
     merged = dict(current)
     for name, value in delta.items():
@@ -367,16 +418,17 @@ def annotate_chunk(settings: Settings, run_id: str, chunk_index: int, *, worker:
     """
     engine = get_engine(settings)
     require_schema(engine)
-    chash = _check_run_config(engine, settings, run_id)
+    chash = _check_run(engine, settings, run_id, chunk_index)
     store = open_store(settings)
     # Owners name the attempt (host, pid, token): a retry takes back at once only the leases of
     # attempts that died on this host; a live attempt's are never taken, others expire.
     base = worker or f"{run_id}/chunk-{chunk_index}"
-    resumed = reclaim_dead_attempts(settings, run_id, base)
+    resumed = reclaim_dead_attempts(engine, run_id, base)
     owner = attempt_owner(base)
     stolen: list[str] = []
     # Nothing to do costs nothing: no engine or verifier is touched before a problem is claimed.
-    first = claim_problems(settings, run_id, chunk_index, owner, limit=1, steal=steal)
+    lease = settings.lease_seconds
+    first = claim_problems(engine, run_id, chunk_index, owner, limit=1, lease_seconds=lease, steal=steal)
     counting: CountingPolicy | CountingEngine | None = None
 
     def problems(progress: StageProgress) -> Iterator[SearchProblem]:
@@ -392,9 +444,10 @@ def annotate_chunk(settings: Settings, run_id: str, chunk_index: int, *, worker:
             with engine.connect() as conn:
                 problem = _load_problem(conn, store, problem_id)
             yield problem  # outside the connection: the search may hold this generator for long
-            claimed = claim_problems(settings, run_id, chunk_index, owner, limit=1, steal=steal)
+            claimed = claim_problems(engine, run_id, chunk_index, owner, limit=1, lease_seconds=lease, steal=steal)
 
-    writer = TreeWriter(engine, store, settings, run_id, chash, owner)
+    ledger = StatsLedger()
+    writer = TreeWriter(engine, store, settings, run_id, chash, owner, ledger=ledger)
     failure: BaseException | None = None
     try:
         if first:
@@ -410,6 +463,10 @@ def annotate_chunk(settings: Settings, run_id: str, chunk_index: int, *, worker:
                 if progress.total and progress.total > progress.completed:
                     progress.advance(0, **{"taken by other workers": progress.total - progress.completed})
                     progress.reached(progress.completed, total=progress.completed)
+            counting = ledger.counting = counted(policy or warm_policy(settings))
+            for result in run_search(problems(), counting, verifier or warm_verifier(settings), settings.search,
+                                     settings.seed):
+                writer.submit(result)
         writer.close()
     except BaseException as exc:
         # Clean-up may fail on the same outage: its failures are logged in one line and the first
@@ -417,31 +474,36 @@ def annotate_chunk(settings: Settings, run_id: str, chunk_index: int, *, worker:
         # below, so a retry on this host takes them back at once (others get them on expiry).
         failure = exc
         best_effort(writer.close, "writing finished trees", exc)  # trees finished before still land
-        best_effort(lambda: release_leases(settings, run_id, owner, f"{type(exc).__name__}: {exc}"),
+        best_effort(lambda: release_leases(engine, run_id, owner, f"{type(exc).__name__}: {exc}"),
                     "releasing leases", exc)
         raise
     finally:
         end_attempt(owner)
         # What this attempt did. Only the engine's work and the unverifiable answers are added to
-        # the run's stats (work done, crashed attempts included); tree and rollout counts of the
-        # run are read from the index (run_summary), so a duplicate or killed attempt cannot
-        # double or drop them.
+        # the run's stats (work done, crashed attempts included), with each tree transaction and
+        # here the rest since the last one; tree and rollout counts of the run are read from the
+        # index (run_summary), so a duplicate or killed attempt cannot double or drop them.
         engine_stats = counting.settle() if counting else EngineStats()
-        engine_work = {"unverifiable_answers": sum(r.stats["unverifiable"] for r in writer.written),
-                       "engine_calls": engine_stats.calls, "engine_requests": engine_stats.requests,
-                       "engine_rollouts": engine_stats.rollouts, "engine_seconds": round(engine_stats.seconds, 3),
-                       "engine_decode_steps": engine_stats.decode_steps, "engine_row_steps": engine_stats.row_steps}
         stats = {"trees": len(writer.written), "rollouts": sum(r.stats["rollouts"] for r in writer.written),
-                 "trees_mixed_root": sum(0 < r.tree["mc_value"] < 1 for r in writer.written), **engine_work}
+                 "trees_mixed_root": sum(0 < r.tree["mc_value"] < 1 for r in writer.written),
+                 "unverifiable_answers": sum(r.stats["unverifiable"] for r in writer.written),
+                 "engine_calls": engine_stats.calls, "engine_requests": engine_stats.requests,
+                 "engine_rollouts": engine_stats.rollouts, "engine_seconds": round(engine_stats.seconds, 3),
+                 "engine_decode_steps": engine_stats.decode_steps, "engine_row_steps": engine_stats.row_steps}
         if counting:
             def add_stats() -> None:
-                with engine.begin() as conn:
-                    _add_run_stats(conn, run_id, engine_work)
+                rest = ledger.take()
+                try:
+                    with engine.begin() as conn:
+                        _add_run_stats(conn, run_id, rest)
+                except BaseException:
+                    ledger.give_back(rest)
+                    raise
             if failure is None:
                 add_stats()
             else:
                 best_effort(add_stats, "adding the attempt's engine stats", failure)
-    finish_chunks(settings, run_id)
+    finish_chunks(engine, run_id)
     return {**stats, "run_id": run_id, "chunk_index": chunk_index, "stolen": len(stolen),
             "resumed_leases": resumed, "leases_lost": len(writer.lost),
             "mean_batch_size": engine_stats.mean_batch_size}

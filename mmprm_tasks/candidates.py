@@ -42,9 +42,11 @@ from typing import Any
 import sqlalchemy as sa
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from .seeds import Rejection
-from .storage import ObjectStore
+from .seeds import Rejection, decode_image
+from .settings import ConfigurationError
+from .storage import ObjectNotFound, ObjectStore
 from .threads import apply_torch_threads
+from .validation import find_bad_value
 
 PRM_SCORER = "prm"
 BASE_LIKELIHOOD_SCORER = "base-model likelihood"
@@ -86,8 +88,9 @@ class ProblemCandidates(BaseModel):
         return self
 
 
-class CandidateFileError(ValueError):
-    """A candidate file that cannot be read at all (not JSON, not JSONL, unknown format)."""
+class CandidateFileError(ConfigurationError):
+    """A candidate file that cannot be read at all (not a JSON array or JSONL, or holding both
+    formats): a one-line error of the command, exit 1."""
 
 
 # ------------------------------------------------------------------------------ conversions
@@ -168,13 +171,19 @@ class _FieldError(ValueError):
         self.field = field
 
 
-def _records(text: str) -> list[Any]:
+def _records(text: str, jsonl: bool | None = None) -> list[Any]:
+    """The file's records: JSONL when ``jsonl`` (a ``.jsonl`` name: its first record may be an
+    array), a JSON array when not, and when None a JSON array if the text starts with ``[``."""
     stripped = text.lstrip()
-    if stripped.startswith("["):
+    if jsonl is False or (jsonl is None and stripped.startswith("[")):
         try:
             data = json.loads(stripped)
         except json.JSONDecodeError as exc:
             raise CandidateFileError(f"not a JSON array: {exc}") from exc
+        except RecursionError:
+            raise CandidateFileError("not a JSON array this reader can read: a record is nested too deeply") from None
+        if not isinstance(data, list):
+            raise CandidateFileError(f"not a JSON array: the file holds one {type(data).__name__}")
         return data
     out = []
     for number, line in enumerate(text.splitlines(), 1):
@@ -184,39 +193,62 @@ def _records(text: str) -> list[Any]:
             out.append(json.loads(line))
         except json.JSONDecodeError as exc:
             out.append(CandidateFileError(f"line {number}: not JSON: {exc}"))
+        except RecursionError:
+            out.append(CandidateFileError(f"line {number}: JSON nested too deeply to read"))
     return out
 
 
-def read_candidates(text: str, *, scorer: str = PRM_SCORER) -> tuple[str, list[ProblemCandidates], list[Rejection]]:
+def read_candidates(text: str, *, scorer: str = PRM_SCORER, jsonl: bool | None = None
+                    ) -> tuple[str, list[ProblemCandidates], list[Rejection]]:
     """Parse a candidate file: a JSON array or JSONL of release records (``solutions_splits``)
     or of the project's records (``candidates``).  Returns the format (``"release"`` or
     ``"mmprm"``), the good records and one :class:`~mmprm_tasks.seeds.Rejection` per bad one
-    (position, id and field); a release file's ``prm_scores`` become ``step_scores[scorer]``."""
-    records = _records(text)
-    kinds = {("release" if "solutions_splits" in r else "mmprm") for r in records if isinstance(r, dict)}
+    (position, id and field); a release file's ``prm_scores`` become ``step_scores[scorer]``.
+    ``jsonl``: see :func:`_records`."""
+    kind, good, rejected = _read_records(_records(text, jsonl), scorer)
+    return kind, [problem for _, problem in good], rejected
+
+
+def _file_kind(records: list[Any]) -> str:
+    """The file's format, from the records that show theirs (a record missing both defining
+    fields is judged, and rejected, in the file's format)."""
+    kinds = {kind for r in records if isinstance(r, dict)
+             for kind, marker in (("release", "solutions_splits"), ("mmprm", "candidates")) if marker in r}
     if len(kinds) > 1:
         raise CandidateFileError("the file mixes release records (solutions_splits) and mmprm records (candidates)")
-    kind = kinds.pop() if kinds else "mmprm"
-    good: list[ProblemCandidates] = []
+    return kinds.pop() if kinds else "mmprm"
+
+
+def _read_records(records: list[Any], scorer: str) -> tuple[str, list[tuple[int, ProblemCandidates]], list[Rejection]]:
+    """:func:`read_candidates` with each good record's position in the file."""
+    kind = _file_kind(records)
+    good: list[tuple[int, ProblemCandidates]] = []
     rejected: list[Rejection] = []
+    seen: dict[str, int] = {}
     for position, record in enumerate(records):
         if not isinstance(record, dict):
             rejected.append(Rejection(position, None, "<record>", str(record) if isinstance(record, Exception)
                                       else f"expected a JSON object, got {type(record).__name__}"))
             continue
         rid = record.get("problem_id", record.get("id"))
+        rid = rid if isinstance(rid, str) and find_bad_value(rid) is None else None
         try:
-            good.append(_from_release(record, position, scorer) if kind == "release"
-                        else ProblemCandidates.model_validate(record))
+            bad = find_bad_value(record)
+            if bad:
+                raise _FieldError(bad.field, bad.message)
+            problem = (_from_release(record, position, scorer) if kind == "release"
+                       else ProblemCandidates.model_validate(record))
+            if problem.problem_id in seen:
+                raise _FieldError("problem_id" if kind == "mmprm" else "id",
+                                  f"{problem.problem_id!r} repeats record {seen[problem.problem_id]}")
+            seen[problem.problem_id] = position
+            good.append((position, problem))
         except _FieldError as exc:
             rejected.append(Rejection(position, rid, exc.field, str(exc)))
         except ValidationError as exc:
             err = exc.errors()[0]
             field = ".".join(str(p) for p in err["loc"]) or "<record>"
             rejected.append(Rejection(position, rid, field, err["msg"]))
-    ids = [p.problem_id for p in good]
-    if len(set(ids)) != len(ids):
-        raise CandidateFileError(f"problem ids repeat in the file: {sorted({i for i in ids if ids.count(i) > 1})[:5]}")
     return kind, good, rejected
 
 
@@ -332,12 +364,18 @@ def export_release(problems: Sequence[ProblemCandidates], out_dir: Path, name: s
 
 
 def _read_text(source: str, settings: Any) -> str:
-    if source.startswith(("s3://", "file://")):
-        from .storage import open_uri
+    """The candidate file's text; a file that is not there (or not UTF-8) is a one-line error."""
+    try:
+        if source.startswith(("s3://", "file://")):
+            from .storage import open_uri
 
-        store, key = open_uri(source, settings)
-        return store.get_bytes(key).decode()
-    return Path(source).read_text()
+            store, key = open_uri(source, settings)
+            return store.get_bytes(key).decode()
+        return Path(source).read_text()
+    except (ObjectNotFound, OSError, UnicodeDecodeError) as exc:
+        reason = exc.args[0] if isinstance(exc, ObjectNotFound) and exc.args else (
+            getattr(exc, "strerror", None) or str(exc))
+        raise CandidateFileError(f"{source}: cannot be read: {reason}") from None
 
 
 def resolve_checkpoint(settings: Any, checkpoint: str) -> str:
@@ -368,12 +406,17 @@ def score_file(settings: Any, source: str, checkpoint: str, out: Path | None = N
     from .prm import PRMScorer
 
     text = _read_text(source, settings)
-    kind, problems, rejected = read_candidates(text, scorer=name)
+    records = _records(text, jsonl=True if source.endswith((".jsonl", ".ndjson")) else None)
+    kind, good, rejected = _read_records(records, name)
     local = not source.startswith(("s3://", "file://"))
     root = image_root or (Path(source).resolve().parent if local else None)
     apply_torch_threads(settings.torch_threads, "scorer")
-    scorer = PRMScorer(resolve_checkpoint(settings, checkpoint), batch_size=settings.eval.prm_batch_size)
-    scored = score_problems(scorer, problems, name, image_reader(settings, root))
+    good, images = _with_images(good, image_reader(settings, root), rejected)
+    scorer = PRMScorer(resolve_checkpoint(settings, checkpoint), batch_size=settings.eval.prm_batch_size,
+                       max_length=settings.eval.max_input_tokens)
+    good = _within_length(good, scorer, images, kind, rejected)
+    problems = [problem for _, problem in good]
+    scored = score_problems(scorer, problems, name, images.__getitem__)
     if out is None:
         stem = Path(source.rsplit("/", 1)[-1]).stem
         out = (Path(source).parent if local else Path(".")) / f"{stem}.scored.{'json' if kind == 'release' else 'jsonl'}"
@@ -381,8 +424,7 @@ def score_file(settings: Any, source: str, checkpoint: str, out: Path | None = N
     if kind == "release":
         # The records as given (their other fields kept), each with its prm_scores, as the
         # release's scoring script writes them.
-        bad = {r.record_index for r in rejected}
-        kept = [r for i, r in enumerate(_records(text)) if i not in bad]
+        kept = [records[position] for position, _ in good]
         for record, problem in zip(kept, scored, strict=True):
             record["prm_scores"] = [c.step_scores[name] for c in sorted(problem.candidates, key=lambda c: c.index)]
         out.write_text(json.dumps(kept, ensure_ascii=False, indent=1))
@@ -390,10 +432,54 @@ def score_file(settings: Any, source: str, checkpoint: str, out: Path | None = N
         out.write_bytes(jsonl(scored))
     report = best_of_n(best_of_n_input(scored, name), settings.eval.ns, settings.seed,
                        headline=settings.eval.headline_aggregator) if scored else None
+    rejected.sort(key=lambda r: r.record_index)
     return {"format": kind, "out": str(out), "problems": len(scored),
             "candidates": sum(len(p.candidates) for p in scored),
             "steps_scored": sum(len(c.steps) for p in scored for c in p.candidates),
             "rejected": [r.describe() for r in rejected], "report": report}
+
+
+def _with_images(good: list[tuple[int, ProblemCandidates]], load_image: Callable[[str], bytes],
+                 rejected: list[Rejection]) -> tuple[list[tuple[int, ProblemCandidates]], dict[str, bytes]]:
+    """The records whose image can be read, and their images by ``image``; a record whose image is
+    missing or unreadable is rejected (field ``image``), the others are still scored.  An outage of
+    the store is not a record's fault and is raised."""
+    kept, images = [], {}
+    for position, problem in good:
+        try:
+            if problem.image not in images:
+                data = load_image(problem.image)
+                decode_image(data)  # RecordRejected (a ValueError) when it is not an image
+                images[problem.image] = data
+            kept.append((position, problem))
+        except (OSError, ObjectNotFound, ValueError) as exc:
+            reason = exc.args[0] if isinstance(exc, ObjectNotFound) and exc.args else exc
+            rejected.append(Rejection(position, problem.problem_id, "image", f"cannot be read: {reason}"))
+    return kept, images
+
+
+def _within_length(good: list[tuple[int, ProblemCandidates]], scorer: Any, images: dict[str, bytes], kind: str,
+                   rejected: list[Rejection]) -> list[tuple[int, ProblemCandidates]]:
+    """The records whose every candidate fits the scorer's input limit; a record with a longer
+    candidate is rejected naming it (its tokens are counted, never run through the model)."""
+    limit = scorer.max_input_tokens
+    kept = []
+    for position, problem in good:
+        too_long = None
+        for cand in sorted(problem.candidates, key=lambda c: c.index) if limit else []:
+            tokens = scorer.input_length(problem.question, images[problem.image], cand.steps) if cand.steps else 0
+            if tokens > limit:
+                too_long = (cand.index, tokens)
+                break
+        if too_long is None:
+            kept.append((position, problem))
+            continue
+        index, tokens = too_long
+        field = f"solutions_splits[{index}]" if kind == "release" else f"candidates[{index}].steps"
+        rejected.append(Rejection(position, problem.problem_id, field,
+                                  f"{tokens:,} tokens, over the PRM's input limit of {limit:,} (setting "
+                                  "eval.max_input_tokens, and the model's positions)"))
+    return kept
 
 
 def export_evaluation(settings: Any, evaluation_id: str | None, out_dir: Path, *,

@@ -54,6 +54,18 @@ _mount_toy()
 console = Console()
 
 
+def _an_id(value: str | list[str] | None) -> str | list[str] | None:
+    """Every id a user types (runs, datasets, checkpoints, evaluations) is held to the one id rule
+    (mmprm_tasks.validation) before anything is searched or written: a usage error, exit 2."""
+    from .validation import escape_text, id_problem
+
+    for item in [value] if isinstance(value, str) else value or []:
+        problem = id_problem(item)
+        if problem:
+            raise typer.BadParameter(escape_text(problem, 300))
+    return value
+
+
 def _settings(overrides: dict | None = None) -> Settings:
     return get_settings().with_overrides(overrides)
 
@@ -126,12 +138,14 @@ def ingest(
 
 @app.command()
 def chunks(
-    run_id: Annotated[Optional[str], typer.Option("--run", help="Run id (default: derived from the config)")] = None,
+    run_id: Annotated[Optional[str], typer.Option("--run", help="Run id (default: derived from the config)",
+                                                  callback=_an_id)] = None,
     chunk_size: Annotated[Optional[int], typer.Option(min=1)] = None,
     selection: Annotated[str, typer.Option(help="all | stale (new or annotated under another config)")] = "all",
     split: Annotated[Optional[str], typer.Option(help="Only problems of this split")] = None,
 ) -> None:
     """Create an annotation run and shard its problems into chunks (idempotent per run)."""
+    from .db import get_engine
     from .runs import default_run_id, run_progress, shard_run
 
     settings = _settings()
@@ -139,32 +153,44 @@ def chunks(
                        selection=selection, split=split)  # type: ignore[arg-type]
     verb = "created" if result.created else "already had"
     console.print(f"run [bold]{result.run_id}[/]: {verb} {len(result.chunk_indices)} chunks over "
-                  f"{result.num_problems} problems; progress {json.dumps(run_progress(settings, result.run_id))}")
+                  f"{result.num_problems} problems; progress {json.dumps(run_progress(get_engine(settings), result.run_id))}")
 
 
 @app.command()
 def annotate(
-    run_id: Annotated[str, typer.Option("--run", help="Run id (sharded with `mmprm chunks`)")],
-    chunk: Annotated[Optional[int], typer.Option("--chunk", help="Annotate this chunk (then steal unclaimed work)")] = None,
+    run_id: Annotated[str, typer.Option("--run", help="Run id (sharded with `mmprm chunks`)", callback=_an_id)],
+    chunk: Annotated[Optional[int], typer.Option("--chunk", min=0,
+                                                 help="Annotate this chunk (then steal unclaimed work)")] = None,
     all_chunks: Annotated[bool, typer.Option("--all", help="Annotate every chunk of the run")] = False,
 ) -> None:
     """Grow OmegaPRM trees for a chunk (or all chunks) of a run; resumable and idempotent."""
     from .annotate import annotate_chunk, run_summary
-    from .runs import run_progress
+    from .db import get_engine
+    from .runs import lease_holders, reclaim_dead_attempts, run_progress
 
     if (chunk is None) == (not all_chunks):
         raise typer.BadParameter("give exactly one of --chunk ID or --all")
     settings = _settings()
     with progress_display(console):
         if all_chunks:
+            # --all helps until the run is done: problems of workers that died on this host are taken
+            # back at once and finished here.
+            reclaim_dead_attempts(get_engine(settings), run_id, None)
             stats = annotate_chunk(settings, run_id, 0, worker=f"{run_id}/cli-all")
         else:
             stats = annotate_chunk(settings, run_id, chunk)
     console.print_json(data=stats)
-    progress = run_progress(settings, run_id)
+    progress = run_progress(get_engine(settings), run_id)
     console.print(f"progress {json.dumps(progress)}")
     console.print_json(data=run_summary(settings, run_id))
     unfinished = {status: n for status, n in progress.items() if status != "done" and n}
+    holders = lease_holders(get_engine(settings), run_id) if all_chunks and unfinished else []
+    if all_chunks and set(unfinished) == {"leased"} and all(holder.live for holder in holders):
+        # Peers are finishing the rest: this worker's part is done, and so will the run be.
+        owners = ", ".join(f"{holder.owner} ({holder.problems})" for holder in holders)
+        console.print(f"run {run_id}: nothing left to claim; {unfinished['leased']} problem(s) are being annotated "
+                      f"by live workers: {owners}", soft_wrap=True, markup=False, highlight=False)
+        return
     if all_chunks and unfinished:
         # Problems leased by another worker (maybe a dead one) come back when the lease expires.
         console.print(f"[red]run {run_id} is not finished: {unfinished}; leased problems return when their "
@@ -176,7 +202,8 @@ def annotate(
 @app.command("import-trees")
 def import_trees_cmd(
     source: Annotated[str, typer.Argument(help="Tree JSON/JSONL file, folder, or s3:// / file:// URI (object or prefix)")],
-    run_id: Annotated[str, typer.Option("--run", help="Run the trees join (created as an imported run if new)")],
+    run_id: Annotated[str, typer.Option("--run", help="Run the trees join (created as an imported run if new)",
+                                        callback=_an_id)],
     policy_model: Annotated[str, typer.Option(help="The policy that grew the trees, recorded on a new run")] = "unknown",
 ) -> None:
     """Load trees from the original release's pipeline (SPEC §4 records) into the step index."""
@@ -194,7 +221,7 @@ def import_trees_cmd(
 
 
 @app.command()
-def traverse(run_ids: Annotated[list[str], typer.Argument(help="Runs whose trees become paths")]) -> None:
+def traverse(run_ids: Annotated[list[str], typer.Argument(help="Runs whose trees become paths", callback=_an_id)]) -> None:
     """Trees -> training paths (SPEC §5), registered as a dataset version."""
     from .pipeline import traverse_stage
 
@@ -202,7 +229,7 @@ def traverse(run_ids: Annotated[list[str], typer.Argument(help="Runs whose trees
 
 
 @app.command("format")
-def format_cmd(dataset_id: Annotated[str, typer.Argument()]) -> None:
+def format_cmd(dataset_id: Annotated[str, typer.Argument(callback=_an_id)]) -> None:
     """Write a dataset in the InternVL conversation format and the generic chat format."""
     from .pipeline import format_stage
 
@@ -211,7 +238,7 @@ def format_cmd(dataset_id: Annotated[str, typer.Argument()]) -> None:
 
 @app.command()
 def audit(
-    dataset_id: Annotated[str, typer.Argument(help="Dataset version (from `mmprm traverse`)")],
+    dataset_id: Annotated[str, typer.Argument(help="Dataset version (from `mmprm traverse`)", callback=_an_id)],
     as_json: Annotated[bool, typer.Option("--json", help="The report as JSON, for machines")] = False,
 ) -> None:
     """A dataset's label audit: labels vs the toy world's ground truth by step kind, or vs the
@@ -228,7 +255,7 @@ def audit(
 
 @app.command()
 def train(
-    dataset_id: Annotated[Optional[str], typer.Argument(help="Dataset version (default: latest)")] = None,
+    dataset_id: Annotated[Optional[str], typer.Argument(help="Dataset version (default: latest)", callback=_an_id)] = None,
     label_mode: Annotated[Optional[str], typer.Option(help="soft | hard")] = None,
     max_steps: Annotated[Optional[int], typer.Option()] = None,
 ) -> None:
@@ -242,7 +269,7 @@ def train(
 
 @app.command()
 def evaluate(
-    checkpoint_id: Annotated[Optional[str], typer.Argument(help="PRM checkpoint (default: latest)")] = None,
+    checkpoint_id: Annotated[Optional[str], typer.Argument(help="PRM checkpoint (default: latest)", callback=_an_id)] = None,
     split: Annotated[str, typer.Option()] = "test",
     limit: Annotated[Optional[int], typer.Option(min=1)] = None,
 ) -> None:
@@ -286,7 +313,8 @@ def score(
 
 @export_app.command("eval")
 def export_eval(
-    evaluation_id: Annotated[Optional[str], typer.Argument(help="Evaluation (default: the latest with candidates)")] = None,
+    evaluation_id: Annotated[Optional[str], typer.Argument(help="Evaluation (default: the latest with candidates)",
+                                                           callback=_an_id)] = None,
     out: Annotated[Path, typer.Option(help="Output folder: <evaluation_id>.json and images/")] = Path("eval-export"),
     scorer: Annotated[str, typer.Option(help="Whose step scores become prm_scores")] = "prm",
 ) -> None:
@@ -300,7 +328,7 @@ def export_eval(
 
 @export_app.command("internvl")
 def export_internvl_cmd(
-    dataset_id: Annotated[str, typer.Argument(help="Dataset version (from `mmprm traverse`)")],
+    dataset_id: Annotated[str, typer.Argument(help="Dataset version (from `mmprm traverse`)", callback=_an_id)],
     out_dir: Annotated[Path, typer.Argument(file_okay=False, help="Folder to write (created if missing)")],
 ) -> None:
     """A dataset as the original release's InternVL training folder: annotation.jsonl, images/
@@ -312,7 +340,7 @@ def export_internvl_cmd(
 
 @export_app.command("hf")
 def export_hf_cmd(
-    dataset_id: Annotated[str, typer.Argument(help="Dataset version (from `mmprm traverse`)")],
+    dataset_id: Annotated[str, typer.Argument(help="Dataset version (from `mmprm traverse`)", callback=_an_id)],
     out_dir: Annotated[Path, typer.Argument(file_okay=False, help="Folder to write (created if missing)")],
 ) -> None:
     """A dataset as Parquet with an image column and a dataset card, for datasets.load_dataset."""

@@ -20,13 +20,15 @@ the same way.
 from __future__ import annotations
 
 import json
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 
 from .db import get_engine
-from .formats import jsonl_text, to_internvl
+from .formats import internvl_description, internvl_line
 from .settings import Settings
 from .storage import LocalStore, ObjectStore, open_store
 
@@ -45,16 +47,27 @@ def _join(prefix: str, name: str) -> str:
 
 def dataset_paths(settings: Settings, dataset_id: str) -> list[dict[str, Any]]:
     """The dataset version's path records, each with ``image_key``: its problem's stored image."""
+    return list(iter_dataset_paths(settings, dataset_id))
+
+
+def iter_dataset_paths(settings: Settings, dataset_id: str) -> Iterator[dict[str, Any]]:
+    """:func:`dataset_paths` as a stream: the paths file is read twice, line by line (its
+    problems, then its records), so memory does not grow with the dataset.  An unknown dataset
+    fails before the first record."""
     store = open_store(settings)
     with get_engine(settings).connect() as conn:
         paths_key = conn.execute(sa.text("SELECT paths_key FROM datasets WHERE dataset_id = :d"),
                                  {"d": dataset_id}).scalar_one_or_none()
         if paths_key is None:
             raise LookupError(f"no dataset {dataset_id!r} in the step index (run traverse first)")
-        paths = store.get_jsonl(paths_key)
-        problem_ids = sorted({str(p.get("tree_id")) for p in paths})
+        problem_ids = sorted({str(json.loads(line).get("tree_id")) for line in store.iter_lines(paths_key)})
         image_keys = dict(conn.execute(sa.text(
             "SELECT problem_id, image_key FROM seed_problems WHERE problem_id = ANY(:ids)"), {"ids": problem_ids}).all())
+    return _checked_paths(dataset_id, (json.loads(line) for line in store.iter_lines(paths_key)), image_keys)
+
+
+def _checked_paths(dataset_id: str, paths: Iterable[dict[str, Any]], image_keys: dict[str, str]
+                   ) -> Iterator[dict[str, Any]]:
     for n, path in enumerate(paths):
         if path.get("tree_id") not in image_keys:
             raise ExportError(f"dataset {dataset_id} record {n}: tree_id {path.get('tree_id')!r} names no seed "
@@ -64,35 +77,47 @@ def dataset_paths(settings: Settings, dataset_id: str) -> list[dict[str, Any]]:
             raise ExportError(f"dataset {dataset_id} record {n}: labels has {labels} values but process has "
                               f"{marks} <prm> marks")
         path["image_key"] = image_keys[path["tree_id"]]
-    return paths
+        yield path
 
 
-def write_internvl_folder(settings: Settings, dataset_id: str, paths: list[dict[str, Any]], target: ObjectStore,
-                          prefix: str = "") -> dict[str, Any]:
-    """Write the InternVL folder of a dataset version (``paths`` from :func:`dataset_paths`) under
-    ``prefix`` of ``target`` (idempotent: images already there are not copied again, the
-    annotation and description are rewritten)."""
+def write_internvl_folder(settings: Settings, dataset_id: str, paths: Iterable[dict[str, Any]], target: ObjectStore,
+                          prefix: str = "", *, each: Callable[[int, dict[str, Any]], None] | None = None
+                          ) -> dict[str, Any]:
+    """Write the InternVL folder of a dataset version (``paths`` from :func:`iter_dataset_paths`)
+    under ``prefix`` of ``target`` (idempotent: images already there are not copied again, the
+    annotation and description are rewritten).  One pass over ``paths``, the annotation spooled
+    to a temporary file: memory does not grow with the dataset.  ``each(n, path)`` is called for
+    every path (the format stage writes its other format in the same pass)."""
     store = open_store(settings)
-    for image_key in sorted({p["image_key"] for p in paths}):
-        if not target.exists(_join(prefix, image_key)):
-            target.put_bytes(_join(prefix, image_key), store.get_bytes(image_key))
     if isinstance(target, LocalStore):
         folder = target.root / prefix
         root, annotation = str(folder), str(folder / INTERNVL_ANNOTATION)
     else:
         root, annotation = "", INTERNVL_ANNOTATION
-    # The image keys are relative ("images/<sha256>.png"): the trainer joins them to root.
-    lines, description = to_internvl([{**p, "image_path": p["image_key"]} for p in paths], name=dataset_id,
-                                     root=root, annotation=annotation)
-    target.put_bytes(_join(prefix, INTERNVL_ANNOTATION), jsonl_text(lines).encode(), "application/x-ndjson")
+    images: set[str] = set()
+    records = 0
+    with tempfile.NamedTemporaryFile("w", encoding="utf-8", suffix=".jsonl") as spool:
+        for records, path in enumerate(paths, start=1):
+            image_key = path["image_key"]
+            if image_key not in images:
+                images.add(image_key)
+                if not target.exists(_join(prefix, image_key)):
+                    target.put_bytes(_join(prefix, image_key), store.get_bytes(image_key))
+            # The image keys are relative ("images/<sha256>.png"): the trainer joins them to root.
+            spool.write(internvl_line(records - 1, {**path, "image_path": image_key}) + "\n")
+            if each is not None:
+                each(records - 1, path)
+        spool.flush()
+        target.put_file(_join(prefix, INTERNVL_ANNOTATION), spool.name, "application/x-ndjson")
+    description = internvl_description(dataset_id, root=root, annotation=annotation, length=records)
     meta_uri = target.put_json(_join(prefix, INTERNVL_META), description)
-    return {"dataset_id": dataset_id, "records": len(lines), "images": len({p["image_key"] for p in paths}),
+    return {"dataset_id": dataset_id, "records": records, "images": len(images),
             "meta": meta_uri, "annotation": target.uri(_join(prefix, INTERNVL_ANNOTATION))}
 
 
 def export_internvl(settings: Settings, dataset_id: str, out_dir: Path) -> dict[str, Any]:
     """``mmprm export internvl``: the InternVL folder in a local directory."""
-    paths = dataset_paths(settings, dataset_id)  # first: an unknown dataset creates no folder
+    paths = iter_dataset_paths(settings, dataset_id)  # first: an unknown dataset creates no folder
     return write_internvl_folder(settings, dataset_id, paths, LocalStore(out_dir))
 
 

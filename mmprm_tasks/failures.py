@@ -20,6 +20,10 @@ log = logging.getLogger(__name__)
 EXIT_CONFIGURATION = 1
 EXIT_DEPENDENCY = 3
 
+# S3 error codes of credentials or permissions: configuration, never an outage to wait out.
+S3_CREDENTIAL_ERRORS = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled",
+                        "AccountProblem", "InvalidToken", "ExpiredToken")
+
 _RERUN = "rerun the same command once it is back: finished work is kept and nothing is written twice"
 
 
@@ -60,6 +64,10 @@ def describe(exc: BaseException) -> Failure | None:
     if isinstance(exc, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, psycopg.OperationalError)):
         return Failure(one_line(exc), "Postgres is unreachable, frozen or restarting (database_url; time-outs "
                        f"timeouts.db_*); {_RERUN}", EXIT_DEPENDENCY)
+    if getattr(exc, "code", None) in S3_CREDENTIAL_ERRORS and isinstance(exc, MinioException):
+        return Failure(one_line(exc), "the S3 object store refuses these credentials or this bucket "
+                       "(store.access_key, store.secret_key, store.bucket); fix the configuration, retrying as is "
+                       "cannot help", EXIT_CONFIGURATION)
     if isinstance(exc, (urllib3.exceptions.HTTPError, MinioException)):
         return Failure(one_line(exc), "the S3 object store is unreachable, frozen or failing (store.endpoint; "
                        f"time-outs timeouts.s3_*); {_RERUN}", EXIT_DEPENDENCY)

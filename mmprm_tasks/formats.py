@@ -62,27 +62,28 @@ def to_internvl(
     [label, ...]}]}``.  The description is ``{name: {"root": root, "annotation": annotation,
     "data_augment": data_augment, "repeat_time": repeat_time, "length": number of lines}}``.
     """
-    lines = []
-    for n, p in enumerate(_records(paths)):
-        record = {
-            "id": n,
-            "image": p["image_path"],
-            "conversations": [
-                {"from": "human", "value": user_text(p["question"], p["process"])},
-                {"from": "gpt", "value": [float(v) for v in p["labels"]]},
-            ],
-        }
-        lines.append(json.dumps(record, ensure_ascii=False))
-    description = {
-        name: {
-            "root": root,
-            "annotation": annotation,
-            "data_augment": data_augment,
-            "repeat_time": repeat_time,
-            "length": len(lines),
-        }
+    lines = [internvl_line(n, p) for n, p in enumerate(_records(paths))]
+    return lines, internvl_description(name, root=root, annotation=annotation, data_augment=data_augment,
+                                       repeat_time=repeat_time, length=len(lines))
+
+
+def internvl_line(n: int, p: dict[str, Any]) -> str:
+    """Line ``n`` of :func:`to_internvl` (one path; written as a stream by the format stage)."""
+    record = {
+        "id": n,
+        "image": p["image_path"],
+        "conversations": [
+            {"from": "human", "value": user_text(p["question"], p["process"])},
+            {"from": "gpt", "value": [float(v) for v in p["labels"]]},
+        ],
     }
-    return lines, description
+    return json.dumps(record, ensure_ascii=False)
+
+
+def internvl_description(name: str, *, root: str, annotation: str, length: int, data_augment: bool = False,
+                         repeat_time: int = 1) -> dict[str, dict[str, Any]]:
+    return {name: {"root": root, "annotation": annotation, "data_augment": data_augment,
+                   "repeat_time": repeat_time, "length": length}}
 
 
 def read_internvl(lines: Iterable[str] | str) -> list[dict[str, Any]]:
@@ -125,20 +126,22 @@ def to_chat(paths: Iterable[dict[str, Any]]) -> list[str]:
     has one (what training reads); paths of datasets built before it existed name only
     ``image_path``.
     """
-    lines = []
-    for n, p in enumerate(_records(paths)):
-        record = {
-            "id": n,
-            "image": p.get("image_uri") or p["image_path"],
-            "messages": chat_messages(p["question"], p["process"]),
-            "labels": [float(v) for v in p["labels"]],
-            "question": p["question"],
-            "process": p["process"],
-            "answer": p.get("answer"),
-            "mc_values": [float(v) for v in p.get("mc_values", p["labels"])],
-        }
-        lines.append(json.dumps(record, ensure_ascii=False))
-    return lines
+    return [chat_line(n, p) for n, p in enumerate(_records(paths))]
+
+
+def chat_line(n: int, p: dict[str, Any]) -> str:
+    """Line ``n`` of :func:`to_chat` (one path; written as a stream by the format stage)."""
+    record = {
+        "id": n,
+        "image": p.get("image_uri") or p["image_path"],
+        "messages": chat_messages(p["question"], p["process"]),
+        "labels": [float(v) for v in p["labels"]],
+        "question": p["question"],
+        "process": p["process"],
+        "answer": p.get("answer"),
+        "mc_values": [float(v) for v in p.get("mc_values", p["labels"])],
+    }
+    return json.dumps(record, ensure_ascii=False)
 
 
 def read_chat(lines: Iterable[str] | str) -> list[dict[str, Any]]:

@@ -10,6 +10,7 @@ from typing import Any
 from pydantic import SecretStr
 
 from .settings import ConfigurationError, Settings, get_settings
+from .validation import ID_PATTERN
 
 def _knob(target: str | None, title: str, description: str, *, unit: str | None = None,
           **schema: Any) -> tuple[str | None, dict[str, Any]]:
@@ -56,7 +57,7 @@ TRIGGER_PARAMS: dict[str, tuple[str | None, dict[str, Any]]] = {
     # Not "run_id": Airflow's own trigger form has a "Run ID" field (the DAG run's id).
     "annotation_run_id": _knob(None, "Annotation run id", "Id of the annotation run in the step index (not "
                                "Airflow's Run ID); reusing one resumes it; null: derived from the config and "
-                               "the date", type=_TEXT, pattern="^[A-Za-z0-9._-]{1,100}$"),
+                               "the date", type=_TEXT, pattern=ID_PATTERN),
     "split": _knob(None, "Split to annotate", "Only annotate seed problems of this split (default train: "
                    "evaluation problems never become training data); null annotates every split", type=_TEXT),
     "policy_backend": _knob("policy.backend", "Policy backend", "How the policy model is run", type="string",
@@ -108,9 +109,9 @@ TRIGGER_PARAMS: dict[str, tuple[str | None, dict[str, Any]]] = {
                                  "per evaluation problem for Best-of-N", unit="solutions", type="integer",
                                  minimum=1, maximum=256),
     "dataset_id": _knob(None, "Dataset id", "Dataset version to train on (ds-...); null: the triggering or "
-                        "latest one", type=_TEXT),
+                        "latest one", type=_TEXT, pattern=ID_PATTERN),
     "checkpoint_id": _knob(None, "Checkpoint id", "PRM checkpoint to evaluate (ckpt-...); null: the triggering "
-                           "or latest one", type=_TEXT),
+                           "or latest one", type=_TEXT, pattern=ID_PATTERN),
     "eval_split": _knob(None, "Evaluation split", "Split of the seed problems used for Best-of-N; it must "
                         "share no problem with the PRM's dataset", type="string", minLength=1),
     "eval_limit": _knob(None, "Evaluation problems", "At most this many problems of the split; null: all",

@@ -48,8 +48,8 @@ def ingest_stage(settings: Settings, seed_source: str | None, eval_seed_source: 
     quarantined, good ones land.  The result counts the indexed problems of each split.
 
     ``seed_source`` comes from whoever may trigger a DAG, so it must name a file inside
-    ``settings.allowed_seed_roots`` (else ValueError): a trigger cannot make a worker read, and
-    copy into the quarantine report, any file it can reach."""
+    ``settings.allowed_seed_roots`` (else ConfigurationError, never retried): a trigger cannot make
+    a worker read, and copy into the quarantine report, any file it can reach."""
     from .seeds import ingest_file
 
     engine = get_engine(settings)
@@ -63,8 +63,10 @@ def ingest_stage(settings: Settings, seed_source: str | None, eval_seed_source: 
         path = Path(source[len("file://"):] if source.startswith("file://") else source).resolve()
         roots = settings.allowed_seed_roots
         if not any(path.is_relative_to(root) for root in roots):
-            raise ValueError(f"{name} {source!r} is outside the allowed seed roots "
-                             f"{[str(r) for r in roots]} (setting seed_roots, MMPRM_SEED_ROOTS)")
+            raise ConfigurationError(f"{name} {source!r} is outside the allowed seed roots "
+                                     f"{[str(r) for r in roots]} (setting seed_roots, MMPRM_SEED_ROOTS)")
+        if not path.is_file():
+            raise ConfigurationError(f"{name} {source!r}: no such file")
         report = ingest_file(path, settings)
         for field, count in (("inserted", report.inserted), ("unchanged", report.unchanged),
                              ("rejected", len(report.rejected))):
@@ -228,6 +230,11 @@ def traverse_stage(settings: Settings, run_ids: list[str]) -> dict[str, Any]:
     engine = get_engine(settings)
     store = open_store(settings)
     with engine.connect() as conn:
+        known = set(conn.execute(sa.text("SELECT run_id FROM annotation_runs WHERE run_id = ANY(:r)"),
+                                 {"r": list(run_ids)}).scalars())
+        if unknown := [run_id for run_id in run_ids if run_id not in known]:
+            raise LookupError(f"annotation runs not in the step index: {unknown} (a dataset of no run's trees "
+                              "would be registered empty)")
         rows = _run_trees(conn, run_ids)
     params = {"traverse": key_fields(settings.traverse), "seed": settings.seed}
     dataset_id = "ds-" + _hash({"trees": [r.tree_sha256 for r in rows], **params})
@@ -294,24 +301,29 @@ def _consensus_paths(settings: Settings, paths: Iterable[dict[str, Any]],
 def format_stage(settings: Settings, dataset_id: str) -> dict[str, Any]:
     """The dataset as the release's InternVL folder (annotation, images, description; see
     :mod:`mmprm_tasks.exports`) and in the generic chat format."""
-    from .exports import INTERNVL_ANNOTATION, INTERNVL_META, dataset_paths, write_internvl_folder
-    from .formats import jsonl_text, to_chat
+    from .exports import INTERNVL_ANNOTATION, INTERNVL_META, iter_dataset_paths, write_internvl_folder
+    from .formats import chat_line
 
     engine = get_engine(settings)
     store = open_store(settings)
-    paths = dataset_paths(settings, dataset_id)
+    paths = iter_dataset_paths(settings, dataset_id)
     prefix = f"datasets/{dataset_id}"
     keys = {
         "internvl": f"{prefix}/internvl/{INTERNVL_ANNOTATION}",
         "internvl_description": f"{prefix}/internvl/{INTERNVL_META}",
         "chat": f"{prefix}/chat.jsonl",
     }
-    write_internvl_folder(settings, dataset_id, paths, store, f"{prefix}/internvl")
-    store.put_bytes(keys["chat"], jsonl_text(to_chat(paths)).encode(), "application/x-ndjson")
+    # Both formats in one pass over the paths, each spooled to a file: flat in the dataset's size.
+    with tempfile.NamedTemporaryFile("w", encoding="utf-8", suffix=".jsonl") as chat:
+        written = write_internvl_folder(settings, dataset_id, paths, store, f"{prefix}/internvl",
+                                        each=lambda n, path: chat.write(chat_line(n, path) + "\n"))
+        chat.flush()
+        store.put_file(keys["chat"], chat.name, "application/x-ndjson")
     with engine.begin() as conn:
         conn.execute(sa.text("UPDATE datasets SET formats = CAST(:f AS JSONB) WHERE dataset_id = :d"),
                      {"f": json.dumps(keys), "d": dataset_id})
-    return {"dataset_id": dataset_id, "records": len(paths), "uris": {k: store.uri(v) for k, v in keys.items()}}
+    return {"dataset_id": dataset_id, "records": written["records"],
+            "uris": {k: store.uri(v) for k, v in keys.items()}}
 
 
 def latest_dataset(settings: Settings) -> str:
@@ -340,7 +352,8 @@ def train_stage(settings: Settings, dataset_id: str | None = None) -> dict[str, 
     from .formats import read_chat
     from .prm import train_prm
 
-    dataset_id = dataset_id or latest_dataset(settings)
+    # An unknown, unformatted or empty dataset is one line, as in the DAG's preflight.
+    dataset_id = preflight_training(settings, dataset_id)["dataset_id"]
     engine = get_engine(settings)
     store = open_store(settings)
     train_cfg = key_fields(settings.train)
@@ -443,7 +456,7 @@ def evaluate_stage(settings: Settings, checkpoint_id: str | None = None, *, spli
     from .evaluate import add_baseline, best_of_n, plot_report, score_candidates
     from .prm import PRMScorer, StepLikelihoodScorer
 
-    checkpoint_id = checkpoint_id or latest_checkpoint(settings)
+    checkpoint_id = preflight_evaluation(settings, checkpoint_id, split)["checkpoint_id"]
     engine = get_engine(settings)
     store = open_store(settings)
     with engine.connect() as conn:

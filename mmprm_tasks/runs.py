@@ -24,6 +24,7 @@ import sqlalchemy as sa
 
 from .db import get_engine, require_schema
 from .settings import Settings
+from .validation import check_id
 
 Selection = Literal["all", "stale"]
 
@@ -65,6 +66,7 @@ def shard_run(settings: Settings, run_id: str, *, chunk_size: int | None = None,
     search config (new problems, or ones annotated by an older policy/config): the nightly refresh.
     Re-running on an already-sharded run returns its existing chunks unchanged.
     """
+    check_id(run_id, "run_id")  # it names objects (trees/<run>/...) and URLs
     engine = get_engine(settings)
     require_schema(engine)
     size = chunk_size or settings.chunk_size
@@ -118,17 +120,15 @@ RETURNING c.problem_id, c.chunk_index
 """
 
 
-def claim_problems(settings: Settings, run_id: str, chunk_index: int, owner: str, limit: int,
-                   *, steal: bool = True) -> list[tuple[str, int]]:
+def claim_problems(engine: sa.Engine, run_id: str, chunk_index: int, owner: str, limit: int,
+                   *, lease_seconds: float, steal: bool = True) -> list[tuple[str, int]]:
     """Lease up to ``limit`` problems: the chunk's own first, then (``steal``) other chunks'.
 
     A problem is claimable when pending or leased by someone whose lease has expired (a dead
     worker).  A retried task first takes back its dead attempts' leases with
     :func:`reclaim_dead_attempts`.
     """
-    engine = get_engine(settings)
-    params = {"run": run_id, "chunk": chunk_index, "owner": owner, "limit": limit,
-              "lease": settings.lease_seconds}
+    params = {"run": run_id, "chunk": chunk_index, "owner": owner, "limit": limit, "lease": lease_seconds}
     with engine.begin() as conn:
         conn.execute(sa.text("UPDATE chunks SET status = 'running', attempts = attempts + 1, updated_at = now()"
                              " WHERE run_id = :run AND chunk_index = :chunk AND status = 'pending'"), params)
@@ -140,12 +140,12 @@ def claim_problems(settings: Settings, run_id: str, chunk_index: int, owner: str
     return [(pid, idx) for pid, idx in rows]
 
 
-def renew_leases(settings: Settings, run_id: str, owner: str) -> int:
-    with get_engine(settings).begin() as conn:
+def renew_leases(engine: sa.Engine, run_id: str, owner: str, *, lease_seconds: float) -> int:
+    with engine.begin() as conn:
         return conn.execute(sa.text(
             "UPDATE chunk_problems SET lease_expires_at = now() + make_interval(secs => :lease)"
             " WHERE run_id = :run AND lease_owner = :owner AND status = 'leased'"),
-            {"run": run_id, "owner": owner, "lease": settings.lease_seconds}).rowcount
+            {"run": run_id, "owner": owner, "lease": lease_seconds}).rowcount
 
 
 def hold_leases(conn: sa.Connection, run_id: str, problem_ids: Sequence[str], owner: str) -> set[str]:
@@ -210,15 +210,35 @@ def _is_dead(owner: str) -> bool:
         return False
 
 
-def reclaim_dead_attempts(settings: Settings, run_id: str, base: str) -> int:
-    """Hand back at once the leases of earlier attempts of ``base`` (e.g. this chunk) that died on
-    this host; a live attempt's leases, or one on another host, are left to their expiry."""
-    with get_engine(settings).connect() as conn:
+def reclaim_dead_attempts(engine: sa.Engine, run_id: str, base: str | None) -> int:
+    """Hand back at once the leases of earlier attempts of ``base`` (e.g. this chunk; None: of any
+    worker of the run) that died on this host; a live attempt's leases, or one on another host,
+    are left to their expiry."""
+    with engine.connect() as conn:
         owners = conn.execute(sa.text(
             "SELECT DISTINCT lease_owner FROM chunk_problems WHERE run_id = :run AND status = 'leased'"
-            " AND left(lease_owner, :n) = :prefix"), {"run": run_id, "n": len(base) + 1, "prefix": base + "@"}).scalars()
+            " AND (CAST(:prefix AS TEXT) IS NULL OR left(lease_owner, :n) = :prefix)"),
+            {"run": run_id, "n": len(base or "") + 1, "prefix": None if base is None else base + "@"}).scalars()
         dead = [owner for owner in owners if _is_dead(owner)]
-    return sum(release_leases(settings, run_id, owner, f"resumed by a new attempt: {owner} died") for owner in dead)
+    return sum(release_leases(engine, run_id, owner, f"resumed by a new attempt: {owner} died") for owner in dead)
+
+
+@dataclass(frozen=True)
+class LeaseHolder:
+    owner: str
+    problems: int
+    live: bool  # its leases are unexpired and its process is not known to be dead
+
+
+def lease_holders(engine: sa.Engine, run_id: str) -> list[LeaseHolder]:
+    """Who holds the run's leased problems, and whether each holder is still working on them."""
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text(
+            "SELECT lease_owner, count(*) AS problems, bool_and(lease_expires_at > now()) AS unexpired"
+            " FROM chunk_problems WHERE run_id = :run AND status = 'leased' GROUP BY lease_owner"
+            " ORDER BY lease_owner"), {"run": run_id}).all()
+    return [LeaseHolder(row.lease_owner, row.problems, bool(row.unexpired) and not _is_dead(row.lease_owner))
+            for row in rows]
 
 
 def storable_error(error: str, limit: int = 2000) -> str:
@@ -227,30 +247,35 @@ def storable_error(error: str, limit: int = 2000) -> str:
     return error.replace("\x00", "\\x00")[:limit]
 
 
-def release_leases(settings: Settings, run_id: str, owner: str, error: str) -> int:
+def release_leases(engine: sa.Engine, run_id: str, owner: str, error: str) -> int:
     """Give unfinished leases back at once (the task failed; its retry or a peer continues)."""
-    with get_engine(settings).begin() as conn:
+    with engine.begin() as conn:
         return conn.execute(sa.text(
             "UPDATE chunk_problems SET status = 'pending', lease_owner = NULL, lease_expires_at = NULL,"
             " error = :err WHERE run_id = :run AND lease_owner = :owner AND status = 'leased'"),
             {"run": run_id, "owner": owner, "err": storable_error(error)}).rowcount
 
 
-def finish_chunks(settings: Settings, run_id: str) -> None:
+def finish_chunks(engine: sa.Engine, run_id: str) -> None:
     """Mark chunks whose problems are all done, and the run when every chunk is."""
-    with get_engine(settings).begin() as conn:
+    from .tree_index import analyze_index
+
+    with engine.begin() as conn:
         conn.execute(sa.text(
             "UPDATE chunks c SET status = 'done', updated_at = now() WHERE c.run_id = :run AND c.status <> 'done'"
             " AND NOT EXISTS (SELECT 1 FROM chunk_problems p WHERE p.run_id = c.run_id"
             " AND p.chunk_index = c.chunk_index AND p.status <> 'done')"), {"run": run_id})
-        conn.execute(sa.text(
+        finished = conn.execute(sa.text(
             "UPDATE annotation_runs r SET status = 'succeeded', finished_at = now() WHERE r.run_id = :run"
+            " AND r.status <> 'succeeded'"
             " AND NOT EXISTS (SELECT 1 FROM chunks c WHERE c.run_id = r.run_id AND c.status <> 'done')"),
-            {"run": run_id})
+            {"run": run_id}).rowcount
+    if finished:  # the run's trees are all written: the planner sees them from now on
+        analyze_index(engine)
 
 
-def run_progress(settings: Settings, run_id: str) -> dict[str, int]:
-    with get_engine(settings).connect() as conn:
+def run_progress(engine: sa.Engine, run_id: str) -> dict[str, int]:
+    with engine.connect() as conn:
         rows = conn.execute(sa.text(
             "SELECT status, count(*) FROM chunk_problems WHERE run_id = :run GROUP BY status"), {"run": run_id}).all()
     return {status: count for status, count in rows}

@@ -12,7 +12,6 @@ import hashlib
 import io
 import json
 import os
-import re
 import tempfile
 import warnings
 from collections import Counter
@@ -29,8 +28,9 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, field_validator
 
 from .db import get_engine, require_schema
-from .settings import Settings
+from .settings import ConfigurationError, Settings
 from .storage import ObjectStore, open_store, sha256_hex
+from .validation import find_bad_value, id_problem
 
 MAX_QUESTION_CHARS = 20_000
 MAX_ANSWER_CHARS = 1_000
@@ -38,8 +38,6 @@ MAX_EXTRA_BYTES = 100_000
 MAX_IMAGE_BYTES = 50 * 1024 * 1024
 MAX_IMAGE_PIXELS = 40_000_000
 BATCH_SIZE = 500
-# Ids become object keys (trees/<run>/<id>.json) and Airflow-visible names.
-ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@+=-]{0,199}$"
 # The columns ingestion writes (the schema itself lives in sql/).
 _SEED_TABLE = sa.table(
     "seed_problems", *(sa.column(name) for name in [
@@ -71,9 +69,11 @@ class SeedRecord(BaseModel):
     @field_validator("id", mode="after")
     @classmethod
     def _id_text(cls, value: str | int) -> str:
+        # Ids become object keys (trees/<run>/<id>.json) and Airflow-visible names.
         text = str(value).strip()
-        if not re.match(ID_PATTERN, text):
-            raise ValueError(f"must match {ID_PATTERN} (letters, digits and ._:@+=-, at most 200)")
+        problem = id_problem(text)
+        if problem:
+            raise ValueError(problem)
         return text
 
     @field_validator("correct_answer", mode="after")
@@ -85,13 +85,6 @@ class SeedRecord(BaseModel):
         if len(text) > MAX_ANSWER_CHARS:
             raise ValueError(f"is {len(text)} characters, at most {MAX_ANSWER_CHARS}")
         return text
-
-    @field_validator("question", "image_path", mode="after")
-    @classmethod
-    def _printable(cls, value: str) -> str:
-        if "\x00" in value:
-            raise ValueError("contains a NUL character")
-        return value
 
     def extra_fields(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
@@ -179,11 +172,41 @@ def _text_blocks(path: Path) -> Iterator[str]:
 
 
 def _is_json_array(path: Path) -> bool:
+    """A ``.jsonl``/``.ndjson`` file is JSON lines whatever its first record (which may be an array,
+    rejected alone); any other file is a JSON array when its text starts with ``[``."""
+    if path.suffix.lower() in (".jsonl", ".ndjson"):
+        return False
     for block in _text_blocks(path):
         stripped = block.lstrip()
         if stripped:
             return stripped.startswith("[")
     return False
+
+
+TOO_DEEP = "JSON nested too deeply to read"
+
+
+def _value_end(text: str, start: int) -> int | None:
+    """Where the JSON container starting at ``text[start]`` ends, found by counting brackets
+    outside strings (no recursion, for a value too deep to parse); None when ``text`` ends first."""
+    depth, index, in_string = 0, start, False
+    while index < len(text):
+        char = text[index]
+        if in_string:
+            if char == "\\":
+                index += 1
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+        elif char in "]}":
+            depth -= 1
+            if depth == 0:
+                return index + 1
+        index += 1
+    return None
 
 
 def _iter_json_array(path: Path) -> Iterator[Any]:
@@ -209,8 +232,9 @@ def _iter_json_array(path: Path) -> Iterator[Any]:
             if pos < len(buffer) or not more():
                 return buffer[pos] if pos < len(buffer) else ""
 
-    def fail(message: str) -> ValueError:
-        return ValueError(f"{path}: not a valid JSON array: {message}")
+    def fail(message: str) -> ConfigurationError:
+        # The whole file is unreadable: a one-line error of the command, never retried.
+        return ConfigurationError(f"{path}: not a valid JSON array: {message}")
 
     if skip_space() != "[":
         raise fail("it does not start with '['")
@@ -232,7 +256,15 @@ def _iter_json_array(path: Path) -> Iterator[Any]:
                     more()
                     continue
                 except RecursionError:
-                    raise fail(f"record {index} is nested too deeply to read") from None
+                    # Too deep for the reader: rejected alone, as a JSONL line would be.
+                    end = _value_end(buffer, pos)
+                    if end is None:
+                        if eof or len(buffer) - pos > MAX_RECORD_CHARS:
+                            raise fail(f"record {index} is nested too deeply and does not end") from None
+                        more()
+                        continue
+                    value = RecordRejected("<record>", TOO_DEEP)
+                    break
                 if end == len(buffer) and not eof and more():
                     continue  # the value touched the block's end (a number may go on): read on
                 break
@@ -262,7 +294,7 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
             except json.JSONDecodeError as exc:
                 yield index, RecordRejected("<record>", f"invalid JSON: {exc.msg} at column {exc.colno}")
             except RecursionError:
-                yield index, RecordRejected("<record>", "JSON nested too deeply to read")
+                yield index, RecordRejected("<record>", TOO_DEEP)
 
 
 def count_records(path: Path) -> int:
@@ -283,23 +315,6 @@ def read_records(path: Path) -> Iterator[tuple[int, Any] | tuple[int, RecordReje
     return _iter_jsonl(path)
 
 
-def _non_utf8_field(obj: Any, path: str = "") -> str | None:
-    """The first field holding bytes that were not valid UTF-8 (decoded as lone surrogates)."""
-    if isinstance(obj, str):
-        return path or "<record>" if any(0xD800 <= ord(c) <= 0xDFFF for c in obj) else None
-    if isinstance(obj, dict):
-        for key, value in obj.items():
-            bad = _non_utf8_field(key, path or "<key>") or _non_utf8_field(value, f"{path}.{key}" if path else str(key))
-            if bad:
-                return bad
-    if isinstance(obj, list):
-        for i, value in enumerate(obj):
-            bad = _non_utf8_field(value, f"{path}[{i}]")
-            if bad:
-                return bad
-    return None
-
-
 class ImageResolver:
     """Resolves ``image_path`` against allowed roots and proves the file is an image."""
 
@@ -315,19 +330,23 @@ class ImageResolver:
         server is down) is an error of the ingest, retried, never a rejection."""
         from minio.error import S3Error
 
-        from .storage import ObjectNotFound, open_uri
+        from .storage import ObjectNotFound, check_key, is_request_error, open_uri
 
         roots = self.settings.image_s3_roots
         if ".." in image_path.split("/") or not any(image_path.startswith(root.rstrip("/") + "/") for root in roots):
             raise RecordRejected("image_path", f"{image_path!r} is not under an allowed S3 image root "
                                                f"{roots} (setting image_s3_roots)")
-        store, key = open_uri(image_path, self.settings)
+        try:
+            store, key = open_uri(image_path, self.settings)
+            check_key(key)
+        except ValueError as exc:  # "a//b", "..\\x", control characters: no object can be named so
+            raise RecordRejected("image_path", str(exc)) from None
         try:
             return store.get_bytes(key)
         except ObjectNotFound:
             raise RecordRejected("image_path", f"{image_path!r}: no such object") from None
         except S3Error as exc:
-            if exc.code in ("NoSuchBucket", "AccessDenied"):
+            if exc.code in ("NoSuchBucket", "AccessDenied") or is_request_error(exc):
                 raise RecordRejected("image_path", f"{image_path!r}: {exc.code}") from None
             raise
 
@@ -387,9 +406,10 @@ def _validate(index: int, raw: Any, resolver: ImageResolver) -> _Accepted:
         raise raw
     if not isinstance(raw, dict):
         raise RecordRejected("<record>", f"must be a JSON object, got {type(raw).__name__}")
-    bad = _non_utf8_field(raw)
+    # Every text of the record, extra fields and keys included, and every number (NaN, 1e309).
+    bad = find_bad_value(raw)
     if bad:
-        raise RecordRejected(bad, "is not valid UTF-8")
+        raise RecordRejected(bad.field, bad.message)
     try:
         record = SeedRecord.model_validate(raw)
     except ValidationError as exc:
@@ -400,8 +420,6 @@ def _validate(index: int, raw: Any, resolver: ImageResolver) -> _Accepted:
     extra = record.extra_fields()
     if len(json.dumps(extra, ensure_ascii=False).encode()) > MAX_EXTRA_BYTES:
         raise RecordRejected("<extra>", f"extra fields exceed {MAX_EXTRA_BYTES} bytes")
-    if "\x00" in json.dumps(extra):
-        raise RecordRejected("<extra>", "contains a NUL character")
     image_bytes = resolver.load(record.image_path)
     suffix = decode_image(image_bytes)
     image_sha = sha256_hex(image_bytes)

@@ -200,6 +200,10 @@ class EvalConfig(BaseModel):
     num_candidates: int = Field(16, ge=1)
     ns: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16])
     prm_batch_size: int = Field(16, ge=1)
+    # Longest PRM input (tokens, the image's included) `mmprm score` runs through the model (never
+    # more than the model's positions): a candidate over it rejects its record, so one runaway
+    # candidate (10k steps: ~100k tokens) is never loaded whole into the model.
+    max_input_tokens: int = Field(4096, ge=16)
     # The aggregator whose accuracy is the report's headline, named before any result is seen.
     headline_aggregator: Literal[
         "min", "last", "product", "average", "sum_logprob", "max", "sum_logit", "mean_odd"

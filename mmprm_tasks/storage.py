@@ -68,6 +68,10 @@ class ObjectStore(ABC):
     def get_json(self, key: str) -> Any:
         return json.loads(self.get_bytes(key))
 
+    def iter_lines(self, key: str) -> Iterator[str]:
+        """The object's non-blank lines (paths, candidates); the stores read them as a stream."""
+        yield from (line for line in self.get_bytes(key).decode().splitlines() if line.strip())
+
     def get_jsonl(self, key: str) -> list[Any]:
         """The object's non-blank lines, each parsed as JSON (paths, candidates)."""
         return [json.loads(line) for line in self.get_bytes(key).decode().splitlines() if line.strip()]
@@ -107,10 +111,31 @@ class ObjectStore(ABC):
         return key
 
 
-def _check_key(key: str) -> str:
-    if not key or key.startswith("/") or any(part in ("", ".", "..") for part in key.rstrip("/").split("/")):
-        raise ValueError(f"invalid object key {key!r}: use relative 'a/b/c' keys without '.' or '..'")
+# S3 limits a key to 1,024 bytes.
+MAX_KEY_BYTES = 1024
+
+
+def check_key(key: str) -> str:
+    """``key`` when it names an object the same way in both stores: relative ``a/b/c`` parts,
+    none empty, ``.`` or ``..``, no backslash (a Windows separator S3 servers read differently),
+    no control character; ValueError naming the key otherwise."""
+    from .validation import escape_text, text_problem
+
+    parts = key.rstrip("/").split("/")
+    if (not key or key.startswith("/") or any(part in ("", ".", "..") for part in parts) or "\\" in key
+            or text_problem(key) or len(key.encode(errors="surrogatepass")) > MAX_KEY_BYTES):
+        raise ValueError(f"invalid object key {escape_text(key)}: use relative 'a/b/c' keys without empty, '.' "
+                         f"or '..' parts, backslashes or control characters, at most {MAX_KEY_BYTES} bytes")
     return key
+
+
+def is_request_error(exc: Exception) -> bool:
+    """An S3 error about the request itself (a key or argument the server refuses), which no retry
+    can fix, as opposed to the server failing (5xx) or being unreachable."""
+    response = getattr(exc, "response", None)
+    status = getattr(response, "status", None)
+    return isinstance(status, int) and 400 <= status < 500 and getattr(exc, "code", None) not in (
+        "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "RequestTimeTooSkewed")
 
 
 TEMPORARY_PREFIX = ".tmp-"
@@ -125,13 +150,14 @@ class LocalStore(ObjectStore):
     directory (per store object) removes the ones older than :data:`STALE_TEMPORARY_S`, so
     leftovers do not pile up and the scan costs one directory listing, not one per write."""
 
-    def __init__(self, root: str | os.PathLike[str]):
+    def __init__(self, root: str | os.PathLike[str], *, create: bool = True):
         self.root = Path(root).resolve()
-        self.root.mkdir(parents=True, exist_ok=True)
+        if create:  # a store opened to read what a URI names creates nothing
+            self.root.mkdir(parents=True, exist_ok=True)
         self._swept: set[Path] = set()
 
     def _path(self, key: str) -> Path:
-        return self.root / _check_key(key)
+        return self.root / check_key(key)
 
     def _sweep_stale_temporaries(self, directory: Path) -> None:
         if directory in self._swept:
@@ -179,6 +205,14 @@ class LocalStore(ObjectStore):
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
+
+    def iter_lines(self, key: str) -> Iterator[str]:
+        try:
+            handle = self._path(key).open(encoding="utf-8")
+        except FileNotFoundError:
+            raise ObjectNotFound(self.uri(key)) from None
+        with handle:
+            yield from (line.rstrip("\n") for line in handle if line.strip())
 
     def iter_keys(self, prefix: str = "") -> Iterator[str]:
         for path in self.root.rglob("*"):
@@ -235,28 +269,45 @@ class S3Store(ObjectStore):
 
     def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> str:
         self.client.put_object(
-            bucket_name=self.bucket, object_name=_check_key(key), data=io.BytesIO(data),
+            bucket_name=self.bucket, object_name=check_key(key), data=io.BytesIO(data),
             length=len(data), content_type=content_type,
         )
         return self.uri(key)
 
     def put_file(self, key: str, path: str | os.PathLike[str], content_type: str = "application/octet-stream") -> str:
         # Streamed from disk; large files go up as a multipart upload.
-        self.client.fput_object(bucket_name=self.bucket, object_name=_check_key(key), file_path=str(path),
+        self.client.fput_object(bucket_name=self.bucket, object_name=check_key(key), file_path=str(path),
                                 content_type=content_type)
         return self.uri(key)
 
-    def get_bytes(self, key: str) -> bytes:
+    def _open(self, key: str) -> Any:
+        """The object's response (read it, then close and release it); ObjectNotFound if absent."""
         from minio.error import S3Error
 
         try:
-            response = self.client.get_object(bucket_name=self.bucket, object_name=_check_key(key))
+            return self.client.get_object(bucket_name=self.bucket, object_name=check_key(key))
         except S3Error as exc:
             if exc.code in ("NoSuchKey", "NoSuchObject"):
                 raise ObjectNotFound(self.uri(key)) from None
             raise
+
+    def get_bytes(self, key: str) -> bytes:
+        response = self._open(key)
         try:
             return response.read()
+        finally:
+            response.close()
+            response.release_conn()
+
+    def iter_lines(self, key: str) -> Iterator[str]:
+        response = self._open(key)
+        try:
+            rest = b""
+            for chunk in response.stream(1 << 20):
+                *lines, rest = (rest + chunk).split(b"\n")
+                yield from (line.decode() for line in lines if line.strip())
+            if rest.strip():
+                yield rest.decode()
         finally:
             response.close()
             response.release_conn()
@@ -265,7 +316,7 @@ class S3Store(ObjectStore):
         from minio.error import S3Error
 
         try:
-            self.client.stat_object(bucket_name=self.bucket, object_name=_check_key(key))
+            self.client.stat_object(bucket_name=self.bucket, object_name=check_key(key))
         except S3Error as exc:
             if exc.code in ("NoSuchKey", "NoSuchObject", "NotFound"):
                 return False
@@ -278,7 +329,7 @@ class S3Store(ObjectStore):
                 yield obj.object_name
 
     def delete(self, key: str) -> None:
-        self.client.remove_object(bucket_name=self.bucket, object_name=_check_key(key))
+        self.client.remove_object(bucket_name=self.bucket, object_name=check_key(key))
 
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
@@ -294,17 +345,19 @@ def open_store(settings: Settings) -> ObjectStore:
 def open_uri(uri: str, settings: Settings) -> tuple[ObjectStore, str]:
     """Resolve ``s3://bucket/key`` or ``file:///abs/path`` to a store and a key within it (for
     reading what a URI names: a bucket is never created here)."""
+    from .settings import ConfigurationError
+
     parsed = urlparse(uri)
     if parsed.scheme == "s3":
         if settings.store.kind != "s3":
-            raise ValueError(f"{uri}: s3:// URI but the configured store is {settings.store.kind!r}")
+            raise ConfigurationError(f"{uri}: s3:// URI but the configured store is {settings.store.kind!r}")
         store = S3Store.from_settings(settings.with_overrides({"store.bucket": parsed.netloc}), create_bucket=False)
         return store, parsed.path.lstrip("/")
     if parsed.scheme == "file":
         path = Path(parsed.path)
-        local = LocalStore(settings.store_root)
+        local = LocalStore(settings.store_root, create=False)
         try:
             return local, path.resolve().relative_to(local.root).as_posix()
         except ValueError:
-            return LocalStore(path.parent), path.name
-    raise ValueError(f"unsupported object URI {uri!r}: expected s3://bucket/key or file:///path")
+            return LocalStore(path.parent, create=False), path.name
+    raise ConfigurationError(f"unsupported object URI {uri!r}: expected s3://bucket/key or file:///path")

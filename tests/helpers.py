@@ -146,3 +146,49 @@ class PolicyServerProcess:
         self.output = self.proc.stdout.read().decode()
         self.returncode = self.proc.returncode
 
+
+def cli_env(settings, **extra: str) -> dict[str, str]:
+    """The environment a separate ``mmprm`` process needs to use ``settings``' Postgres and store."""
+    import os
+
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1", "MMPRM_DATABASE_URL": settings.database_url, "MMPRM_HOME": str(settings.home)}
+    store = settings.store
+    if store.kind == "s3":
+        env |= {"MMPRM_STORE__KIND": "s3", "MMPRM_STORE__ENDPOINT": store.endpoint,
+                "MMPRM_STORE__BUCKET": store.bucket, "MMPRM_STORE__ACCESS_KEY": store.access_key or "",
+                "MMPRM_STORE__SECRET_KEY": store.secret_key.get_secret_value() if store.secret_key else ""}
+    else:
+        env["MMPRM_STORE__ROOT"] = str(settings.store_root)
+    return env | extra
+
+
+def run_mmprm(settings, *args: str, timeout: float = 180, rss_limit_mb: float | None = None, **env: str):
+    """``mmprm ARGS`` as its own process (as a user runs it); asserts it printed no traceback.
+    The result's ``peak_rss_mb`` is the process's peak resident memory (the kernel's VmHWM, read
+    while it runs); over ``rss_limit_mb`` it is killed (so a regression cannot take the box down)."""
+    import subprocess
+    import sys
+    import tempfile
+    import time
+    from pathlib import Path
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        process = subprocess.Popen([sys.executable, "-m", "mmprm_tasks", *args], stdout=out, stderr=err, text=True,
+                                   env=cli_env(settings, **env))
+        peak_kb, deadline = 0, time.monotonic() + timeout
+        while process.poll() is None:
+            try:
+                status = Path(f"/proc/{process.pid}/status").read_text()
+                peak_kb = max(peak_kb, int(status.split("VmHWM:")[1].split()[0]))
+            except (OSError, IndexError, ValueError):
+                pass  # exiting
+            if (rss_limit_mb and peak_kb > rss_limit_mb * 1024) or time.monotonic() > deadline:
+                process.kill()
+            time.sleep(0.02)
+        out.seek(0)
+        err.seek(0)
+        done = subprocess.CompletedProcess(process.args, process.returncode, out.read(), err.read())
+    done.peak_rss_mb = peak_kb / 1024
+    assert "Traceback" not in done.stdout + done.stderr, done.stdout + done.stderr
+    return done

@@ -70,7 +70,7 @@ def test_chunk_persists_trees_and_nodes_with_the_real_verifier(annotated_setting
             " WHERE t.run_id = 'run-a' AND n.is_first_error")).all()
     # The slip is the second step: the first-error node ends at it.
     assert first_errors and all(re.search(r"\+ 1 = ", steps[-1]) for steps, _ in first_errors)
-    assert run_progress(s, "run-a") == {"done": 3, "pending": 4}
+    assert run_progress(get_engine(s), "run-a") == {"done": 3, "pending": 4}
 
 
 def test_rerun_skips_finished_work_and_never_duplicates(annotated_settings):
@@ -120,11 +120,11 @@ def test_retry_takes_back_only_dead_attempts_leases(annotated_settings):
     s = annotated_settings
     host = socket.gethostname()
     dead = f"run-a/chunk-1@{host}:{_dead_pid()}:aaaa"  # the attempt that was SIGKILLed
-    assert len(claim_problems(s, "run-a", 1, dead, limit=2, steal=False)) == 2
+    assert len(claim_problems(get_engine(s), "run-a", 1, dead, limit=2, steal=False, lease_seconds=s.lease_seconds)) == 2
     alive = f"run-a/chunk-1@{host}:{os.getppid()}:bbbb"  # a first attempt still running on this host
-    assert len(claim_problems(s, "run-a", 1, alive, limit=1, steal=False)) == 1
+    assert len(claim_problems(get_engine(s), "run-a", 1, alive, limit=1, steal=False, lease_seconds=s.lease_seconds)) == 1
     remote = "run-a/chunk-2@another-host:1:cccc"  # on another machine: its lease must expire first
-    assert len(claim_problems(s, "run-a", 2, remote, limit=1, steal=False)) == 1
+    assert len(claim_problems(get_engine(s), "run-a", 2, remote, limit=1, steal=False, lease_seconds=s.lease_seconds)) == 1
 
     stats = annotate_chunk(s, "run-a", 1, policy=ScriptedPolicy(arithmetic_script), verifier=ExactVerifier(),
                            steal=False)
@@ -139,10 +139,10 @@ def test_retry_takes_back_only_dead_attempts_leases(annotated_settings):
 def test_a_tree_whose_lease_was_taken_is_not_written(annotated_settings):
     s = annotated_settings.with_overrides({"lease_seconds": 0.2})
     slow = attempt_owner("run-a/chunk-0")
-    taken, kept = [pid for pid, *_ in claim_problems(s, "run-a", 0, slow, limit=2, steal=False)]
+    taken, kept = [pid for pid, *_ in claim_problems(get_engine(s), "run-a", 0, slow, limit=2, steal=False, lease_seconds=s.lease_seconds)]
     time.sleep(0.5)  # the slow attempt stalls past its leases (no heartbeat) ...
     peer = attempt_owner("run-a/peer")
-    assert claim_problems(s, "run-a", 0, peer, limit=1, steal=False)[0][0] == taken  # ... a peer takes one
+    assert claim_problems(get_engine(s), "run-a", 0, peer, limit=1, steal=False, lease_seconds=s.lease_seconds)[0][0] == taken  # ... a peer takes one
     with get_engine(s).begin() as conn:  # the slow attempt still holds the other (nobody claimed it)
         conn.execute(sa.text("UPDATE chunk_problems SET lease_expires_at = now() + interval '1 hour'"
                              " WHERE run_id = 'run-a' AND problem_id = :p"), {"p": kept})
@@ -202,17 +202,20 @@ def test_run_config_must_match(annotated_settings):
                        verifier=ExactVerifier())
 
 
-def test_cli_annotate_all_fails_while_a_dead_worker_holds_leases(cli_settings, tmp_path):
+def test_cli_annotate_all_leaves_unexpired_leases_of_another_host_to_their_holder(cli_settings, tmp_path):
+    """A worker elsewhere may be alive (its heartbeat renews its leases): --all, with nothing left
+    to claim, says who holds the rest and exits 0 (issue 25; it used to exit 1)."""
     from typer.testing import CliRunner
 
     from mmprm_tasks import cli
 
     ingest_file(make_seed_file(tmp_path / "data", 3), cli_settings)
     shard_run(cli_settings, "run-d", chunk_size=3)
-    assert len(claim_problems(cli_settings, "run-d", 0, "dead-worker", limit=3)) == 3
+    elsewhere = "run-d/chunk-0@another-host:123:abcd"
+    assert len(claim_problems(get_engine(cli_settings), "run-d", 0, elsewhere, limit=3, lease_seconds=cli_settings.lease_seconds)) == 3
     result = CliRunner().invoke(cli.app, ["annotate", "--run", "run-d", "--all"])
-    assert result.exit_code == 1, result.output
-    assert "run-d is not finished" in result.output and "'leased': 3" in result.output
+    assert result.exit_code == 0, result.output
+    assert "3 problem(s) are being annotated by live workers" in result.output and elsewhere in result.output
 
 
 def test_an_empty_chunk_loads_nothing_and_chunks_share_one_warm_engine(annotated_settings, monkeypatch):
@@ -230,7 +233,7 @@ def test_an_empty_chunk_loads_nothing_and_chunks_share_one_warm_engine(annotated
     verifier = ExactVerifier()
     annotate_chunk(s, "run-a", 0, verifier=verifier, steal=False)
     annotate_chunk(s, "run-a", 1, verifier=verifier, steal=True)  # takes the rest of the run
-    assert run_progress(s, "run-a") == {"done": 7}
+    assert run_progress(get_engine(s), "run-a") == {"done": 7}
     assert len(loads) == 1  # the second chunk reused the warm engine
     # A chunk with nothing left to claim never touches an engine (here: one that would be a new load).
     empty = annotate_chunk(s.with_overrides({"policy.device": "cuda:7"}), "run-a", 2)

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from mmprm_tasks.db import get_engine
 from mmprm_tasks.seeds import ingest_file
+from mmprm_tasks.settings import ConfigurationError
 from mmprm_tasks.storage import open_store
 
 from helpers import write_png
@@ -80,6 +81,10 @@ def test_s3_image_paths_are_confined_and_rejected_per_record(s3_settings, tmp_pa
          "image_path": f"s3://{bucket}/seed-images/../private/secret.png"},
         {"id": "missing", "question": "q4?", "correct_answer": 4, "image_path": f"s3://{bucket}/seed-images/nope.png"},
         {"id": "made-up", "question": "q5?", "correct_answer": 5, "image_path": "s3://attacker-made-bucket/seed-images/a.png"},
+        # keys no object can have: an empty part, a backslash climb (the server refuses it)
+        {"id": "empty-part", "question": "q6?", "correct_answer": 6, "image_path": f"s3://{bucket}/seed-images//ok.png"},
+        {"id": "backslash", "question": "q7?", "correct_answer": 7,
+         "image_path": f"s3://{bucket}/seed-images/..\\private/secret.png"},
     ]
     seed = tmp_path / "s3.json"
     seed.write_text(json.dumps(records))
@@ -88,11 +93,12 @@ def test_s3_image_paths_are_confined_and_rejected_per_record(s3_settings, tmp_pa
     report = ingest_file(seed, allowed)
     assert report.inserted == 1
     by_id = {r.record_id: r for r in report.rejected}
-    assert set(by_id) == {"private", "climb", "missing", "made-up"}
+    assert set(by_id) == {"private", "climb", "missing", "made-up", "empty-part", "backslash"}
     assert all(r.field == "image_path" for r in by_id.values())
     assert "not under an allowed S3 image root" in by_id["private"].message
     assert "not under an allowed S3 image root" in by_id["climb"].message
     assert "no such object" in by_id["missing"].message and "NoSuchBucket" in by_id["made-up"].message
+    assert all("invalid object key" in by_id[rid].message for rid in ("empty-part", "backslash"))
     cfg = s3_settings.store
     client = Minio(cfg.endpoint, access_key=cfg.access_key, secret_key=cfg.secret_key.get_secret_value(),
                    secure=False, region=cfg.region)
@@ -168,6 +174,16 @@ def _bad_seed_file(root: Path) -> tuple[Path, dict[int, tuple[str, str]]]:
     bad("huge-question", "question", rec("huge-question", question="x" * 50_000))
     bad("huge-answer", "correct_answer", rec("huge-answer", correct_answer="9" * 5_000))
     bad("nul-question", "question", rec("nul-question", question="what\x00is this"))
+    bad("nul-answer", "correct_answer", rec("nul-answer", correct_answer="4\x00"))
+    bad("nul-extra", "note", rec("nul-extra", note="a\x00b"))
+    bad("nul-key", "<key>", rec("nul-key", **{"no\x00te": 1}))
+    bad("bell-nested-extra", "meta.tags[1]", rec("bell-nested-extra", meta={"tags": ["ok", "ring\x07"]}))
+    bad("ansi-question", "question", rec("ansi-question", question="\x1b[2J\x1b[31mred?"))
+    bad("c1-question", "question", rec("c1-question", question="csi \x9b2J?"))
+    bad("nan-answer", "correct_answer", raw=b'{"id": "nan-answer", "question": "q?", "correct_answer": NaN, '
+                                           b'"image_path": "images/shared.png"}')
+    bad("inf-answer", "correct_answer", raw=b'{"id": "inf-answer", "question": "q?", "correct_answer": 1e309, '
+                                           b'"image_path": "images/shared.png"}')
     good(7)
     bad("not-object", "<record>", ["p9", "q", "a", "images/shared.png"])
     bad("bad-json", "<record>", raw=b'{"id": "bad-json", "question": "unterminated')
@@ -201,6 +217,8 @@ def test_mixed_file_lands_every_good_record_and_names_every_bad_one(settings, tm
     assert "resolves outside" in by_tag["escape-symlink"].message
     assert "good5" in by_tag["dup-id"].message
     assert "UTF-8" in by_tag["non-utf8"].message
+    assert "NUL" in by_tag["nul-extra"].message and "U+001B" in by_tag["ansi-question"].message
+    assert "finite" in by_tag["nan-answer"].message and "finite" in by_tag["inf-answer"].message
 
     store = open_store(settings)
     quarantine = store.get_json(report.quarantine_uri.split("/objects/", 1)[1])
@@ -291,10 +309,12 @@ def test_a_trigger_can_name_only_seed_files_under_the_seed_roots(settings, tmp_p
     secret = tmp_path / "airflow" / "simple_auth_manager_passwords.json"
     secret.parent.mkdir()
     secret.write_text('{"admin": "hunter2"}')
-    with pytest.raises(ValueError, match="outside the allowed seed roots"):
+    with pytest.raises(ConfigurationError, match="outside the allowed seed roots"):
         ingest_stage(settings, str(secret))
-    with pytest.raises(ValueError, match="outside the allowed seed roots"):  # no climbing out
+    with pytest.raises(ConfigurationError, match="outside the allowed seed roots"):  # no climbing out
         ingest_stage(settings, str(settings.home / "seeds" / ".." / "x.json"))
+    with pytest.raises(ConfigurationError, match="no such file"):  # not retried: waiting cannot help
+        ingest_stage(settings, str(settings.home / "seeds" / "missing.json"))
     assert not open_store(settings).list_keys("quarantine/")
     seed = make_seed_file(settings.home / "seeds", 2)
     assert ingest_stage(settings, str(seed))["inserted"] == 2

@@ -70,6 +70,10 @@ def test_json_round_trip_keeps_unicode(store):
 def test_jsonl_reads_each_non_blank_line(store):
     store.put_bytes("j/lines.jsonl", '{"a": 1}\n\n  \n{"b": "ü"}\n'.encode())
     assert store.get_jsonl("j/lines.jsonl") == [{"a": 1}, {"b": "ü"}]
+    # streamed (both stores), across read blocks and without a final newline
+    long = "x" * (3 << 20)
+    store.put_bytes("j/long.jsonl", f'"{long}"\n\n"ü"\n"last"'.encode())
+    assert list(store.iter_lines("j/long.jsonl")) == [f'"{long}"', '"ü"', '"last"']
 
 
 def test_content_addressed_put_lands_once(store):

@@ -129,3 +129,21 @@ def test_import_from_an_s3_prefix(s3_settings, tmp_path):
     report = import_trees(s3_settings, f"s3://{s3_settings.store.bucket}/incoming/", "imported")
     assert (report.trees, report.rejected) == (3, [])
     assert _nodes(s3_settings, "imported") == _nodes(s3_settings, "run-a")
+
+
+def test_bulk_writes_leave_the_planner_fresh_statistics(settings, tmp_path):
+    """A finished annotation run and an import each ANALYZE the index themselves (pg_stat counts
+    manual ANALYZEs apart from autovacuum's)."""
+
+    def analyzed() -> dict[str, int]:
+        with get_engine(settings).connect() as conn:
+            return dict(conn.execute(sa.text("SELECT relname, analyze_count FROM pg_stat_user_tables"
+                                             " WHERE relname IN ('trees', 'step_nodes')")).all())
+
+    trees = _annotated(settings, tmp_path, n=2)
+    after_annotation = analyzed()
+    assert after_annotation == {"trees": 1, "step_nodes": 1}
+    source = tmp_path / "trees.jsonl"
+    source.write_text("\n".join(json.dumps(tree) for tree in trees) + "\n")
+    import_trees(settings, str(source), "imported")
+    assert analyzed() == {"trees": 2, "step_nodes": 2}

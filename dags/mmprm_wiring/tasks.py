@@ -16,6 +16,7 @@ from airflow.sdk import get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
 from mmprm_tasks import pipeline
+from mmprm_tasks.failures import EXIT_CONFIGURATION, describe
 from mmprm_tasks.params import TRIGGER_PARAMS, Endpoint, endpoint_from_connection, settings_from_params
 from mmprm_tasks.settings import ConfigurationError, get_settings
 
@@ -29,14 +30,18 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def fails_at_once_on_configuration_errors(function: Callable[..., Any]) -> Callable[..., Any]:
-    """A :class:`~mmprm_tasks.settings.ConfigurationError` (a missing checkpoint, an empty dataset,
-    a split with no problems) fails the task without retries: waiting cannot fix it."""
+    """A configuration error (a missing checkpoint, an empty dataset, a split with no problems,
+    S3 credentials refused: what mmprm_tasks.failures.describe calls configuration, the CLI's exit
+    1) fails the task without retries: waiting cannot fix it."""
 
     @functools.wraps(function)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return function(*args, **kwargs)
-        except ConfigurationError as exc:
+        except Exception as exc:
+            failure = describe(exc)
+            if failure is None or failure.exit_code != EXIT_CONFIGURATION:
+                raise
             first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise AirflowFailException(f"configuration error (not retried): {first_line}") from exc
 

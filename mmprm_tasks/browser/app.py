@@ -16,15 +16,18 @@ from typing import Any
 from urllib.parse import quote
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..settings import Settings, get_settings
+from ..validation import escape_text, id_problem, text_problem
 from . import charts, data
 
 TEMPLATES = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
 MOUNT_PREFIX = "/mmprm"
+MAX_OFFSET = 2**63 - 1  # Postgres' bigint: a larger OFFSET is an error there
 
 
 def _get_user_dependency():
@@ -41,6 +44,25 @@ def require_run_reader(request: Request, user: Any = Depends(_get_user_dependenc
 
     if not get_auth_manager().is_authorized_dag(method="GET", access_entity=DagAccessEntity.RUN, user=user):
         raise HTTPException(status_code=403, detail=f"user {user.get_name()!r} may not read DAG runs")
+    return user
+
+
+def require_valid_url(request: Request, user: Any = Depends(require_run_reader)) -> Any:
+    """After the permission check: every id in the path follows the one id rule
+    (mmprm_tasks.validation; a DAG run's ids are Airflow's and need only be text) and every query
+    value is text, else 404 / 400 naming the escaped value, before any query runs (a NUL reached
+    Postgres as a 500)."""
+    route = request.scope.get("route")
+    airflow_ids = getattr(route, "path", "").startswith("/dag-runs/")
+    for name, value in request.path_params.items():
+        problem = text_problem(value) if airflow_ids else id_problem(value)
+        if problem:
+            raise HTTPException(status_code=404, detail=f"{name} {escape_text(value, 100)} is not in the step "
+                                                        f"index: {problem}")
+    for name, value in request.query_params.items():
+        problem = text_problem(value)
+        if problem:
+            raise HTTPException(status_code=400, detail=f"query parameter {name!r}: {problem}")
     return user
 
 
@@ -82,18 +104,25 @@ def create_app(settings_factory=get_settings) -> FastAPI:
                 root=_root(request), status=exc.status_code, detail=exc.detail), status_code=exc.status_code)
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
+    @app.exception_handler(RequestValidationError)
+    async def _bad_request(request: Request, exc: RequestValidationError):
+        # 400 with the first problem in one line (FastAPI's default: 422 with a JSON list).
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error.get("loc", ()))
+        return await _errors(request, StarletteHTTPException(400, f"{where}: {error.get('msg', 'invalid')}"))
+
     @app.exception_handler(data.NotFound)
     async def _not_found(request: Request, exc: data.NotFound):
         return await _errors(request, StarletteHTTPException(404, f"{exc.args[0]} is not in the step index"))
 
-    reader = Depends(require_run_reader)
+    reader = Depends(require_valid_url)
 
     @app.get("/", response_class=HTMLResponse)
     def index(request: Request, user=reader):
         return _render(request, "index.html", user, **data.overview(settings()))
 
     @app.get("/runs/{run_id}", response_class=HTMLResponse)
-    def run_page(request: Request, run_id: str, offset: int = Query(0, ge=0), user=reader):
+    def run_page(request: Request, run_id: str, offset: int = Query(0, ge=0, le=MAX_OFFSET), user=reader):
         return _render(request, "run.html", user, **data.run_view(settings(), run_id, offset=offset))
 
     @app.get("/runs/{run_id}/mc-histogram.png")

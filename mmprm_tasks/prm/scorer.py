@@ -67,6 +67,18 @@ class _StepScorer:
             self.processor, self.tokens, max_length=max_length, truncation="error",
             image_token_id=getattr(self.model.config, "image_token_id", None),
         )
+        # The longest input this scorer takes: ``max_length`` when given, and never more than
+        # the model's positions (a longer input would be read past what the model knows).
+        config = getattr(self.model.config, "text_config", None) or self.model.config
+        limits = [n for n in (max_length, getattr(config, "max_position_embeddings", None)) if n]
+        self.max_input_tokens: int | None = min(limits) if limits else None
+
+    def input_length(self, question: str, image: Any, steps: Sequence[str]) -> int:
+        """Tokens of one candidate's input, image tokens included, as :meth:`score` lays it out
+        (tokenised only: nothing runs through the model)."""
+        record = {"question": question, "process": self.process_text(steps), "labels": [0.0] * len(steps)}
+        text = self.collator.text(record)
+        return int(self.processor(text=[text], images=[load_image(image)], return_tensors="pt")["input_ids"].shape[1])
 
     def process_text(self, steps: Sequence[str]) -> str:
         """The process of a candidate (literal ``<prm>``/image tokens in a step are removed)."""

@@ -115,6 +115,14 @@ def test_stack_up_from_nothing(pg_admin_url, tmp_path, chromium):
         olga = httpx.post(f"{api_url}/auth/token", json={"username": "olga", "password": "olga-pw"})
         assert olga.status_code == 201, olga.text
 
+        # Every service listens on loopback only, the log servers of the scheduler and the
+        # triggerer included (Airflow binds those to every interface; issue 25).
+        import psutil
+
+        listening = {(c.laddr.ip, c.laddr.port) for p in psutil.Process(proc.pid).children(recursive=True)
+                     for c in _connections(p) if c.status == psutil.CONN_LISTEN}
+        assert len(listening) >= 3 and {ip for ip, _ in listening} == {"127.0.0.1"}, listening
+
         os.killpg(proc.pid, signal.SIGINT)
         assert proc.wait(timeout=120) == 0
         rest = proc.stdout.read()
@@ -131,3 +139,12 @@ def test_stack_up_from_nothing(pg_admin_url, tmp_path, chromium):
         db.dispose_engines()
         drop_database(pg_admin_url, name)
         drop_database(pg_admin_url, f"{name}_airflow")
+
+
+def _connections(process) -> list:
+    import psutil
+
+    try:
+        return process.net_connections(kind="inet")
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return []

@@ -401,3 +401,37 @@ def test_evaluation_candidates_per_scorer_and_before_they_were_rows(stocked):
     page = client.get(f"{PREFIX}/evaluations/eval-before-rows/problems/{pid}").text
     assert page.count('class="steps candidate-step"') == sum(len(c["steps"]) for c in candidates[pid])
     assert "background: hsl(" not in page and "No step scores were stored" in page
+
+
+@pytest.mark.parametrize("path, status", [
+    ("/runs/%00", 404), ("/problems/%00/image", 404), ("/problems/a%00b", 404), ("/datasets/%2E%2E", 404),
+    ("/evaluations/e%1b%5b2J/plot.png", 404), ("/runs/run-a/problems/%00", 404), ("/dag-runs/d/r%00", 404),
+    ("/runs/run-a?offset=9223372036854775808", 400), ("/runs/run-a?offset=-1", 400),
+    ("/evaluations/eval-x/problems/p1?scorer=%00", 400),
+])
+def test_hostile_urls_are_404_or_400_with_the_value_escaped(settings, path, status):
+    """A NUL in an id or a huge offset once reached Postgres: HTTP 500 (and a reset connection)."""
+    client = _client(settings)
+    response = client.get(PREFIX + path)
+    assert response.status_code == status, response.text
+    assert "\x00" not in response.text and "\x1b" not in response.text
+    assert client.get(f"{PREFIX}/runs/no-such-run").status_code == 404  # the next request is served
+
+
+def test_fuzzed_ids_in_urls_are_never_a_server_error(settings):
+    """Hypothesis: any text as any id of any page is 404 (or 400), never 500."""
+    from urllib.parse import quote
+
+    from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+
+    client = _client(settings)
+    pages = ["/runs/{}", "/runs/{}/mc-histogram.png", "/problems/{}/image", "/datasets/{}", "/checkpoints/{}",
+             "/evaluations/{}/plot.png", "/runs/run-a/problems/{}"]  # /dag-runs reads Airflow's own DB
+
+    @hsettings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(st.sampled_from(pages), st.text(min_size=1, max_size=40), st.integers(min_value=-2**70, max_value=2**70))
+    def check(page, ident, offset):
+        response = client.get(PREFIX + page.format(quote(ident, safe="")) + f"?offset={offset}")
+        assert response.status_code in (400, 404), (page, ident, offset, response.status_code, response.text)
+
+    check()

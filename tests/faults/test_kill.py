@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from mmprm_tasks.annotate import annotate_chunk
+from mmprm_tasks.annotate import annotate_chunk, run_summary
+from mmprm_tasks.db import get_engine
 from mmprm_tasks.runs import run_progress
 
 from fault_helpers import HookedPolicy, assert_consistent, seeded_run
@@ -61,12 +62,23 @@ def test_sigkill_then_retry_resumes_at_once(fault_settings, tmp_path, point):
     done = subprocess.run([sys.executable, "-c", _KILLED_WORKER, s.model_dump_json(), point, str(TESTS)],
                           capture_output=True, text=True, timeout=240)
     assert done.returncode == -9, done.stderr[-3000:]
-    assert run_progress(s, "run-f").get("leased", 0) >= 1  # the dead worker's leases
+    assert run_progress(get_engine(s), "run-f").get("leased", 0) >= 1  # the dead worker's leases
     assert_consistent(s, "run-f", finished=False, killed=True)
+    # The engine work behind every committed tree is in the run's stats, the killed attempt's too.
+    assert _engine_rollouts(s) >= _tree_rollouts(s) and (point != "after-a-commit" or _tree_rollouts(s) > 0)
     # The retry on this host sees the worker's process gone and takes its leases back at once.
     stats = annotate_chunk(s, "run-f", 0, policy=HookedPolicy(), verifier=ExactVerifier(), steal=True)
     assert stats["resumed_leases"] >= 1
     assert_consistent(s, "run-f", finished=True)
+    assert _engine_rollouts(s) >= _tree_rollouts(s)
+
+
+def _engine_rollouts(settings) -> int:
+    return run_summary(settings, "run-f")["stats"].get("engine_rollouts", 0)
+
+
+def _tree_rollouts(settings) -> int:
+    return run_summary(settings, "run-f")["stats"]["rollouts"]
 
 
 def test_two_live_attempts_of_one_chunk_with_a_lease_shorter_than_a_search(fault_settings, tmp_path):
@@ -99,4 +111,4 @@ def test_two_live_attempts_of_one_chunk_with_a_lease_shorter_than_a_search(fault
     assert sum(r["trees"] for r in results.values()) == 3  # chunk 0's problems, each written once
     assert all(r["leases_lost"] == 0 for r in results.values())
     assert_consistent(s, "run-f", finished=False)
-    assert run_progress(s, "run-f") == {"done": 3, "pending": 3}
+    assert run_progress(get_engine(s), "run-f") == {"done": 3, "pending": 3}

@@ -5,6 +5,7 @@ indexed without its object, and a rerun completes."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 import signal
 import time
 
@@ -98,3 +99,30 @@ def test_cli_ingest_with_s3_down_prints_one_line_and_exits_3(s3_fault_settings, 
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 2 and lines[0].startswith("error: ") and "the S3 object store" in lines[1], lines
     assert "Traceback" not in done.stdout + done.stderr
+
+
+def test_cli_with_refused_s3_credentials_is_a_configuration_error(s3_settings, tmp_path, monkeypatch):
+    """Wrong credentials are not an outage to wait out ("rerun", exit 3): exit 1, not retried by
+    Airflow either."""
+    from minio.error import S3Error
+
+    from mmprm_tasks.failures import EXIT_CONFIGURATION
+
+    from helpers import run_mmprm
+
+    seeds = make_seed_file(tmp_path / "data", 2)
+    done = run_mmprm(s3_settings, "ingest", str(seeds), MMPRM_STORE__SECRET_KEY="not-the-secret")
+    assert done.returncode == EXIT_CONFIGURATION, done.stdout + done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 2 and lines[0].startswith("error: ") and "refuses these credentials" in lines[1], lines
+    assert count(s3_settings, "seed_problems") == 0
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "dags"))
+    from airflow.sdk.exceptions import AirflowFailException
+    from mmprm_wiring.tasks import fails_at_once_on_configuration_errors
+
+    def denied() -> None:
+        raise S3Error(None, "AccessDenied", "Access Denied.", "/b/k", "r", "h")
+
+    with pytest.raises(AirflowFailException, match="not retried"):
+        fails_at_once_on_configuration_errors(denied)()
