@@ -451,7 +451,7 @@ def annotate_chunk(settings: Settings, run_id: str, chunk_index: int, *, worker:
     failure: BaseException | None = None
     try:
         if first:
-            counting = counted(policy or warm_policy(settings))
+            counting = ledger.counting = counted(policy or warm_policy(settings))
             with track(f"annotation of {run_id} chunk {chunk_index}", _open_problems(engine, run_id, chunk_index),
                        "problems", rates=("rollouts",)) as progress:
                 for result in run_search(problems(progress), counting, verifier or warm_verifier(settings),
@@ -463,10 +463,6 @@ def annotate_chunk(settings: Settings, run_id: str, chunk_index: int, *, worker:
                 if progress.total and progress.total > progress.completed:
                     progress.advance(0, **{"taken by other workers": progress.total - progress.completed})
                     progress.reached(progress.completed, total=progress.completed)
-            counting = ledger.counting = counted(policy or warm_policy(settings))
-            for result in run_search(problems(), counting, verifier or warm_verifier(settings), settings.search,
-                                     settings.seed):
-                writer.submit(result)
         writer.close()
     except BaseException as exc:
         # Clean-up may fail on the same outage: its failures are logged in one line and the first
