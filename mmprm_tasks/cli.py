@@ -461,6 +461,8 @@ def demo(
     train_problems: Annotated[int, typer.Option("--train", min=4)] = DEMO_TRAIN_PROBLEMS,
     test_problems: Annotated[int, typer.Option("--test", min=4)] = 128,
     seed: Annotated[int, typer.Option()] = 0,
+    hard: Annotated[bool, typer.Option("--hard", help="Also train and evaluate a hard-label PRM (the paper's "
+                                       "soft-vs-hard ablation; a second training)")] = False,
 ) -> None:
     """The embedded end-to-end run: toy seeds, Airflow DAGs in-process, PRM training, Best-of-N."""
     from .demo import run_demo
@@ -469,7 +471,7 @@ def demo(
     # The DAGs' tasks run in this thread (dag.test), so their stages draw progress bars here.
     with progress_display(console):
         result = run_demo(home, n_train=train_problems, n_test=test_problems, seed=seed,
-                          log=lambda msg: console.print(f"[bold cyan]{msg}"))
+                          label_modes=("soft", "hard") if hard else ("soft",), log=lambda msg: console.print(f"[bold cyan]{msg}"))
     s = result.summary
     table = Table(title="MM-PRM embedded run")
     table.add_column("what")

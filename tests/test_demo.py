@@ -38,7 +38,8 @@ def _check_tree(node: dict, keys: set[str]) -> None:
 def _tiny_demo(home: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MMPRM_", "AIRFLOW"))} | TINY
     proc = subprocess.run(
-        [str(Path(sys.executable).parent / "mmprm"), "demo", "--home", str(home), "--train", "8", "--test", "4"],
+        [str(Path(sys.executable).parent / "mmprm"), "demo", "--home", str(home), "--train", "8", "--test", "4",
+         "--hard"],
         env=env, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
     return proc
