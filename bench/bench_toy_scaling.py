@@ -191,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     help="train every PRM from this checkpoint (default: the toy foundation); a base other than "
                          "the foundation is also evaluated as it is, at 0 paths")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--demo-paths", type=int, default=3520, help="where the demo stands, drawn on the plot")
+    ap.add_argument("--demo-paths", type=int, default=8796, help="where the demo stands, drawn on the plot")
     ap.add_argument("--work", type=Path, default=Path(".mmprm/bench/scaling-work"))
     ap.add_argument("--out", type=Path, default=None, help="JSON report; the plot beside it (.png)")
     args = ap.parse_args(argv)

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .demo import DEMO_TRAIN_PROBLEMS
+from .demo import DEMO_PROMISE, DEMO_TRAIN_PROBLEMS, promise_kept
 from .progress import progress_display, track
 from .settings import Settings, get_settings
 
@@ -494,6 +494,11 @@ def demo(
     for line in headline_lines(result.reports):
         console.print(line, soft_wrap=True)
     console.print(where_the_demo_stands(s.get("dataset", {}).get("counts") or {}), soft_wrap=True)
+    if "soft" in result.reports and result.reports["soft"].get("headline"):
+        kept = promise_kept(result.reports["soft"])
+        console.print(f"the demo's promise (soft PRM: min >= random pick + {100 * DEMO_PROMISE['min_over_random']:.0f}"
+                      f" points, weighted vote >= majority vote + {100 * DEMO_PROMISE['weighted_vote_over_majority']:.0f}):"
+                      f" {'kept' if kept else 'NOT kept at this scale'}", soft_wrap=True)
     outputs = Table(title="outputs")
     outputs.add_column("what")
     outputs.add_column("where", overflow="fold")
