@@ -281,6 +281,7 @@ def _consensus_paths(settings: Settings, paths: Iterable[dict[str, Any]],
     from .prm import StepLikelihoodScorer
 
     cfg = settings.traverse
+    apply_torch_threads(settings.torch_threads, "consensus judge")  # a scorer, as evaluation's
     judge = StepLikelihoodScorer(resolve_model_path(settings.train.base_model, settings),
                                  batch_size=settings.eval.prm_batch_size)
     load = _image_loader(settings)
