@@ -330,9 +330,10 @@ def _load_problem(conn: sa.Connection, store: ObjectStore, problem_id: str) -> S
         "SELECT problem_id, question, correct_answer, image_path, image_key FROM seed_problems WHERE problem_id = :p"),
         {"p": problem_id}).one()
     # The tree names the image as the seed did (the release's tools read that path); problems
-    # ingested before schema v4 never recorded it, so theirs name the stored copy.
+    # ingested before schema v4 never recorded it, so theirs name the stored copy by its key
+    # (relative to the store, as the release's paths are to their image root).
     return SearchProblem(id=row.problem_id, question=row.question, answer=row.correct_answer,
-                         image=store.get_bytes(row.image_key), image_path=row.image_path or store.uri(row.image_key))
+                         image=store.get_bytes(row.image_key), image_path=row.image_path or row.image_key)
 
 
 def _open_problems(engine: sa.Engine, run_id: str, chunk_index: int) -> int:

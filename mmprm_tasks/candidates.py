@@ -6,13 +6,18 @@ run writes ``reports/<evaluation_id>/candidates.jsonl`` in the object store and 
 candidate in Postgres (``bon_candidates``); ``mmprm score`` reads and writes the same lines::
 
     {"problem_id": "p1", "question": "...", "answer": "7",          # gold answer (may be null)
-     "image": "s3://bucket/images/<sha256>.png",                    # object URI or a file path
+     "image_key": "images/<sha256>.png",                            # or "image": a path or URI
      "candidates": [{"index": 0,                                    # position among the N sampled
                      "steps": ["step 1", "...", "the answer part"], # the rollout (SPEC §2)
                      "final_answer": "7",                           # steps[-1], null when no steps
                      "correct": true,                               # verified against the gold
                      "step_scores": {"prm": [0.91, 0.40, 0.88],     # one score per step, per scorer
                                      "base-model likelihood": [...]}}, ...]}
+
+``image_key`` names the image by its key in the platform's object store (what an evaluation
+stores: a key, never the store's URI, so a home or a bucket can move); a file from elsewhere
+names it by ``image`` instead: an object URI, an absolute path, or a path relative to the file's
+folder.
 
 Scorer names: ``prm`` is the checkpoint an evaluation ran (or the one ``mmprm score`` used,
 unless ``--name`` says otherwise); ``base-model likelihood`` is the evaluation's baseline.
@@ -33,6 +38,7 @@ answer part of a rollout, as :func:`mmprm_tasks.evaluate.sample_candidates` sets
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Callable, Iterable, Sequence
@@ -77,7 +83,8 @@ class ProblemCandidates(BaseModel):
     problem_id: str
     question: str
     answer: str | None = None
-    image: str
+    image: str | None = None
+    image_key: str | None = None
     candidates: list[Candidate]
 
     @model_validator(mode="after")
@@ -85,7 +92,14 @@ class ProblemCandidates(BaseModel):
         indices = [c.index for c in self.candidates]
         if len(set(indices)) != len(indices):
             raise ValueError("candidate indices repeat")
+        if (self.image is None) == (self.image_key is None):
+            raise ValueError("needs exactly one of image (a path or URI) and image_key (a key of the store)")
         return self
+
+    @property
+    def image_source(self) -> str:
+        """Where the image is, as written (the key or the path/URI): the cache key of loaders."""
+        return self.image_key if self.image_key is not None else self.image  # type: ignore[return-value]
 
 
 class CandidateFileError(ConfigurationError):
@@ -96,12 +110,13 @@ class CandidateFileError(ConfigurationError):
 # ------------------------------------------------------------------------------ conversions
 
 
-def from_sampled(problem_id: str, question: str, answer: str | None, image: str,
+def from_sampled(problem_id: str, question: str, answer: str | None, image_key: str,
                  sampled: Sequence[dict[str, Any]], scores: dict[str, Sequence[Sequence[float]]]) -> ProblemCandidates:
     """A record from :func:`~mmprm_tasks.evaluate.sample_candidates` output (``sampled``) and the
-    step scores of each scorer (``scores[name][i]`` for candidate ``i``)."""
+    step scores of each scorer (``scores[name][i]`` for candidate ``i``); the image is its key in
+    the store."""
     return ProblemCandidates(
-        problem_id=problem_id, question=question, answer=answer, image=image,
+        problem_id=problem_id, question=question, answer=answer, image_key=image_key,
         candidates=[Candidate(index=i, steps=c["steps"], final_answer=c.get("final_answer"),
                               correct=c["correct"], step_scores={n: list(s[i]) for n, s in scores.items()})
                     for i, c in enumerate(sampled)])
@@ -247,26 +262,28 @@ def _read_records(records: list[Any], scorer: str) -> tuple[str, list[tuple[int,
             rejected.append(Rejection(position, rid, exc.field, str(exc)))
         except ValidationError as exc:
             err = exc.errors()[0]
-            field = ".".join(str(p) for p in err["loc"]) or "<record>"
+            # The image rule spans two fields: it names ``image``, the one a file usually has.
+            field = ".".join(str(p) for p in err["loc"]) or ("image" if "image_key" in err["msg"] else "<record>")
             rejected.append(Rejection(position, rid, field, err["msg"]))
     return kind, good, rejected
 
 
 def jsonl(problems: Iterable[ProblemCandidates]) -> bytes:
     """The stored JSONL of ``problems`` (one line each)."""
-    return "".join(p.model_dump_json() + "\n" for p in problems).encode()
+    return "".join(p.model_dump_json(exclude={"image"} if p.image is None else {"image_key"}) + "\n"
+                   for p in problems).encode()
 
 
 # ------------------------------------------------------------------------------ scoring
 
 
 def score_problems(scorer: Any, problems: Sequence[ProblemCandidates], name: str,
-                   load_image: Callable[[str], bytes]) -> list[ProblemCandidates]:
+                   load_image: Callable[[ProblemCandidates], bytes]) -> list[ProblemCandidates]:
     """Copies of ``problems`` with ``step_scores[name]`` for every candidate, from ``scorer``
-    (e.g. :class:`mmprm_tasks.prm.PRMScorer`); ``load_image`` reads a record's ``image``."""
+    (e.g. :class:`mmprm_tasks.prm.PRMScorer`); ``load_image`` reads a record's image."""
     from .evaluate import score_candidates
 
-    inputs = [{"question": p.question, "image": load_image(p.image)} for p in problems]
+    inputs = [{"question": p.question, "image": load_image(p)} for p in problems]
     scored = score_candidates(scorer, inputs, [[{"steps": c.steps} for c in p.candidates] for p in problems])
     out = []
     for problem, rows in zip(problems, scored, strict=True):
@@ -279,12 +296,18 @@ def score_problems(scorer: Any, problems: Sequence[ProblemCandidates], name: str
 # ------------------------------------------------------------------------------ storage
 
 
-def image_reader(settings: Any, root: Path | None = None) -> Callable[[str], bytes]:
-    """Reads a record's ``image``: an object URI (``s3://``, ``file://``), an absolute path, or a
-    path relative to ``root`` (the release's image root; the candidate file's folder by default)."""
-    from .storage import open_uri
+def image_reader(settings: Any, root: Path | None = None) -> Callable[[ProblemCandidates], bytes]:
+    """Reads a record's image: its ``image_key`` from the configured store, or its ``image``: an
+    object URI (``s3://``, ``file://``), an absolute path, or a path relative to ``root`` (the
+    release's image root; the candidate file's folder by default)."""
+    from .storage import open_store, open_uri
 
-    def load(image: str) -> bytes:
+    platform_store = functools.cache(lambda: open_store(settings))  # opened once, when a key needs it
+
+    def load(problem: ProblemCandidates) -> bytes:
+        if problem.image_key is not None:
+            return platform_store().get_bytes(problem.image_key)
+        image = problem.image_source
         if image.startswith(("s3://", "file://")):
             store, key = open_uri(image, settings)
             return store.get_bytes(key)
@@ -339,7 +362,8 @@ def load_candidates(store: ObjectStore, evaluation_id: str) -> list[ProblemCandi
     return problems
 
 
-def export_release(problems: Sequence[ProblemCandidates], out_dir: Path, name: str, load_image: Callable[[str], bytes], scorer: str | None = PRM_SCORER) -> Path:
+def export_release(problems: Sequence[ProblemCandidates], out_dir: Path, name: str,
+                   load_image: Callable[[ProblemCandidates], bytes], scorer: str | None = PRM_SCORER) -> Path:
     """Write ``<out_dir>/<name>.json`` in the release's evaluation format, with each image under
     ``<out_dir>/images/`` (``image_path`` relative to ``out_dir``, the release's image root)."""
     from .storage import sha256_hex
@@ -347,8 +371,8 @@ def export_release(problems: Sequence[ProblemCandidates], out_dir: Path, name: s
     out_dir.mkdir(parents=True, exist_ok=True)
     records = []
     for problem in problems:
-        data = load_image(problem.image)
-        suffix = Path(problem.image).suffix or ".png"
+        data = load_image(problem)
+        suffix = Path(problem.image_source).suffix or ".png"
         rel = f"images/{sha256_hex(data)}{suffix}"
         target = out_dir / rel
         if not target.exists():
@@ -383,14 +407,15 @@ def resolve_checkpoint(settings: Any, checkpoint: str) -> str:
     path / object URI of a PRM checkpoint."""
     from .db import get_engine
     from .policy import resolve_model_path
+    from .storage import location, open_store
 
     if not checkpoint.startswith(("s3://", "file://")) and not Path(checkpoint).exists():
         with get_engine(settings).connect() as conn:
-            uri = conn.execute(sa.text("SELECT uri FROM checkpoints WHERE checkpoint_id = :c"),
-                               {"c": checkpoint}).scalar_one_or_none()
-        if uri is None:
+            row = conn.execute(sa.text("SELECT checkpoint_key, uri FROM checkpoints WHERE checkpoint_id = :c"),
+                               {"c": checkpoint}).one_or_none()
+        if row is None:
             raise LookupError(f"{checkpoint!r} is neither a checkpoint id in the index nor a path or URI")
-        checkpoint = uri
+        checkpoint = location(open_store(settings), row.checkpoint_key, row.uri)
     return resolve_model_path(checkpoint, settings)
 
 
@@ -416,7 +441,7 @@ def score_file(settings: Any, source: str, checkpoint: str, out: Path | None = N
                        max_length=settings.eval.max_input_tokens)
     good = _within_length(good, scorer, images, kind, rejected)
     problems = [problem for _, problem in good]
-    scored = score_problems(scorer, problems, name, images.__getitem__)
+    scored = score_problems(scorer, problems, name, lambda p: images[p.image_source])
     if out is None:
         stem = Path(source.rsplit("/", 1)[-1]).stem
         out = (Path(source).parent if local else Path(".")) / f"{stem}.scored.{'json' if kind == 'release' else 'jsonl'}"
@@ -439,7 +464,7 @@ def score_file(settings: Any, source: str, checkpoint: str, out: Path | None = N
             "rejected": [r.describe() for r in rejected], "report": report}
 
 
-def _with_images(good: list[tuple[int, ProblemCandidates]], load_image: Callable[[str], bytes],
+def _with_images(good: list[tuple[int, ProblemCandidates]], load_image: Callable[[ProblemCandidates], bytes],
                  rejected: list[Rejection]) -> tuple[list[tuple[int, ProblemCandidates]], dict[str, bytes]]:
     """The records whose image can be read, and their images by ``image``; a record whose image is
     missing or unreadable is rejected (field ``image``), the others are still scored.  An outage of
@@ -447,10 +472,10 @@ def _with_images(good: list[tuple[int, ProblemCandidates]], load_image: Callable
     kept, images = [], {}
     for position, problem in good:
         try:
-            if problem.image not in images:
-                data = load_image(problem.image)
+            if problem.image_source not in images:
+                data = load_image(problem)
                 decode_image(data)  # RecordRejected (a ValueError) when it is not an image
-                images[problem.image] = data
+                images[problem.image_source] = data
             kept.append((position, problem))
         except (OSError, ObjectNotFound, ValueError) as exc:
             reason = exc.args[0] if isinstance(exc, ObjectNotFound) and exc.args else exc
@@ -467,7 +492,7 @@ def _within_length(good: list[tuple[int, ProblemCandidates]], scorer: Any, image
     for position, problem in good:
         too_long = None
         for cand in sorted(problem.candidates, key=lambda c: c.index) if limit else []:
-            tokens = scorer.input_length(problem.question, images[problem.image], cand.steps) if cand.steps else 0
+            tokens = scorer.input_length(problem.question, images[problem.image_source], cand.steps) if cand.steps else 0
             if tokens > limit:
                 too_long = (cand.index, tokens)
                 break

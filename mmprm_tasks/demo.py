@@ -81,8 +81,14 @@ def _prepare_environment(home: Path, seed: int | None = None) -> None:
     os.environ["MMPRM_HOME"] = str(home)
     airflow_home = home / "airflow"
     airflow_home.mkdir(parents=True, exist_ok=True)
+    # Every path Airflow would otherwise write into airflow.cfg once, as the home it was made in,
+    # comes from the home of this run: a copied home runs where it is (issue 25).
     os.environ.update({
         "AIRFLOW_HOME": str(airflow_home),
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{airflow_home / 'airflow.db'}",
+        "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(airflow_home / "logs"),
+        "AIRFLOW__LOGGING__DAG_PROCESSOR_CHILD_PROCESS_LOG_DIRECTORY": str(airflow_home / "logs" / "dag_processor"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(airflow_home / "plugins"),
         "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_DIR),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",

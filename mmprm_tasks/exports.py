@@ -13,7 +13,7 @@
   reads.
 
 Both read a dataset version's paths from the store and each path's image from the index (paths
-name their problem in ``tree_id``), so datasets built before paths carried ``image_uri`` export
+name their problem in ``tree_id``), so datasets built before paths carried ``image_key`` export
 the same way.
 """
 

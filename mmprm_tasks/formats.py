@@ -120,11 +120,12 @@ def chat_messages(question: str, process: str) -> list[dict[str, Any]]:
 def to_chat(paths: Iterable[dict[str, Any]]) -> list[str]:
     """Generic chat JSONL lines (no trailing newlines).
 
-    Line ``n``: ``{"id": n, "image": image_uri or image_path, "messages": [user turn], "labels":
+    Line ``n``: ``{"id": n, "image": image_key or image_path, "messages": [user turn], "labels":
     [...], "question", "process", "answer", "mc_values"}`` (question and process are repeated in
-    clear so readers never parse the text back).  ``image`` is the stored copy's URI when the path
-    has one (what training reads); paths of datasets built before it existed name only
-    ``image_path``.
+    clear so readers never parse the text back).  ``image`` is the stored copy's key when the path
+    has one (what training reads: relative to the object store, as the release's image paths are
+    to their image root, so a home or a bucket can move); otherwise the path's ``image_uri`` (paths
+    written before keys) or ``image_path``.
     """
     return [chat_line(n, p) for n, p in enumerate(_records(paths))]
 
@@ -133,7 +134,7 @@ def chat_line(n: int, p: dict[str, Any]) -> str:
     """Line ``n`` of :func:`to_chat` (one path; written as a stream by the format stage)."""
     record = {
         "id": n,
-        "image": p.get("image_uri") or p["image_path"],
+        "image": p.get("image_key") or p.get("image_uri") or p["image_path"],
         "messages": chat_messages(p["question"], p["process"]),
         "labels": [float(v) for v in p["labels"]],
         "question": p["question"],

@@ -24,7 +24,7 @@ from .db import get_engine, require_schema
 from .policy import resolve_model_path
 from .runs import Selection, default_run_id, shard_run
 from .settings import ConfigurationError, Settings
-from .storage import ObjectStore, open_store, open_uri
+from .storage import ObjectStore, location, open_store, open_uri
 from .threads import apply_torch_threads, local_processes
 
 log = logging.getLogger(__name__)
@@ -246,12 +246,13 @@ def traverse_stage(settings: Settings, run_ids: list[str]) -> dict[str, Any]:
     # Streamed tree by tree into a spooled file, then uploaded (multipart on S3): memory does not
     # grow with the number of trees.
     trees = (store.get_json(row.tree_key) for row in rows)
-    # A path keeps the seed's image_path (the release's format) and gains image_uri, the stored
-    # copy that training and the exports read (trees are keyed by their problem's id).
-    image_uris = {row.problem_id: store.uri(row.image_key) for row in rows}
+    # A path keeps the seed's image_path (the release's format) and gains image_key, the stored
+    # copy that training and the exports read (trees are keyed by their problem's id): a key of
+    # the store, never its URI, so a home or a bucket can move.
+    image_keys = {row.problem_id: row.image_key for row in rows}
     counts: dict[str, int] = {}
     paths_key = f"datasets/{dataset_id}/paths.jsonl"
-    paths = ({**path, "image_uri": image_uris[path["tree_id"]]}
+    paths = ({**path, "image_key": image_keys[path["tree_id"]]}
              for path in iter_paths(trees, settings.traverse, settings.seed, counts))
     if settings.traverse.consensus_judge != "none":
         paths = _consensus_paths(settings, paths, counts)
@@ -284,10 +285,10 @@ def _consensus_paths(settings: Settings, paths: Iterable[dict[str, Any]],
     apply_torch_threads(settings.torch_threads, "consensus judge")  # a scorer, as evaluation's
     judge = StepLikelihoodScorer(resolve_model_path(settings.train.base_model, settings),
                                  batch_size=settings.eval.prm_batch_size)
-    load = _image_loader(settings)
+    store = open_store(settings)
     iterator = iter(paths)
     while batch := list(itertools.islice(iterator, 256)):
-        result = consensus_filter(batch, judge, cfg.consensus_threshold, lambda p: load(p["image_uri"]),
+        result = consensus_filter(batch, judge, cfg.consensus_threshold, lambda p: store.get_bytes(p["image_key"]),
                                   mc_threshold=cfg.mc_threshold, cut_negatives=cfg.cut_negatives)
         for name, value in result.counts.items():
             counts[f"consensus_{name}"] = counts.get(f"consensus_{name}", 0) + value
@@ -341,9 +342,15 @@ def latest_dataset(settings: Settings) -> str:
 
 
 def _image_loader(settings: Settings):
-    def load(uri: str) -> bytes:
-        store, key = open_uri(uri, settings)
-        return store.get_bytes(key)
+    """Reads a training record's image: a key of the configured store (what the format stage
+    writes, so a moved home or bucket still trains) or an object URI (datasets formatted before)."""
+    store = open_store(settings)
+
+    def load(ref: str) -> bytes:
+        if "://" in ref:
+            other, key = open_uri(ref, settings)
+            return other.get_bytes(key)
+        return store.get_bytes(ref)
 
     return load
 
@@ -360,12 +367,13 @@ def train_stage(settings: Settings, dataset_id: str | None = None) -> dict[str, 
     train_cfg = key_fields(settings.train)
     checkpoint_id = "ckpt-" + _hash({"dataset": dataset_id, "train": train_cfg, "seed": settings.seed})
     with engine.connect() as conn:
-        existing = conn.execute(sa.text("SELECT uri, metrics FROM checkpoints WHERE checkpoint_id = :c"),
+        existing = conn.execute(sa.text("SELECT checkpoint_key, uri, metrics FROM checkpoints WHERE checkpoint_id = :c"),
                                 {"c": checkpoint_id}).one_or_none()
         formats = conn.execute(sa.text("SELECT formats FROM datasets WHERE dataset_id = :d"),
                                {"d": dataset_id}).scalar_one()
     if existing is not None:
-        return {"checkpoint_id": checkpoint_id, "uri": existing.uri, "metrics": existing.metrics, "created": False}
+        return {"checkpoint_id": checkpoint_id, "uri": location(store, existing.checkpoint_key, existing.uri),
+                "metrics": existing.metrics, "created": False}
     records = read_chat(store.get_bytes(formats["chat"]).decode())
     base_dir = resolve_model_path(settings.train.base_model, settings)
     apply_torch_threads(settings.torch_threads, "trainer", local_processes())
@@ -373,14 +381,15 @@ def train_stage(settings: Settings, dataset_id: str | None = None) -> dict[str, 
     try:
         metrics = train_prm(base_dir, records, out_dir, settings.train, settings.seed,
                             image_loader=_image_loader(settings))
-        uri = store.put_dir(f"checkpoints/{checkpoint_id}", out_dir)
+        checkpoint_key = f"checkpoints/{checkpoint_id}"
+        uri = store.put_dir(checkpoint_key, out_dir)
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
     with engine.begin() as conn:
         conn.execute(sa.text(
-            "INSERT INTO checkpoints (checkpoint_id, dataset_id, base_model, uri, config, metrics)"
-            " VALUES (:c, :d, :b, :u, CAST(:cfg AS JSONB), CAST(:m AS JSONB)) ON CONFLICT (checkpoint_id) DO NOTHING"),
-            {"c": checkpoint_id, "d": dataset_id, "b": settings.train.base_model, "u": uri,
+            "INSERT INTO checkpoints (checkpoint_id, dataset_id, base_model, checkpoint_key, config, metrics)"
+            " VALUES (:c, :d, :b, :k, CAST(:cfg AS JSONB), CAST(:m AS JSONB)) ON CONFLICT (checkpoint_id) DO NOTHING"),
+            {"c": checkpoint_id, "d": dataset_id, "b": settings.train.base_model, "k": checkpoint_key,
              "cfg": json.dumps(train_cfg), "m": json.dumps(metrics, default=str)})
     return {"checkpoint_id": checkpoint_id, "uri": uri, "metrics": metrics, "created": True}
 
@@ -401,7 +410,7 @@ def _eval_problems(conn: sa.Connection, store: ObjectStore, split: str, limit: i
     if not rows:
         raise ConfigurationError(f"no seed problems of split {split!r} to evaluate on (ingest them first)")
     return [{"id": r.problem_id, "question": r.question, "answer": r.correct_answer,
-             "image": store.get_bytes(r.image_key), "image_uri": store.uri(r.image_key), "extra": r.extra}
+             "image": store.get_bytes(r.image_key), "image_key": r.image_key, "extra": r.extra}
             for r in rows]
 
 
@@ -461,7 +470,7 @@ def evaluate_stage(settings: Settings, checkpoint_id: str | None = None, *, spli
     engine = get_engine(settings)
     store = open_store(settings)
     with engine.connect() as conn:
-        ckpt = conn.execute(sa.text("SELECT uri, dataset_id, base_model, config FROM checkpoints"
+        ckpt = conn.execute(sa.text("SELECT checkpoint_key, uri, dataset_id, base_model, config FROM checkpoints"
                                     " WHERE checkpoint_id = :c"), {"c": checkpoint_id}).one()
         problems = _eval_problems(conn, store, split, limit)
         _refuse_training_problems(conn, checkpoint_id, ckpt.dataset_id, [p["id"] for p in problems])
@@ -472,7 +481,8 @@ def evaluate_stage(settings: Settings, checkpoint_id: str | None = None, *, spli
     prefix = f"reports/{evaluation_id}"
     candidates_id, candidates = candidates_stage(settings, problems)
     apply_torch_threads(settings.torch_threads, "scorer")
-    scorer = PRMScorer(resolve_model_path(ckpt.uri, settings), batch_size=settings.eval.prm_batch_size)
+    scorer = PRMScorer(resolve_model_path(location(store, ckpt.checkpoint_key, ckpt.uri), settings),
+                       batch_size=settings.eval.prm_batch_size)
     scored = score_candidates(scorer, problems, candidates)
     del scorer
     report = best_of_n(scored, settings.eval.ns, settings.seed, headline=settings.eval.headline_aggregator)
@@ -483,7 +493,7 @@ def evaluate_stage(settings: Settings, checkpoint_id: str | None = None, *, spli
         base_scored = score_candidates(base, problems, candidates)
         add_baseline(report, BASE_LIKELIHOOD_SCORER, base_scored, seed=settings.seed)
         step_scores[BASE_LIKELIHOOD_SCORER] = [[c["step_scores"] for c in cands] for cands in base_scored]
-    records = [from_sampled(p["id"], p["question"], p["answer"], p["image_uri"], cands,
+    records = [from_sampled(p["id"], p["question"], p["answer"], p["image_key"], cands,
                             {name: per_problem[i] for name, per_problem in step_scores.items()})
                for i, (p, cands) in enumerate(zip(problems, candidates, strict=True))]
     report = {**report, "evaluation_id": evaluation_id, "checkpoint_id": checkpoint_id,

