@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_engine_cpu import DEMO_SAMPLING, DEMO_SEARCH, cpu_seconds, problems_of  # noqa: E402
 from bench_prm_train import DEMO_TRAINING  # noqa: E402
 
-from mmprm_tasks.threads import cores_available, default_torch_threads  # noqa: E402
+from mmprm_tasks.threads import cores_available  # noqa: E402
 
 # The variables that would pin torch's thread count from outside: the "torch default" runs must
 # not inherit them (the tests export OMP_NUM_THREADS=1).
@@ -49,8 +49,10 @@ PINNING_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NU
                 "MMPRM_TORCH_THREADS")
 
 
-def work(problems: int, threads: int | None, max_steps: int, seed: int) -> dict[str, Any]:
-    """One measurement, in this process: annotate ``problems``, train one epoch on their paths."""
+def work(problems: int, setting: bool, threads: int | None, max_steps: int, seed: int) -> dict[str, Any]:
+    """One measurement, in this process: annotate ``problems``, train one epoch on their paths;
+    ``setting``: with the ``torch_threads`` setting (``threads``, or the default chosen here, as a
+    stage chooses it when it starts), else torch's default."""
     import torch
 
     from mmprm_tasks.policy.hf_engine import ContinuousTransformersPolicy
@@ -62,7 +64,7 @@ def work(problems: int, threads: int | None, max_steps: int, seed: int) -> dict[
     from mmprm_tasks.traverse import build_paths
     from mmprm_tasks.verify import AnswerVerifier
 
-    if threads:
+    if setting:
         apply_torch_threads(threads, "bench")
     result: dict[str, Any] = {"torch_threads": torch.get_num_threads()}
     with tempfile.TemporaryDirectory() as tmp:
@@ -89,11 +91,12 @@ def work(problems: int, threads: int | None, max_steps: int, seed: int) -> dict[
     return result
 
 
-def measure(args: argparse.Namespace, threads: int | None) -> dict[str, Any]:
-    """:func:`work` in a fresh process; ``threads`` None: torch's default."""
+def measure(args: argparse.Namespace, setting: bool) -> dict[str, Any]:
+    """:func:`work` in a fresh process (with the setting, or torch's default)."""
     env = {k: v for k, v in os.environ.items() if k not in PINNING_ENV}
     command = [sys.executable, __file__, "--worker", "--problems", str(args.problems), "--seed", str(args.seed),
-               "--max-steps", str(args.max_steps), "--threads", str(threads or 0)]
+               "--max-steps", str(args.max_steps), "--threads", str(args.threads or 0),
+               *(["--setting"] if setting else [])]
     load_start = os.getloadavg()[0]
     proc = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
@@ -118,31 +121,32 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--problems", type=int, default=12, help="train problems of the demo's slice")
     ap.add_argument("--burners", type=int, default=2, help="CPU burners beside the busy-box runs")
     ap.add_argument("--threads", type=int, default=None,
-                    help="the setting's thread count (default: threads.default_torch_threads())")
+                    help="the setting's thread count (default: threads.default_torch_threads(), chosen by each "
+                         "measurement's process as it starts, as a stage does)")
+    ap.add_argument("--setting", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--max-steps", type=int, default=-1, help="cap training steps (-1: the whole epoch)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     if args.worker:
-        print(json.dumps(work(args.problems, args.threads or None, args.max_steps, args.seed)))
+        print(json.dumps(work(args.problems, args.setting, args.threads or None, args.max_steps, args.seed)))
         return {}
-    setting = args.threads or default_torch_threads()
     console = Console()
     report: dict[str, Any] = {
         "machine": {"python": sys.version.split()[0], "platform": platform.platform(), "cores": cores_available()},
         "settings": {**DEMO_SEARCH, "max_new_tokens": DEMO_SAMPLING.max_new_tokens, **DEMO_TRAINING,
                      "problems": args.problems, "max_steps": args.max_steps, "burners": args.burners,
-                     "setting_threads": setting, "seed": args.seed},
+                     "setting_threads": args.threads or "default", "seed": args.seed},
         "runs": {}}
     for box, count in (("busy", args.burners), ("quiet", 0)):
         started = burners(count)
         try:
             runs = {}
             with console.status(f"{box} box: torch default threads"):
-                runs["torch_default"] = measure(args, None)
-            with console.status(f"{box} box: the torch_threads setting ({setting})"):
-                runs["setting"] = measure(args, setting)
+                runs["torch_default"] = measure(args, False)
+            with console.status(f"{box} box: the torch_threads setting ({args.threads or 'default'})"):
+                runs["setting"] = measure(args, True)
         finally:
             stop(started)
         runs["wall_ratio"] = round(runs["torch_default"]["wall_s"] / runs["setting"]["wall_s"], 2)

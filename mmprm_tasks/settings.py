@@ -255,9 +255,10 @@ class Settings(BaseSettings):
     # Threads (each with its own connection) writing finished trees into the index while the
     # search goes on; a tree lands with its done-mark in one transaction whichever thread writes it.
     index_writers: int = Field(2, ge=1)
-    # torch intra-op threads of each worker process (policy, trainer, scorer); None: the cores
-    # less one, shared by the stage's torch processes (threads.default_torch_threads). torch's own
-    # default (every core) made a shared box 6-17x slower (issue 26).
+    # torch intra-op threads of each worker process (policy, trainer, scorer); None: every core
+    # when the box is idle as the stage starts, else the cores less one, shared by the stage's
+    # torch processes (threads.default_torch_threads). torch's own default (every core) made a
+    # shared box 6-17x slower (issue 26): set 1 where other work may start mid-stage.
     torch_threads: int | None = Field(None, ge=1)
     # Seconds between two progress lines of a long stage in a log (Airflow task logs); the CLI
     # draws rich progress bars instead (progress.py).

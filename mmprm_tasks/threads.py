@@ -29,15 +29,51 @@ def cores_available() -> int:
         return os.cpu_count() or 1
 
 
-def default_torch_threads(processes: int = 1, cores: int | None = None) -> int:
+def idle_cores(sample_s: float = 0.3) -> float:
+    """Cores of this process's affinity that had nothing to run over ``sample_s`` seconds (from
+    ``/proc/stat``): what the box leaves free as a stage starts.  Without ``/proc/stat``, none
+    are counted idle (the shared-box default)."""
+    import time
+
+    cpus = {f"cpu{n}" for n in (os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else ())}
+
+    def times() -> tuple[int, int]:
+        idle = total = 0
+        with open("/proc/stat", encoding="ascii") as stat:
+            for line in stat:
+                name, *values = line.split()
+                if name in cpus:
+                    ticks = [int(v) for v in values[:8]]
+                    idle += ticks[3] + ticks[4]  # idle + iowait
+                    total += sum(ticks)
+        return idle, total
+
+    try:
+        idle0, total0 = times()
+        time.sleep(sample_s)
+        idle1, total1 = times()
+    except OSError:
+        return 0.0
+    if total1 <= total0:
+        return 0.0
+    return len(cpus) * (idle1 - idle0) / (total1 - total0)
+
+
+def default_torch_threads(processes: int = 1, cores: int | None = None, idle: float | None = None) -> int:
     """Threads per torch process when ``torch_threads`` is not set.
 
-    One core is left to what the stage does beside its torch work (the verifier pool, the index
-    writers, Postgres, the Airflow task runner) and to the box's other work; the rest is shared by
-    the ``processes`` torch processes the stage runs side by side (training's ranks on this host).
+    A box that is idle as the stage starts (less than half a core busy: ``idle``, measured by
+    :func:`idle_cores` when not given) gets every core, torch's own default: on a quiet 2-core box
+    PRM training ran 1.56x faster with 2 threads than with 1, and generation as fast (issue 26,
+    ``bench/bench_threads.py``).  Otherwise one core is left to what the stage does beside its
+    torch work (the verifier pool, the index writers, Postgres, the Airflow task runner) and to
+    the box's other work.  Either way the cores are shared by the ``processes`` torch processes
+    the stage runs side by side (training's ranks on this host).
     """
     cores = cores_available() if cores is None else cores
-    return max(1, (cores - 1) // max(1, processes))
+    idle = idle_cores() if idle is None else idle
+    usable = cores if idle >= cores - 0.5 else cores - 1
+    return max(1, usable // max(1, processes))
 
 
 def torch_threads(configured: int | None, processes: int = 1) -> int:
@@ -53,7 +89,8 @@ def apply_torch_threads(configured: int | None, what: str, processes: int = 1) -
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     log.info("%s: %d torch thread(s) (%s; %d core(s))", what, threads,
-             "torch_threads setting" if configured else "default: cores - 1 over the stage's processes",
+             "torch_threads setting" if configured else
+             "default: every core on an idle box, else cores - 1, over the stage's processes",
              cores_available())
     return threads
 
