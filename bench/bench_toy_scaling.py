@@ -13,6 +13,8 @@ ground-truth step labels.
    problem, sampled once), and report Best-of-N with the ``min`` headline and the PRM-weighted
    vote, beside random pick, majority vote and oracle.
 4. Print the table, write the JSON report and a plot of accuracy against paths (``--out``).
+   A report of a full run is the curve the package ships (``mmprm_tasks/toy/scaling_curve.json``,
+   ``mmprm_tasks/scaling_curve.py``): the demo and the browser place a PRM on it.
 
     .venv/bin/python bench/bench_toy_scaling.py --seed 7 --out .mmprm/bench/scaling-seed7.json
     .venv/bin/python bench/bench_toy_scaling.py --seed 1 --problems 600 --scales 800,2000,4000
@@ -41,6 +43,7 @@ from mmprm_tasks.consensus import consensus_filter, step_groups
 from mmprm_tasks.evaluate import best_of_n, sample_candidates, score_candidates
 from mmprm_tasks.policy.hf_engine import ContinuousTransformersPolicy
 from mmprm_tasks.prm import PRMScorer, PRMTrainingConfig, StepLikelihoodScorer, train_prm
+from mmprm_tasks.scaling_curve import plot_curve_png
 from mmprm_tasks.search import SearchProblem, run_search
 from mmprm_tasks.settings import (TOY_FOUNDATION_DIR, TOY_POLICY_DIR, PolicyConfig, SamplingConfig, SearchConfig,
                                   TraverseConfig, VerifyConfig)
@@ -137,38 +140,10 @@ def evaluate(checkpoint: Path, test: list[dict[str, Any]], candidates: list[list
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7.5, 5.0), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    points = report["points"]
-    colors = {"mc": "tab:blue", "mc-hard": "tab:purple", "truth": "tab:green"}
-    for labels in dict.fromkeys(p["labels"] for p in points if p["labels"] in colors):
-        color = colors[labels]
-        xs = [p["paths"] for p in points if p["labels"] == labels]
-        ax.plot(xs, [100 * p["min"] for p in points if p["labels"] == labels], marker="o", color=color,
-                label=f"{labels} labels, min")
-        ax.plot(xs, [100 * p["weighted_vote"] for p in points if p["labels"] == labels], marker="s",
-                linestyle="--", color=color, label=f"{labels} labels, PRM-weighted vote")
-    base = points[0]
-    for key, style, label in (("random", "--", "random pick"), ("majority_vote", "-.", "majority vote"),
-                              ("oracle", ":", "oracle")):
-        ax.axhline(100 * base[key], color="k" if key != "majority_vote" else "tab:gray", linestyle=style, label=label)
-    if report.get("demo_paths"):
-        ax.axvline(report["demo_paths"], color="tab:red", alpha=0.4, label="the demo's paths")
-    ax.set_xscale("log")
-    ax.set_xlabel("training paths")
-    ax.set_ylabel(f"Best-of-{report['n']} accuracy (%)")
-    kept = (f", consensus-filtered (judge < {report['consensus_threshold']})"
-            if report.get("consensus_threshold") is not None else "")
-    ax.set_title(f"PRM quality against annotated paths (toy world, seed {report['seed']}{kept})", fontsize=10)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
+    """The report's curve as a PNG at ``path`` (the one plot of it: ``scaling_curve.plot_curve_png``,
+    which the browser also draws from the shipped report)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
+    path.write_bytes(plot_curve_png(report))
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

@@ -437,14 +437,26 @@ def headline_lines(reports: dict[str, dict]) -> list[str]:
     return lines
 
 
-def where_the_demo_stands(counts: dict) -> str:
-    """The demo's point on the curve of PRM quality against annotated paths (README)."""
+def where_the_demo_stands(counts: dict, report: dict | None = None, curve: dict | None = None) -> str:
+    """The demo's point on the curve of PRM quality against annotated paths: with the shipped
+    curve (``mmprm_tasks.scaling_curve``; None: the file is absent), the curve's Best-of-N at the
+    demo's training paths beside the soft-label PRM's own ``report`` at the curve's N."""
+    from .scaling_curve import report_at, where_it_stands
+
     judged = (f" (consensus filtering kept {counts['consensus_kept']} of {counts['consensus_paths']}: the "
               "paths whose MC labels the base model's step likelihood agrees with)" if "consensus_paths" in counts
               else "")
-    return (f"where the demo stands: its PRMs learnt from {counts.get('paths')} MC-labelled paths{judged}; "
-            "bench/bench_toy_scaling.py draws Best-of-8 against training paths (README, 'PRM quality against "
-            "annotated paths')")
+    learnt = f"where the demo stands: its PRMs learnt from {counts.get('paths')} MC-labelled paths{judged}"
+    if curve is not None and counts.get("paths"):
+        mine = report_at(report, curve["n"]) or {}
+        try:
+            line = where_it_stands(curve, counts["paths"], mine.get("accuracy"), mine.get("weighted_vote"),
+                                   aggregator=mine.get("aggregator", "min"))
+        except ValueError as exc:  # a curve without MC-labelled points
+            line = f"the shipped curve cannot place it: {exc}"
+        return f"{learnt}; {line}"
+    return (f"{learnt}; bench/bench_toy_scaling.py draws Best-of-8 against training paths (README, 'PRM quality "
+            "against annotated paths')")
 
 
 def engine_batch_row(stats: dict) -> tuple[str, str]:
@@ -493,7 +505,10 @@ def demo(
         console.print(render_first_error_table(result.reports))
     for line in headline_lines(result.reports):
         console.print(line, soft_wrap=True)
-    console.print(where_the_demo_stands(s.get("dataset", {}).get("counts") or {}), soft_wrap=True)
+    from .scaling_curve import load_curve
+
+    console.print(where_the_demo_stands(s.get("dataset", {}).get("counts") or {}, result.reports.get("soft"),
+                                        load_curve(_settings().scaling_curve)), soft_wrap=True)
     if "soft" in result.reports and result.reports["soft"].get("headline"):
         kept = promise_kept(result.reports["soft"])
         console.print(f"the demo's promise (soft PRM: min >= random pick + {100 * DEMO_PROMISE['min_over_random']:.0f}"

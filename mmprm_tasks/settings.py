@@ -21,6 +21,9 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 # demo run on them without a training step.
 TOY_FOUNDATION_DIR = PACKAGE_DIR / "assets" / "toy_foundation"
 TOY_POLICY_DIR = PACKAGE_DIR / "assets" / "toy_policy"
+# The measured curve of PRM quality against annotated paths on the toy world: the JSON report of
+# bench/bench_toy_scaling.py, shipped with the package (mmprm_tasks.scaling_curve).
+SCALING_CURVE_FILE = PACKAGE_DIR / "toy" / "scaling_curve.json"
 
 
 class ConfigurationError(ValueError):
@@ -263,6 +266,9 @@ class Settings(BaseSettings):
     # Seconds between two progress lines of a long stage in a log (Airflow task logs); the CLI
     # draws rich progress bars instead (progress.py).
     progress_log_interval_s: float = Field(30.0, ge=0)
+    # The curve of PRM quality against annotated paths (a bench/bench_toy_scaling.py report) the
+    # demo and the browser's evaluation pages place a PRM on; a missing file: no curve to show.
+    scaling_curve: Path = SCALING_CURVE_FILE
 
     store: StoreConfig = Field(default_factory=StoreConfig)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)

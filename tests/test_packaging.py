@@ -76,6 +76,9 @@ def test_wheel_carries_migrations_and_dags(installed):
     for path in sorted((REPO / "dags").rglob("*.py")) + [REPO / "dags" / ".airflowignore"]:
         assert f"mmprm_tasks/dags/{path.relative_to(REPO / 'dags').as_posix()}" in names
     assert not any("__pycache__" in name for name in names)
+    # The measured curve the demo's report and the browser place a PRM on, once the repository holds it.
+    if (REPO / "mmprm_tasks" / "toy" / "scaling_curve.json").is_file():
+        assert "mmprm_tasks/toy/scaling_curve.json" in names
 
 
 def test_installed_wheel_upgrades_a_database_and_serves_its_dags(installed, empty_database_url, tmp_path):

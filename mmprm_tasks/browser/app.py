@@ -166,11 +166,24 @@ def create_app(settings_factory=get_settings) -> FastAPI:
 
     @app.get("/evaluations/{evaluation_id}", response_class=HTMLResponse)
     def evaluation_page(request: Request, evaluation_id: str, user=reader):
-        return _render(request, "evaluation.html", user, **data.evaluation_view(settings(), evaluation_id))
+        s = settings()
+        view = data.evaluation_view(s, evaluation_id)
+        return _render(request, "evaluation.html", user, **view,
+                       standing=data.evaluation_standing(s, evaluation_id, view["report"]))
 
     @app.get("/evaluations/{evaluation_id}/plot.png")
     def evaluation_plot(evaluation_id: str, user=reader):
         return _png(data.evaluation_plot(settings(), evaluation_id))
+
+    @app.get("/evaluations/{evaluation_id}/curve.png")
+    def evaluation_curve(evaluation_id: str, user=reader):
+        """The shipped curve of PRM quality against annotated paths with this evaluation's PRM on it."""
+        from ..scaling_curve import plot_curve_png
+
+        standing = data.evaluation_standing(settings(), evaluation_id)
+        if standing["curve"] is None:
+            raise HTTPException(status_code=404, detail=standing["note"])
+        return _png(plot_curve_png(standing["curve"], standing["point"]))
 
     @app.get("/evaluations/{evaluation_id}/problems/{problem_id}", response_class=HTMLResponse)
     def evaluation_problem_page(request: Request, evaluation_id: str, problem_id: str, scorer: str | None = None,

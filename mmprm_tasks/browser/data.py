@@ -320,6 +320,50 @@ def evaluation_view(settings: Settings, evaluation_id: str) -> dict[str, Any]:
     return {"evaluation": ev, "report": report, "problems": problems}
 
 
+def evaluation_standing(settings: Settings, evaluation_id: str,
+                        report: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Where an evaluation's PRM stands on the shipped curve of PRM quality against annotated
+    paths (:mod:`mmprm_tasks.scaling_curve`, file: the setting ``scaling_curve``): ``{"curve":
+    the report or None, "point": {"paths", "min", "weighted_vote"} or None, "line": the one-line
+    comparison or None, "note": why there is no line, or None}``.  The point's paths are the
+    checkpoint's dataset's ``counts["paths"]``; its accuracies the evaluation ``report``'s (read
+    from the store when not given) at the curve's N."""
+    from ..scaling_curve import load_curve, report_at, where_it_stands
+
+    with get_engine(settings).connect() as conn:
+        ev = _one(conn, "SELECT e.report_key, d.counts FROM evaluations e"
+                        " LEFT JOIN checkpoints c ON c.checkpoint_id = e.checkpoint_id"
+                        " LEFT JOIN datasets d ON d.dataset_id = c.dataset_id WHERE e.evaluation_id = :e",
+                  {"e": evaluation_id}, f"evaluation {evaluation_id!r}")
+    out: dict[str, Any] = {"curve": None, "point": None, "line": None, "note": None}
+    try:
+        out["curve"] = load_curve(settings.scaling_curve)
+    except ValueError as exc:
+        out["note"] = f"The scaling curve file cannot be read: {exc}"
+        return out
+    if out["curve"] is None:
+        out["note"] = ("No scaling curve is shipped with this installation (mmprm_tasks/toy/scaling_curve.json, "
+                       "setting MMPRM_SCALING_CURVE): there is no measured curve to place this PRM on.")
+        return out
+    paths = (ev.counts or {}).get("paths")
+    if not paths:
+        out["note"] = ("This evaluation's checkpoint has no dataset with training paths in the step index, "
+                       "so it has no place on the curve.")
+        return out
+    if report is None:
+        report = open_store(settings).get_json(ev.report_key)
+    mine = report_at(report, out["curve"]["n"]) or {}
+    try:
+        out["line"] = where_it_stands(out["curve"], paths, mine.get("accuracy"), mine.get("weighted_vote"),
+                                      aggregator=mine.get("aggregator", "min"))
+    except ValueError as exc:  # a curve without MC-labelled points
+        out["note"] = f"The scaling curve cannot place this PRM: {exc}"
+        return out
+    if mine.get("accuracy") is not None or mine.get("weighted_vote") is not None:
+        out["point"] = {"paths": paths, "min": mine.get("accuracy"), "weighted_vote": mine.get("weighted_vote")}
+    return out
+
+
 def evaluation_problem_view(settings: Settings, evaluation_id: str, problem_id: str,
                             scorer: str | None = None) -> dict[str, Any]:
     """One evaluated problem: its image and each candidate's steps with one scorer's step scores

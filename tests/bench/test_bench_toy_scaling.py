@@ -26,6 +26,17 @@ def test_subsets_are_nested_and_whole_trees():
     assert all(p in subsets[10] for p in subsets[4]) and all(p in subsets[100] for p in subsets[10])
 
 
+def test_plot_is_the_packages_curve_plot(tmp_path):
+    """The bench writes its report's plot with the one plotting function the browser uses too."""
+    from mmprm_tasks.scaling_curve import plot_curve_png
+    from test_scaling_curve import CURVE
+
+    bench = load_bench("bench_toy_scaling")
+    out = tmp_path / "plots" / "scaling.png"
+    bench.plot(CURVE, out)
+    assert out.read_bytes() == plot_curve_png(CURVE) and out.read_bytes().startswith(b"\x89PNG")
+
+
 def test_tiny_scaling_run(tmp_path):
     bench = load_bench("bench_toy_scaling")
     out = tmp_path / "scaling.json"

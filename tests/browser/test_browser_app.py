@@ -313,6 +313,56 @@ def test_evaluation_table_ties_and_scored_steps(stocked):
     assert f"hsl({120 * first:.0f}, 75%, 82%)" in page
 
 
+def test_evaluation_page_shows_where_the_prm_stands_on_the_curve(stocked, tmp_path):
+    """The shipped curve (here a test curve at the largest N the stocked evaluation has) with the
+    evaluation's PRM at its dataset's paths, and the one line comparing them."""
+    from markupsafe import escape
+
+    from mmprm_tasks.scaling_curve import plot_curve_png, where_it_stands
+    from test_scaling_curve import CURVE
+
+    settings, ids = stocked
+    report = open_store(settings).get_json(f"reports/{ids['evaluation']}/report.json")
+    row = report["rows"][-1]
+    assert row["n"] < CURVE["n"]
+    curve = {**CURVE, "n": row["n"]}
+    path = tmp_path / "curve.json"
+    path.write_text(json.dumps(curve))
+    s = settings.with_overrides({"scaling_curve": str(path)})
+    client = _client(s)
+    with get_engine(s).connect() as conn:
+        paths = conn.execute(sa.text("SELECT (counts ->> 'paths')::int FROM datasets WHERE dataset_id = :d"),
+                             {"d": ids["dataset"]}).scalar_one()
+    assert paths > 0
+    html = client.get(f"{PREFIX}/evaluations/{ids['evaluation']}").text
+    line = where_it_stands(curve, paths, row["accuracy"]["min"], row["weighted_vote"])
+    assert "judge < 0.2" in line and "judge &lt; 0.2" in html and "judge < 0.2" not in html  # escaped
+    assert f'<p id="standing">{escape(line)}</p>' in html
+    assert 'id="where-it-stands"' in html and "This PRM (the stars)" in html and 'id="standing-note"' not in html
+    image = f"{PREFIX}/evaluations/{ids['evaluation']}/curve.png"
+    assert image in _parse(html).images
+    response = client.get(image)
+    assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+    assert _png_size(response.content) == (750, 500)
+    point = {"paths": paths, "min": row["accuracy"]["min"], "weighted_vote": row["weighted_vote"]}
+    assert response.content == plot_curve_png(curve, point) != plot_curve_png(curve)
+
+    # A curve at an N the evaluation did not reach: the paths are placed, the PRM's figures are not.
+    path.write_text(json.dumps(CURVE))
+    html = client.get(f"{PREFIX}/evaluations/{ids['evaluation']}").text
+    assert "this PRM: no Best-of-8 in its report" in html and "This PRM (the stars)" not in html
+    assert client.get(image).content == plot_curve_png(CURVE)
+
+    # No curve shipped: the section says so, and there is no curve image.
+    absent = _client(settings.with_overrides({"scaling_curve": str(tmp_path / "absent.json")}))
+    html = absent.get(f"{PREFIX}/evaluations/{ids['evaluation']}").text
+    assert 'id="where-it-stands"' in html and "No scaling curve is shipped with this installation" in html
+    assert 'id="standing"' not in html and image not in _parse(html).images
+    response = absent.get(image)
+    assert response.status_code == 404 and "No scaling curve is shipped" in response.json()["detail"]
+    assert absent.get(f"{PREFIX}/evaluations/eval-x/curve.png").status_code == 404
+
+
 def test_run_being_annotated(settings, tmp_path):
     """A sharded run with nothing annotated yet: progress counts its problems as left, charts say so."""
     ingest_file(make_seed_file(tmp_path / "data", 3), settings)
@@ -405,7 +455,8 @@ def test_evaluation_candidates_per_scorer_and_before_they_were_rows(stocked):
 
 @pytest.mark.parametrize("path, status", [
     ("/runs/%00", 404), ("/problems/%00/image", 404), ("/problems/a%00b", 404), ("/datasets/%2E%2E", 404),
-    ("/evaluations/e%1b%5b2J/plot.png", 404), ("/runs/run-a/problems/%00", 404), ("/dag-runs/d/r%00", 404),
+    ("/evaluations/e%1b%5b2J/plot.png", 404), ("/evaluations/e%00/curve.png", 404),
+    ("/runs/run-a/problems/%00", 404), ("/dag-runs/d/r%00", 404),
     ("/runs/run-a?offset=9223372036854775808", 400), ("/runs/run-a?offset=-1", 400),
     ("/evaluations/eval-x/problems/p1?scorer=%00", 400),
 ])
@@ -426,7 +477,8 @@ def test_fuzzed_ids_in_urls_are_never_a_server_error(settings):
 
     client = _client(settings)
     pages = ["/runs/{}", "/runs/{}/mc-histogram.png", "/problems/{}/image", "/datasets/{}", "/checkpoints/{}",
-             "/evaluations/{}/plot.png", "/runs/run-a/problems/{}"]  # /dag-runs reads Airflow's own DB
+             "/evaluations/{}/plot.png", "/evaluations/{}/curve.png",
+             "/runs/run-a/problems/{}"]  # /dag-runs reads Airflow's own DB
 
     @hsettings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(st.sampled_from(pages), st.text(min_size=1, max_size=40), st.integers(min_value=-2**70, max_value=2**70))
