@@ -30,8 +30,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -117,22 +118,33 @@ def drop_database(admin_url: str, name: str) -> None:
         engine.dispose()
 
 
+def _live_processes(match: Callable[[int], bool]) -> list[Any]:
+    """Live processes (not zombies, not this one) whose PID ``match`` accepts."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid != os.getpid() and match(proc.pid) and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except (OSError, psutil.Error):
+            continue
+    return found
+
+
 def session_members(sid: int) -> list[Any]:
     """Live processes of the session ``sid`` (a service started with ``start_new_session``).
 
     Task processes move to process groups of their own (the task supervisor calls ``setpgid``)
     but stay in the session, so the session finds everything a service started.
     """
-    import psutil
+    return _live_processes(lambda pid: os.getsid(pid) == sid)
 
-    found = []
-    for proc in psutil.process_iter():
-        try:
-            if proc.pid != os.getpid() and os.getsid(proc.pid) == sid and proc.status() != psutil.STATUS_ZOMBIE:
-                found.append(proc)
-        except (OSError, psutil.Error):
-            continue
-    return found
+
+def group_members(pgid: int) -> list[Any]:
+    """Live processes of the process group ``pgid`` (a service's own group, without the task
+    processes that left it)."""
+    return _live_processes(lambda pid: os.getpgid(pid) == pgid)
 
 
 def _signal_all(leader: int, procs: Iterable[Any], sig: int) -> None:
@@ -234,6 +246,31 @@ class Service:
         self.stop_seconds = time.monotonic() - started
         return self.process.returncode
 
+    def kill(self, timeout: float = 20.0) -> float:
+        """SIGKILL the service's process group at once, as a crash would: no SIGTERM, nothing
+        shut down in order.  Returns the seconds until no process of the group is left running.
+
+        Only the group is signalled: processes that left it (task processes, which the task
+        supervisor puts in groups of their own) live on as orphans in the service's session,
+        as they would when the service alone crashes; :meth:`stop` ends them.
+        """
+        if self.process is None:
+            raise RuntimeError(f"service {self.name} was never started")
+        started = time.monotonic()
+        pid = self.process.pid
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait(timeout=timeout)
+        deadline = started + timeout
+        while group_members(pid):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"processes of {self.name}'s group outlived SIGKILL by {timeout}s: "
+                                   f"{[p.pid for p in group_members(pid)]}")
+            time.sleep(0.01)
+        return time.monotonic() - started
+
     def leftovers(self) -> list[Any]:
         return session_members(self.process.pid) if self.process else []
 
@@ -322,6 +359,9 @@ class AirflowStack:
     host: str = "127.0.0.1"
     api_port: int = 0
     services: dict[str, Service] = field(default_factory=dict)
+    # Services killed by kill_service (a restart replaces them in ``services``): stop() still
+    # ends what they left running.
+    crashed: list[Service] = field(default_factory=list)
     _secrets: dict[str, str] = field(default_factory=dict)
     _ports: dict[str, int] = field(default_factory=dict)
 
@@ -463,6 +503,37 @@ class AirflowStack:
             raise
         return self
 
+    def kill_service(self, name: str) -> float:
+        """SIGKILL service ``name``'s process group (:meth:`Service.kill`): a crash, not a stop,
+        for the tests of what survives one.  Returns the seconds until the group was gone.
+
+        The dead service is kept in ``crashed``, so :meth:`stop` still ends what it left running
+        (task processes, which have process groups of their own); :meth:`restart_service` starts
+        a new one.
+        """
+        service = self.services[name]
+        seconds = service.kill()
+        self.crashed.append(service)
+        return seconds
+
+    def restart_service(self, name: str, *, timeout: float = 180.0, **env: str) -> Service:
+        """Start service ``name`` again, after a crash or a stop, with its arguments and its
+        environment (``env``: overrides for this start only); returns the new service.
+
+        A scheduler, dag-processor or triggerer is waited for until it heartbeats itself: the
+        health report alone would not do, since a killed scheduler's last heartbeat keeps it
+        "healthy" for ``[scheduler] scheduler_health_check_threshold`` (30 s).
+        """
+        old = self.services[name]
+        if old.alive():
+            raise RuntimeError(f"service {name} is running (pid {old.pid}): stop or kill it first")
+        since = datetime.now(timezone.utc)
+        service = Service(name, old.args, {**old.env, **env}, old.log_path)
+        self.services[name] = service.start()
+        if name in _HEALTH_KEYS:
+            self.wait_healthy([name], timeout=timeout, since=since)
+        return service
+
     def start_celery_worker(self, name: str, queues: Iterable[str], *, hostname: str | None = None,
                             concurrency: int = 1, wait: bool = True, timeout: float = 120.0) -> Service:
         """A Celery worker serving ``queues``; its task instances report ``hostname``.
@@ -497,10 +568,17 @@ class AirflowStack:
         return httpx.get(f"{self.api_url}/api/v2/monitor/health", timeout=5).json()
 
     def wait_healthy(self, components: Iterable[str] = ("scheduler", "dag-processor", "triggerer"),
-                     timeout: float = 180.0) -> dict[str, Any]:
+                     timeout: float = 180.0, since: datetime | None = None) -> dict[str, Any]:
+        """Until the health report has the components healthy (with ``since``: each with a
+        heartbeat after it, i.e. from a job started since)."""
         import httpx
 
         wanted = [_HEALTH_KEYS[c] for c in components]
+
+        def beats_since(key: str, report: dict[str, Any]) -> bool:
+            beat = report.get(f"latest_{key}_heartbeat")
+            return since is None or (beat is not None and datetime.fromisoformat(beat) > since)
+
         deadline = time.monotonic() + timeout
         last: Any = None
         while time.monotonic() < deadline:
@@ -510,7 +588,8 @@ class AirflowStack:
             try:
                 last = self.health()
                 if last.get("metadatabase", {}).get("status") == "healthy" and all(
-                        (last.get(key) or {}).get("status") == "healthy" for key in wanted):
+                        (last.get(key) or {}).get("status") == "healthy" and beats_since(key, last[key])
+                        for key in wanted):
                     return last
             except (httpx.HTTPError, ValueError) as exc:
                 last = repr(exc)
@@ -532,14 +611,15 @@ class AirflowStack:
                 pass
 
         # Everything that talks to the api-server stops first (in parallel: the triggerer alone
-        # takes ~10 s to wind down), the api-server last.
-        first = [s for s in self.services.values() if s.name != "api-server"]
+        # takes ~10 s to wind down), the api-server last; what crashed services left running
+        # (their task processes) with the first.
+        first = [s for s in self.services.values() if s.name != "api-server"] + self.crashed
         if first:
             with ThreadPoolExecutor(len(first)) as pool:
                 list(pool.map(stop, first))
         if "api-server" in self.services:
             stop(self.services["api-server"])
-        leftovers = [p for service in self.services.values() for p in service.leftovers()]
+        leftovers = [p for service in [*self.services.values(), *self.crashed] for p in service.leftovers()]
         for proc in leftovers:
             try:
                 proc.kill()

@@ -1,8 +1,10 @@
 """Distributed run, part 1: ``mmprm_annotate`` on real Airflow services (LocalExecutor, Postgres),
-driven only through the REST API, survives an annotation task killed with SIGKILL mid-run.
+driven only through the REST API, survives an annotation task killed with SIGKILL mid-run, and
+the scheduler killed (its process group, SIGKILL) mid-run and started again.
 
 The killed chunk is retried by Airflow, the retry resumes the dead attempt's leases, and the step
-index ends with exactly one tree per problem of the run.
+index ends with exactly one tree per problem of the run; after the scheduler's crash the new
+scheduler runs again the chunks the dead one had running.
 """
 
 from __future__ import annotations
@@ -75,16 +77,22 @@ def _leases(settings, run_id: str) -> dict[int, int]:
     return {int(owner.rsplit("/chunk-", 1)[1].split("@")[0]): n for owner, n in rows}
 
 
-def _kill_an_annotating_task(stack, client, task_settings, airflow_run: str, run_id: str,
-                             timeout: float) -> dict[str, Any]:
-    """SIGKILL the task process of an annotate_chunk instance while it holds problem leases."""
+def _mapped_chunks(client, airflow_run: str) -> list[dict[str, Any]]:
+    """The run's annotate_chunk task instances, one per chunk."""
+    response = client.get(f"/api/v2/dags/{DAG_ID}/dagRuns/{airflow_run}/taskInstances/annotate_chunk/listMapped")
+    response.raise_for_status()
+    return response.json()["task_instances"]
+
+
+def _an_annotating_task(stack, client, task_settings, airflow_run: str, run_id: str,
+                        timeout: float) -> tuple[dict[str, Any], psutil.Process, int]:
+    """An annotate_chunk instance running and holding problem leases (mid-annotation): its task
+    instance, its task process and its chunk."""
     deadline = time.monotonic() + timeout
     scheduler = stack.services["scheduler"]
     while time.monotonic() < deadline:
         for chunk in _leases(task_settings, run_id):
-            response = client.get(f"/api/v2/dags/{DAG_ID}/dagRuns/{airflow_run}/taskInstances/annotate_chunk/listMapped")
-            response.raise_for_status()
-            ti = next((t for t in response.json()["task_instances"] if t["rendered_map_index"] == f"chunk {chunk}"
+            ti = next((t for t in _mapped_chunks(client, airflow_run) if t["rendered_map_index"] == f"chunk {chunk}"
                        and t["state"] == "running"), None)
             proc = ti and _task_process(stack, ti["id"])
             if not proc:
@@ -93,17 +101,32 @@ def _kill_an_annotating_task(stack, client, task_settings, airflow_run: str, run
             # scheduler's LocalExecutor, and not a service.
             assert ti["pid"] == proc.pid
             assert proc.pid != scheduler.pid and scheduler.pid in {p.pid for p in proc.parents()}
-            title = " ".join(proc.cmdline())
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=10)
-            assert scheduler.alive()
-            return {"map_index": ti["map_index"], "chunk": chunk, "ti_id": ti["id"], "pid": proc.pid,
-                    "ti_pid": ti["pid"], "title": title,
-                    "leases_after_kill": _leases(task_settings, run_id).get(chunk, 0)}
+            return ti, proc, chunk
         state = client.get(f"/api/v2/dags/{DAG_ID}/dagRuns/{airflow_run}").json()["state"]
-        assert state in ("queued", "running"), f"run ended ({state}) before an annotation task could be killed"
+        assert state in ("queued", "running"), f"run ended ({state}) before an annotation task was seen annotating"
         time.sleep(0.1)
     raise TimeoutError(f"no annotate_chunk task seen holding leases within {timeout}s")
+
+
+def _kill_an_annotating_task(stack, client, task_settings, airflow_run: str, run_id: str,
+                             timeout: float) -> dict[str, Any]:
+    """SIGKILL the task process of an annotate_chunk instance while it holds problem leases."""
+    ti, proc, chunk = _an_annotating_task(stack, client, task_settings, airflow_run, run_id, timeout)
+    title = " ".join(proc.cmdline())
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    assert stack.services["scheduler"].alive()
+    return {"map_index": ti["map_index"], "chunk": chunk, "ti_id": ti["id"], "pid": proc.pid,
+            "ti_pid": ti["pid"], "title": title,
+            "leases_after_kill": _leases(task_settings, run_id).get(chunk, 0)}
+
+
+def _tries(client, airflow_run: str, map_index: int) -> list[dict[str, Any]]:
+    """The tries of one annotate_chunk instance, first to last."""
+    response = client.get(f"/api/v2/dags/{DAG_ID}/dagRuns/{airflow_run}/taskInstances/annotate_chunk/"
+                          f"{map_index}/tries")
+    assert response.status_code == 200, response.text
+    return sorted(response.json()["task_instances"], key=lambda t: t["try_number"])
 
 
 def test_pipeline_survives_a_killed_annotation_task(stack, client, toy_seeds, task_settings):
@@ -120,10 +143,7 @@ def test_pipeline_survives_a_killed_annotation_task(stack, client, toy_seeds, ta
     print(f"run {airflow_run} {state} after {time.monotonic() - start:.1f}s")
     assert state == "success"
 
-    response = client.get(f"/api/v2/dags/{DAG_ID}/dagRuns/{airflow_run}/taskInstances/annotate_chunk/"
-                          f"{killed['map_index']}/tries")
-    assert response.status_code == 200, response.text
-    tries = sorted(response.json()["task_instances"], key=lambda t: t["try_number"])
+    tries = _tries(client, airflow_run, killed["map_index"])
     assert len(tries) >= 2, tries
     assert tries[0]["try_number"] == 1
     assert tries[0]["state"] == "failed", tries[0]
@@ -146,6 +166,96 @@ def test_pipeline_survives_a_killed_annotation_task(stack, client, toy_seeds, ta
     print("retry of the killed chunk:", retry)
     if killed["leases_after_kill"]:
         assert retry["resumed_leases"] == killed["leases_after_kill"]
+
+
+# A new scheduler resets the task instances a dead one had queued (the LocalExecutor cannot adopt
+# them) in its orphaned-task check: once as it starts and then every
+# [scheduler] orphaned_tasks_check_interval, 300 s by default; and only once the dead scheduler's
+# last heartbeat is older than [scheduler] scheduler_health_check_threshold (30 s).  A restart
+# within seconds of the crash comes too early for the first check, so the default would leave the
+# orphaned instances "running" for 5 minutes; 5 s makes it the threshold.
+# ([scheduler] task_instance_heartbeat_timeout plays no part: a scheduler fails instances on it
+# only among those it queued itself.)
+ORPHANED_TASKS_CHECK_INTERVAL_S = "5"
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def test_pipeline_survives_a_scheduler_restart(stack, client, toy_seeds, task_settings):
+    """The scheduler crashes (SIGKILL of its process group) while annotate_chunk tasks annotate,
+    a new one starts: the run succeeds, with every chunk that was running retried, one tree row
+    per problem of the run and its tree objects in the store."""
+    start = time.monotonic()
+    run_id = "af-rest-scheduler"
+    ingest_directly(task_settings, toy_seeds)
+    airflow_run = trigger(client, {"annotation_run_id": run_id, "split": "train"})["dag_run_id"]
+
+    annotating, _, chunk = _an_annotating_task(stack, client, task_settings, airflow_run, run_id, timeout=DEADLINE_S)
+    running = {t["map_index"]: _task_process(stack, t["id"]) for t in _mapped_chunks(client, airflow_run)
+               if t["state"] == "running"}
+    old = stack.services["scheduler"]
+    crashed_at = time.monotonic()
+    kill_s = stack.kill_service("scheduler")
+    assert not old.alive()
+    # The task processes left the scheduler's group (the supervisor gives each its own), so they
+    # outlive the crash, cut off from their supervisor: their next log line or print meets a
+    # closed socket, and the BrokenPipeError fails the attempt, which hands its leases back.
+    orphans = {i: p for i, p in running.items() if p is not None and _alive(p)}
+    orphan_exits: dict[int, float] = {}
+
+    def note_orphan_exits() -> None:
+        for i, proc in orphans.items():
+            if i not in orphan_exits and not _alive(proc):
+                orphan_exits[i] = round(time.monotonic() - crashed_at, 1)
+
+    print(f"scheduler (pid {old.pid}) killed {crashed_at - start:.1f}s after the trigger, while chunk {chunk}"
+          f" held leases; its process group was gone in {kill_s:.2f}s; annotate_chunk running then:"
+          f" {sorted(running)}, their task processes alive after the kill: {sorted(orphans)}")
+
+    new = stack.restart_service("scheduler",
+                                AIRFLOW__SCHEDULER__ORPHANED_TASKS_CHECK_INTERVAL=ORPHANED_TASKS_CHECK_INTERVAL_S)
+    restarted_s = time.monotonic() - crashed_at
+    assert new.pid != old.pid and new.alive()
+
+    def retried() -> bool:
+        note_orphan_exits()
+        ti = next(t for t in _mapped_chunks(client, airflow_run) if t["map_index"] == annotating["map_index"])
+        return ti["try_number"] >= 2 and ti["state"] in ("running", "success")
+
+    wait_for(retried, f"a new try of annotate_chunk {annotating['map_index']} after the scheduler restart")
+    retried_s = time.monotonic() - crashed_at
+    state = wait_for_run(client, airflow_run)
+    done_s = time.monotonic() - crashed_at
+    print(f"new scheduler (pid {new.pid}) heartbeating {restarted_s:.1f}s after the kill; the killed chunk's"
+          f" new try running {retried_s:.1f}s after; run {airflow_run} {state} {done_s:.1f}s after"
+          f" ({time.monotonic() - start:.1f}s after the trigger); orphaned task processes gone (s after the"
+          f" kill, by chunk): {orphan_exits or 'none by the retry'}")
+    assert state == "success"
+    # No task process of the dead scheduler is left working (or holding leases).
+    wait_for(lambda: not any(_alive(p) for p in orphans.values()), "the task processes of the dead scheduler to end",
+             timeout=60)
+
+    # Every chunk running at the crash: that try ended failed (nothing was left to report its end,
+    # and the LocalExecutor cannot adopt it) and a later one succeeded; or it had just finished.
+    for map_index in sorted(running):
+        tries = _tries(client, airflow_run, map_index)
+        print(f"annotate_chunk {map_index} tries:", [(t["try_number"], t["state"]) for t in tries])
+        assert tries[-1]["state"] == "success", tries[-1]
+        assert all(t["state"] == "failed" for t in tries[:-1]), tries
+        if map_index == annotating["map_index"]:
+            assert len(tries) >= 2, tries
+    for ti in task_instances(client, airflow_run):
+        assert ti["state"] == "success", ti
+
+    counts = step_index_check(task_settings, run_id)
+    assert xcom(client, airflow_run, "shard")["problems"] == counts["problems"] == 9
+    summary = xcom(client, airflow_run, "index_summary")
+    assert summary["status"] == "succeeded" and summary["trees"] == 9, summary
 
 
 def test_a_configuration_error_fails_with_one_try(stack, client, toy_seeds, task_settings):
