@@ -441,17 +441,15 @@ def where_the_demo_stands(counts: dict, report: dict | None = None, curve: dict 
     """The demo's point on the curve of PRM quality against annotated paths: with the shipped
     curve (``mmprm_tasks.scaling_curve``; None: the file is absent), the curve's Best-of-N at the
     demo's training paths beside the soft-label PRM's own ``report`` at the curve's N."""
-    from .scaling_curve import report_at, where_it_stands
+    from .scaling_curve import place
 
     judged = (f" (consensus filtering kept {counts['consensus_kept']} of {counts['consensus_paths']}: the "
               "paths whose MC labels the base model's step likelihood agrees with)" if "consensus_paths" in counts
               else "")
     learnt = f"where the demo stands: its PRMs learnt from {counts.get('paths')} MC-labelled paths{judged}"
     if curve is not None and counts.get("paths"):
-        mine = report_at(report, curve["n"]) or {}
         try:
-            line = where_it_stands(curve, counts["paths"], mine.get("accuracy"), mine.get("weighted_vote"),
-                                   aggregator=mine.get("aggregator", "min"))
+            line, _ = place(curve, counts["paths"], report)
         except ValueError as exc:  # a curve without MC-labelled points
             line = f"the shipped curve cannot place it: {exc}"
         return f"{learnt}; {line}"

@@ -123,6 +123,18 @@ def report_at(report: dict[str, Any] | None, n: int) -> dict[str, Any] | None:
             "weighted_vote": row.get("weighted_vote")}
 
 
+def place(curve: dict[str, Any], paths: float, report: dict[str, Any] | None) -> tuple[str, dict[str, Any] | None]:
+    """A PRM trained on ``paths`` paths, with its Best-of-N ``report``, placed on the curve: the
+    one-line comparison (:func:`where_it_stands`) and the point :func:`plot_curve_png` marks (None
+    when its report has no row at the curve's N).  ValueError when the curve has no MC points."""
+    mine = report_at(report, curve["n"]) or {}
+    line = where_it_stands(curve, paths, mine.get("accuracy"), mine.get("weighted_vote"),
+                           aggregator=mine.get("aggregator", "min"))
+    measured = mine.get("accuracy") is not None or mine.get("weighted_vote") is not None
+    point = {"paths": paths, "min": mine.get("accuracy"), "weighted_vote": mine.get("weighted_vote")} if measured else None
+    return line, point
+
+
 def plot_curve_png(curve: dict[str, Any], point: dict[str, Any] | None = None) -> bytes:
     """The curve as a PNG: Best-of-N ``min`` and PRM-weighted vote against training paths (log
     scale) for each label set, random pick, majority vote and oracle, the demo's paths when the

@@ -328,7 +328,7 @@ def evaluation_standing(settings: Settings, evaluation_id: str,
     comparison or None, "note": why there is no line, or None}``.  The point's paths are the
     checkpoint's dataset's ``counts["paths"]``; its accuracies the evaluation ``report``'s (read
     from the store when not given) at the curve's N."""
-    from ..scaling_curve import load_curve, report_at, where_it_stands
+    from ..scaling_curve import load_curve, place
 
     with get_engine(settings).connect() as conn:
         ev = _one(conn, "SELECT e.report_key, d.counts FROM evaluations e"
@@ -352,15 +352,10 @@ def evaluation_standing(settings: Settings, evaluation_id: str,
         return out
     if report is None:
         report = open_store(settings).get_json(ev.report_key)
-    mine = report_at(report, out["curve"]["n"]) or {}
     try:
-        out["line"] = where_it_stands(out["curve"], paths, mine.get("accuracy"), mine.get("weighted_vote"),
-                                      aggregator=mine.get("aggregator", "min"))
+        out["line"], out["point"] = place(out["curve"], paths, report)
     except ValueError as exc:  # a curve without MC-labelled points
         out["note"] = f"The scaling curve cannot place this PRM: {exc}"
-        return out
-    if mine.get("accuracy") is not None or mine.get("weighted_vote") is not None:
-        out["point"] = {"paths": paths, "min": mine.get("accuracy"), "weighted_vote": mine.get("weighted_vote")}
     return out
 
 
